@@ -1,0 +1,48 @@
+"""manpp: supervised local learning for vision networks, built around MAN++.
+
+Quick start::
+
+    import manpp
+    net = manpp.build_backbone("resnet32", num_classes=10)
+    model = manpp.local_model(net, method="manpp", k=16, objective="infopro")
+    opt = torch.optim.SGD(model.parameters_to_optimize(), lr=0.1, momentum=0.9, nesterov=True)
+    for x, y in loader:
+        opt.zero_grad(set_to_none=True)
+        model.train_step(x, y)        # K local forward/backward passes
+        opt.step()
+    print(manpp.evaluate(model, test_loader))
+"""
+
+from __future__ import annotations
+
+from .engine import LocalModel, StepResult, evaluate, local_step
+from .errors import ManppError
+from .methods import METHODS, LocalSettings, build_local_model
+from .models import build_backbone
+from .objectives import ObjectiveConfig
+from .partition import Partition, make_partition
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LocalModel", "LocalSettings", "ManppError", "METHODS", "ObjectiveConfig", "Partition", "StepResult",
+    "build_backbone", "build_local_model", "evaluate", "local_model", "local_step", "make_partition",
+]
+
+
+def local_model(backbone, method: str = "manpp", k: int | None = None, *, split="even", objective: str = "infopro",
+                ema_momentum: float = 0.995, copy_init: str = "copy", image_size: int = 32,
+                image_channels: int | None = None, num_classes: int | None = None, denormalize=None,
+                **head_options) -> LocalModel:
+    """Cut ``backbone`` into ``k`` modules and attach the local objectives of ``method``.
+
+    ``head_options`` are :class:`ObjectiveConfig` fields (``aux_config``, ``ixx_1``, ...).
+    """
+    settings = LocalSettings(method=method, k=k, split=split, objective=objective, ema_momentum=ema_momentum,
+                             copy_init=copy_init, heads=ObjectiveConfig(**head_options))
+    return build_local_model(
+        backbone, settings,
+        num_classes=num_classes or backbone.num_classes,
+        image_channels=image_channels or backbone.in_channels,
+        image_size=image_size, denormalize=denormalize,
+    )

@@ -1,0 +1,120 @@
+"""The local training step (METHOD.md section 1), evaluation, and the model that holds both.
+
+One step, for every module j in order: forward, local loss, backward (which frees module j's
+graph at once), the auxiliary network's after-backward hook (the EMA update of MAN/MAN++),
+then detach. The caller makes one optimizer step for all parameters afterwards. With K = 1
+this is plain end-to-end training through the same code.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from .objectives import LocalContext, task_loss
+from .partition import Partition
+
+
+class Stage(nn.Module):
+    """Module j of the partition: a run of backbone units (plus the task head for the last)."""
+
+    def __init__(self, units: Sequence[nn.Module], head: nn.Module | None = None):
+        super().__init__()
+        self.units = nn.ModuleList(units)
+        self.head = head
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for unit in self.units:
+            x = unit(x)
+        return x if self.head is None else self.head(x)
+
+
+@dataclass
+class StepResult:
+    losses: list[torch.Tensor]  # one detached scalar per module; the last is the task loss
+    logits: torch.Tensor  # detached output of the last module
+
+
+class LocalModel(nn.Module):
+    """A backbone cut into K gradient-isolated modules, each non-final one with an auxiliary net.
+
+    ``aux[j]`` is any module with ``forward(features, ctx) -> loss`` and optionally
+    ``after_backward()``. The backbone and the auxiliary networks are the registered
+    submodules; the stages are views on the backbone's units, so checkpoints do not depend on K.
+    """
+
+    def __init__(self, backbone: nn.Module, partition: Partition, aux: Sequence[nn.Module],
+                 denormalize: Callable[[torch.Tensor], torch.Tensor] | None = None, method: str = "custom"):
+        super().__init__()
+        if len(aux) != partition.k - 1:
+            raise ValueError(f"{partition.k} modules need {partition.k - 1} auxiliary networks, got {len(aux)}")
+        self.backbone = backbone
+        self.aux = nn.ModuleList(aux)
+        self.partition = partition
+        self.method = method
+        self.denormalize = denormalize
+        units = backbone.units
+        stages = [Stage([units[i] for i in partition.units_of(j)]) for j in range(partition.k)]
+        stages[-1].head = backbone.head
+        object.__setattr__(self, "stages", stages)  # views, not submodules
+
+    @property
+    def k(self) -> int:
+        return self.partition.k
+
+    def local_loss(self, j: int) -> Callable:
+        return self.aux[j] if j < self.k - 1 else task_loss
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Inference: the backbone alone, no auxiliary networks."""
+        return self.backbone(x)
+
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepResult:
+        """Forward + backward of every module in turn; gradients accumulate in ``.grad``."""
+        return local_step(self, inputs, targets)
+
+    def parameters_to_optimize(self) -> list[nn.Parameter]:
+        """Backbone, learnable copies, scales and heads; not the frozen EMA copies."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def aux_parameter_count(self) -> list[int]:
+        return [sum(p.numel() for p in a.parameters()) for a in self.aux]
+
+
+def local_step(model: LocalModel, inputs: torch.Tensor, targets: torch.Tensor) -> StepResult:
+    """The whole engine: K local forward/backward passes, gradient-isolated by ``detach``."""
+    ctx = LocalContext(inputs, targets, model.denormalize)
+    losses = []
+    x = inputs
+    for j, stage in enumerate(model.stages):
+        h = stage(x)
+        loss = model.local_loss(j)(h, ctx)
+        if loss.requires_grad:
+            loss.backward()  # frees module j's graph before module j+1 runs
+        if j < model.k - 1:
+            hook = getattr(model.aux[j], "after_backward", None)
+            if hook is not None:
+                hook()
+        losses.append(loss.detach())
+        x = h.detach()
+    return StepResult(losses, x)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable, device: torch.device | str = "cpu") -> dict[str, float]:
+    """Accuracy and cross-entropy of the backbone alone (eval mode) over ``batches``."""
+    was_training = model.training
+    model.eval()
+    correct, total, loss_sum = 0, 0, 0.0
+    for inputs, targets in batches:
+        inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+        logits = model(inputs).float()
+        loss_sum += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
+        correct += int((logits.argmax(1) == targets).sum())
+        total += targets.numel()
+    model.train(was_training)
+    total = max(total, 1)
+    return {"accuracy": correct / total, "loss": loss_sum / total}

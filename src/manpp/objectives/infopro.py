@@ -1,0 +1,141 @@
+"""InfoPro's local loss (Wang et al., ICLR 2021): reconstruct the image and classify.
+
+loss_j = lambda1 * BCE(decoder(h), image01) + lambda2 * L_cls(classifier(h), y), with the
+weights interpolated linearly over the modules (METHOD.md section 2, RELEASE.md section 2.1).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from ..errors import ManppError, choices
+from ..models.cifar_resnet import init_weights
+
+CLASSIFIER_CONFIGS = ("1c2f", "2c2f")
+CLASSIFIER_LOSSES = ("cross_entropy", "contrast")
+LAMBDA_SCHEDULES = ("auto", "module", "stage")
+
+
+class Decoder(nn.Module):
+    """Bilinear resize to the image size, 3x3 conv C->12 -> BN -> ReLU -> 3x3 conv -> image channels."""
+
+    def __init__(self, channels: int, image_size: int, image_channels: int = 3, widen: int = 1):
+        super().__init__()
+        hidden = 12 * widen
+        self.image_size = image_size
+        self.net = nn.Sequential(
+            nn.Conv2d(channels, hidden, 3, 1, 1), nn.BatchNorm2d(hidden), nn.ReLU(inplace=True),
+            nn.Conv2d(hidden, image_channels, 3, 1, 1),
+        )
+        init_weights(self)
+
+    def forward(self, x: torch.Tensor, image01: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
+            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=True)
+        # sigmoid + BCE, computed stably as BCE-with-logits (same value, no log(0))
+        return F.binary_cross_entropy_with_logits(self.net(x).float(), image01.float())
+
+
+class AuxClassifier(nn.Module):
+    """'1c2f': conv -> BN -> ReLU -> GAP -> FC(F) -> ReLU -> FC; '2c2f' adds a second 3x3 conv.
+
+    The conv widens 16 -> 32 and 32 -> 64 with stride 2 and keeps 64 (and wider) at stride 1,
+    as in the release. With ``loss='contrast'`` the output is the F-dim feature for SupCon.
+    """
+
+    def __init__(self, channels: int, num_classes: int, config: str = "2c2f", loss: str = "cross_entropy",
+                 feature_dim: int = 128, widen: int = 1):
+        super().__init__()
+        if config not in CLASSIFIER_CONFIGS:
+            raise ManppError(f"unknown aux_config '{config}': accepted are {choices(CLASSIFIER_CONFIGS)}")
+        if loss not in CLASSIFIER_LOSSES:
+            raise ManppError(f"unknown aux_loss '{loss}': accepted are {choices(CLASSIFIER_LOSSES)}")
+        width, stride = (2 * channels, 2) if channels < 64 else (channels, 1)
+        width *= widen
+        layers: list[nn.Module] = [
+            nn.Conv2d(channels, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
+        ]
+        if config == "2c2f":
+            layers += [nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+        self.convs = nn.Sequential(*layers)
+        out = feature_dim if loss == "contrast" else num_classes
+        self.fc = nn.Sequential(nn.Linear(width, feature_dim * widen), nn.ReLU(inplace=True),
+                                nn.Linear(feature_dim * widen, out))
+        self.loss = loss
+        init_weights(self.convs)
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        z = self.fc(torch.flatten(F.adaptive_avg_pool2d(self.convs(x), 1), 1)).float()
+        if self.loss == "contrast":
+            return supcon_loss(F.normalize(z, dim=1), targets)
+        return F.cross_entropy(z, targets)
+
+
+def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+    """Supervised contrastive loss (Khosla et al. 2020), one view, on L2-normalised features.
+
+    For each anchor: minus the mean over its positives (same label, self excluded) of the log
+    softmax of similarity/temperature over all other samples. Anchors with no positive add 0.
+    """
+    n = features.shape[0]
+    logits = features @ features.T / temperature
+    self_mask = torch.eye(n, dtype=torch.bool, device=features.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positives = (labels[:, None] == labels[None, :]) & ~self_mask
+    pos_log_prob = log_prob.masked_fill(~positives, 0.0).sum(1)
+    return -(pos_log_prob / positives.sum(1).clamp(min=1)).mean()
+
+
+def lambda_ratio(spec, schedule: str) -> float:
+    """Interpolation ratio r in [0, 1] for module ``spec.index``.
+
+    'module' (InfoPro): r = j / (K - 2). 'stage' (MAN/MAN++ release): r = stage / (K - 2), where
+    stage is the stage of the unit the head reads (the copied unit for MAN), and r = 0 for the
+    first module (the release's stem module); K is the preset's nominal K.
+    """
+    if schedule == "module":
+        return spec.index / (spec.num_modules - 2) if spec.num_modules > 2 else 0.0
+    if spec.index == 0 or spec.nominal_k <= 2:
+        return 0.0
+    return min(1.0, spec.stage / (spec.nominal_k - 2))
+
+
+class InfoProHead(nn.Module):
+    def __init__(self, decoder: Decoder, classifier: AuxClassifier, lambda1: float, lambda2: float):
+        super().__init__()
+        self.decoder, self.classifier = decoder, classifier
+        self.lambda1, self.lambda2 = float(lambda1), float(lambda2)
+
+    @classmethod
+    def from_spec(cls, spec, cfg, momentum: bool = False) -> "InfoProHead":
+        schedule = cfg.lambda_schedule
+        if schedule not in LAMBDA_SCHEDULES:
+            raise ManppError(f"unknown lambda_schedule '{schedule}': accepted are {choices(LAMBDA_SCHEDULES)}")
+        if schedule == "auto":
+            schedule = "stage" if momentum else "module"
+        r = lambda_ratio(spec, schedule)
+        lam1 = cfg.ixx_1 * (1 - r) + cfg.ixx_2 * r
+        lam2 = cfg.ixy_1 * (1 - r) + cfg.ixy_2 * r
+        if lam1 == 0 and lam2 == 0:
+            warnings.warn(f"InfoPro weights are 0 for module {spec.index}: it gets no local loss and will not train",
+                          stacklevel=2)
+        decoder = Decoder(spec.channels, spec.image_size, spec.image_channels, cfg.widen)
+        classifier = AuxClassifier(spec.channels, spec.num_classes, cfg.aux_config, cfg.aux_loss,
+                                   cfg.feature_dim, cfg.widen)
+        return cls(decoder, classifier, lam1, lam2)
+
+    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        loss = x.new_zeros((), dtype=torch.float32)
+        if self.lambda1:
+            loss = loss + self.lambda1 * self.decoder(x, ctx.image01)
+        if self.lambda2:
+            loss = loss + self.lambda2 * self.classifier(x, ctx.targets)
+        return loss
+
+    def extra_repr(self) -> str:
+        return f"lambda1={self.lambda1:.4g}, lambda2={self.lambda2:.4g}"

@@ -1,0 +1,167 @@
+"""Cutting a backbone's ordered units into K consecutive, gradient-isolated modules.
+
+Three ways (METHOD.md sections 1 and 4):
+
+- ``"even"``: K modules of (nearly) equal unit count, any K from 1 to the number of units;
+- ``"paper"``: the module sets of the authors' release for a paper setting. The CIFAR tables
+  list the last unit of every module and the release adds the stem as its own module, so
+  "ResNet-32 K=8" really has 9 modules and "ResNet-110 K=32" has 33. We reproduce those
+  sets and report the true count;
+- an explicit list: the last unit (index or name) of every module but the final one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+from .errors import ManppError, choices
+
+# Release tables: the last unit (stage, unit) of each module, stage 1-based, unit 0-based,
+# final module included. The stem (unit 0) is always an extra module of its own.
+_R110_K32 = [
+    (1, 1), (1, 2), (1, 4), (1, 5), (1, 7), (1, 9), (1, 11), (1, 13), (1, 14), (1, 16), (1, 17),
+    (2, 1), (2, 2), (2, 4), (2, 5), (2, 7), (2, 9), (2, 11), (2, 13), (2, 14), (2, 16), (2, 17),
+    (3, 1), (3, 3), (3, 4), (3, 6), (3, 7), (3, 9), (3, 11), (3, 13), (3, 15), (3, 17),
+]
+PAPER_PRESETS: dict[str, dict[int, list[tuple[int, int]]]] = {
+    "resnet32": {
+        8: [(1, 0), (1, 2), (1, 4), (2, 1), (2, 3), (3, 0), (3, 2), (3, 4)],
+        16: [(s, u) for s in (1, 2, 3) for u in range(5)],
+    },
+    "resnet110": {
+        32: _R110_K32,
+        55: [(s, u) for s in (1, 2, 3) for u in range(18)],
+    },
+}
+
+SPLITS = ("even", "paper")
+
+
+@dataclass(frozen=True)
+class Partition:
+    """Module j holds units ``bounds[j][0] <= i < bounds[j][1]``; the last module also holds the head."""
+
+    bounds: tuple[tuple[int, int], ...]
+    label: str
+    nominal: int | None = None  # the release's "K" for a paper preset (may differ from the true K)
+
+    @property
+    def k(self) -> int:
+        return len(self.bounds)
+
+    @property
+    def nominal_k(self) -> int:
+        return self.nominal or self.k
+
+    def units_of(self, j: int) -> range:
+        return range(*self.bounds[j])
+
+    def describe(self, unit_names: Sequence[str]) -> list[str]:
+        out = []
+        for start, stop in self.bounds:
+            out.append(unit_names[start] if stop - start == 1 else f"{unit_names[start]}..{unit_names[stop - 1]}")
+        return out
+
+
+def _arch(backbone) -> str:
+    return getattr(backbone, "arch", None) or type(backbone).__name__.lower()
+
+
+def paper_presets(backbone) -> dict[int, list[tuple[int, int]]]:
+    """The release tables known for this backbone (nominal K -> module ends)."""
+    return PAPER_PRESETS.get(_arch(backbone), {})
+
+
+def _preset_summary(backbone) -> str:
+    presets = paper_presets(backbone)
+    if not presets:
+        return "no paper presets for this model"
+    items = [f"K={k} ({_preset_modules(backbone, k)} modules)" for k in sorted(presets)]
+    return "paper presets: " + ", ".join(items)
+
+
+def _preset_modules(backbone, k: int) -> int:
+    ends = _preset_ends(backbone, k)
+    return len(ends)
+
+
+def _preset_ends(backbone, k: int) -> list[int]:
+    names = list(backbone.unit_names)
+    ends = [0]  # the stem is its own module in the release
+    for stage, unit in PAPER_PRESETS[_arch(backbone)][k]:
+        name = f"layer{stage}.{unit}"
+        ends.append(names.index(name))
+    return ends
+
+
+def _from_ends(ends: Sequence[int], n_units: int, label: str) -> Partition:
+    bounds, start = [], 0
+    for end in ends:
+        bounds.append((start, end + 1))
+        start = end + 1
+    if start < n_units:
+        bounds.append((start, n_units))
+    return Partition(tuple(bounds), label)
+
+
+def even_split(n_units: int, k: int) -> Partition:
+    """K modules of n_units // K units; the remainder goes to the last modules."""
+    base, extra = divmod(n_units, k)
+    sizes = [base + (1 if j >= k - extra else 0) for j in range(k)]
+    ends, acc = [], 0
+    for size in sizes:
+        acc += size
+        ends.append(acc - 1)
+    return _from_ends(ends, n_units, f"even K={k}")
+
+
+def _resolve_unit(backbone, ref, n_units: int) -> int:
+    names = list(backbone.unit_names)
+    if isinstance(ref, str) and not ref.strip().lstrip("-").isdigit():
+        if ref not in names:
+            raise ManppError(f"unknown unit '{ref}' in split: units are {names[0]}, {names[1]}, ..., {names[-1]}")
+        return names.index(ref)
+    idx = int(ref)
+    if not 0 <= idx < n_units - 1:
+        raise ManppError(
+            f"split boundary {idx} is out of range: a module may end after unit 0 to {n_units - 2} "
+            f"(the model has {n_units} units and the last belongs to the final module)"
+        )
+    return idx
+
+
+def make_partition(backbone, k: int | None = None, split: str | Sequence = "even") -> Partition:
+    """Cut ``backbone.units`` into modules. See the module docstring for ``split``."""
+    n_units = len(backbone.units)
+    if isinstance(split, str) and "," in split:
+        split = [s.strip() for s in split.split(",") if s.strip()]
+    if not isinstance(split, str):
+        ends = [_resolve_unit(backbone, ref, n_units) for ref in split]
+        if any(b <= a for a, b in zip(ends, ends[1:])):
+            raise ManppError(f"split boundaries must be strictly increasing, got {list(split)}")
+        part = _from_ends(ends, n_units, f"explicit K={len(ends) + 1}")
+        if k is not None and k != part.k:
+            raise ManppError(f"split {list(split)} makes {part.k} modules but K={k} was asked for")
+        return part
+    if k is None:
+        k = 1
+    if split == "paper":
+        presets = paper_presets(backbone)
+        if k not in presets:
+            where = _preset_summary(backbone)
+            raise ManppError(
+                f"no paper preset for {_arch(backbone)} with K={k} ({where}); use split=even for any K "
+                f"from 1 to {n_units}"
+            )
+        ends = _preset_ends(backbone, k)
+        part = _from_ends(ends[:-1], n_units, f"paper K={k}")
+        return Partition(part.bounds, f"paper K={k} ({part.k} modules)", nominal=k)
+    if split != "even":
+        raise ManppError(f"unknown split '{split}': accepted are {choices(SPLITS)} or a list of module end units")
+    if not isinstance(k, int) or not 1 <= k <= n_units:
+        raise ManppError(
+            f"K={k} is not possible for {_arch(backbone)} ({n_units} units): choose K from 1 to {n_units} "
+            f"for an even split; {_preset_summary(backbone)}"
+        )
+    return even_split(n_units, k)
