@@ -1,0 +1,118 @@
+"""The ``manpp`` command: train, compare, describe.
+
+Bad input ends with one line on stderr (``manpp: error: ...``) and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import warnings
+
+from . import config as C
+from .errors import ManppError
+
+# command-line option -> config field (None values mean "not given")
+COMMON = {"model": "model", "dataset": "dataset", "data_dir": "data_dir", "objective": "objective", "k": "k",
+          "epochs": "epochs", "batch_size": "batch_size", "max_steps": "max_steps", "device": "device",
+          "seed": "seed", "out": "out", "split": "split", "lr": "lr"}
+
+
+def _add_common(p: argparse.ArgumentParser, *, method: bool = True) -> None:
+    p.add_argument("-c", "--config", metavar="FILE", help="YAML config file (see configs/)")
+    p.add_argument("--model", help="backbone, e.g. resnet32, resnet110 (default resnet32)")
+    p.add_argument("--dataset", help="digits (default), fashion-mnist, cifar10, svhn, stl10, synthetic")
+    p.add_argument("--data-dir", help="where the dataset lives (or is downloaded to)")
+    if method:
+        p.add_argument("--method", help="e2e, dgl, infopro, man, manpp (default manpp)")
+    p.add_argument("--objective", help="base objective of man/manpp: dgl or infopro (default infopro)")
+    p.add_argument("--k", type=int, help="number of gradient-isolated modules (default 16, capped at the units)")
+    p.add_argument("--split", help="even (default), paper, or comma-separated last units of modules")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (short runs)")
+    p.add_argument("--device", help="auto (default), cpu or cuda")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--out", metavar="DIR", help="run folder (default runs/<model>-<dataset>-<method>)")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="any config field, e.g. ema_momentum=0.99")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="manpp", description="Supervised local learning with MAN++.")
+    parser.add_argument("--version", action="version", version=f"manpp {__import__('manpp').__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("train", help="train one method")
+    _add_common(p)
+    p.add_argument("--resume", metavar="PATH", help="checkpoint (or run folder) to continue from")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines or progress bar")
+    p = sub.add_parser("compare", help="train several methods with the same recipe and compare them")
+    _add_common(p, method=False)
+    p.add_argument("--methods", default="e2e,manpp", help="comma-separated methods (default e2e,manpp)")
+    p.add_argument("--json", metavar="PATH", help="also write the records to this file")
+    p.add_argument("--quiet", action="store_true")
+    p = sub.add_parser("describe", help="module table: units, parameters, measured activation memory")
+    _add_common(p)
+    p.add_argument("--json", action="store_true", help="print the table as JSON")
+    return parser
+
+
+def resolve_config(args: argparse.Namespace, base: C.TrainConfig | None = None) -> C.TrainConfig:
+    cfg = base or C.TrainConfig()
+    if getattr(args, "config", None):
+        cfg = C.apply(cfg, C.load_yaml(args.config), source=f"config '{args.config}'")
+    given = {field: getattr(args, opt) for opt, field in COMMON.items() if getattr(args, opt, None) is not None}
+    if getattr(args, "method", None) is not None:
+        given["method"] = args.method
+    cfg = C.apply(cfg, given, source="command line")
+    return C.apply(cfg, C.parse_overrides(args.overrides or []), source="overrides")
+
+
+def cmd_train(args) -> int:
+    from .train import load_checkpoint, train
+
+    base = None
+    if args.resume:
+        base = C.from_dict(load_checkpoint(args.resume)["config"], source=f"checkpoint '{args.resume}'")
+    cfg = resolve_config(args, base)
+    result = train(cfg, resume=args.resume, verbose=not args.quiet)
+    s = result.summary
+    print(f"done: test accuracy {s['test_accuracy']:.2%} (best {s['best_test_accuracy']:.2%}) after {s['epochs']} "
+          f"epoch(s); results in {result.out}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from .compare import parse_methods, run_compare
+
+    methods = parse_methods(args.methods)
+    cfg = resolve_config(args)
+    run_compare(cfg, methods, json_path=args.json, verbose=not args.quiet)
+    return 0
+
+
+def cmd_describe(args) -> int:
+    from .describe import describe
+
+    cfg = resolve_config(args)
+    text, data = describe(cfg)
+    print(json.dumps(data, indent=2) if args.json else text)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    warnings.filterwarnings("once", category=UserWarning, module="manpp")
+    try:
+        return {"train": cmd_train, "compare": cmd_compare, "describe": cmd_describe}[args.command](args)
+    except ManppError as exc:
+        print(f"manpp: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("manpp: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

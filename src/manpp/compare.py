@@ -1,0 +1,101 @@
+"""``manpp compare``: several methods, same data, backbone and recipe; one table, JSON and plot."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+from . import config as C
+from .errors import ManppError
+from .memory import format_bytes
+from .methods import get_method
+
+RECORD_KEYS = ("method", "modules", "test_accuracy", "best_test_accuracy", "peak_activation_bytes",
+               "peak_allocated_bytes", "epoch_time_s", "step_time_s", "params", "aux_params", "partition",
+               "objective", "epochs", "steps", "batch_size", "device", "model", "dataset", "torch_version", "history")
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    if not methods:
+        raise ManppError("--methods is empty: give a comma-separated list such as e2e,manpp")
+    for m in methods:
+        get_method(m)
+    if len(set(methods)) != len(methods):
+        raise ManppError(f"--methods lists a method twice: {text}")
+    return methods
+
+
+def run_compare(cfg: C.TrainConfig, methods: list[str], *, json_path: str | None = None,
+                verbose: bool = True) -> list[dict]:
+    """Train each method with ``cfg`` (``k`` applies to the local methods) and report side by side."""
+    from .train import train
+
+    out = Path(cfg.out or Path("runs") / f"compare-{cfg.model}-{cfg.dataset}")
+    records = []
+    for method in methods:
+        run_cfg = dataclasses.replace(cfg, method=method, k=None if method == "e2e" else cfg.k,
+                                      out=str(out / method))
+        if verbose:
+            print(f"\n== {method} ==")
+        result = train(run_cfg, verbose=verbose)
+        records.append({k: result.summary.get(k) for k in RECORD_KEYS})
+    table = format_table(records)
+    if verbose:
+        print("\n" + table)
+    (out / "compare.md").write_text(table + "\n")
+    payload = json.dumps(records, indent=2)
+    (out / "compare.json").write_text(payload)
+    if json_path:
+        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
+        Path(json_path).write_text(payload)
+    plot = plot_compare(records, out / "compare.png")
+    if verbose:
+        print(f"\nwrote {out / 'compare.json'}, {out / 'compare.md'}" + (f", {plot}" if plot else "")
+              + (f" and {json_path}" if json_path else ""))
+    return records
+
+
+def format_table(records: list[dict]) -> str:
+    """A markdown table; memory and time also as ratios to the first method."""
+    base = records[0]
+    lines = ["| method | modules | test acc | best acc | peak activation | vs first | time / epoch | vs first |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in records:
+        mem_ratio = r["peak_activation_bytes"] / base["peak_activation_bytes"]
+        time_ratio = r["epoch_time_s"] / base["epoch_time_s"] if base["epoch_time_s"] else float("nan")
+        lines.append(f"| {r['method']} | {r['modules']} | {r['test_accuracy']:.2%} | {r['best_test_accuracy']:.2%} "
+                     f"| {format_bytes(r['peak_activation_bytes'])} | {mem_ratio:.2f}x "
+                     f"| {r['epoch_time_s']:.1f} s | {time_ratio:.2f}x |")
+    return "\n".join(lines)
+
+
+def plot_compare(records: list[dict], path: Path) -> Path | None:
+    """Test accuracy per epoch and peak activation memory per method, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_acc, ax_mem) = plt.subplots(1, 2, figsize=(10, 4))
+    for r in records:
+        epochs = [h["epoch"] for h in r["history"]]
+        acc = [100 * h["test_accuracy"] for h in r["history"]]
+        ax_acc.plot(epochs, acc, marker="o", label=f"{r['method']} (K={r['modules']})")
+    ax_acc.set_xlabel("epoch")
+    ax_acc.set_ylabel("test accuracy (%)")
+    ax_acc.set_title(f"{records[0]['model']} on {records[0]['dataset']}")
+    ax_acc.grid(alpha=0.3)
+    ax_acc.legend()
+    names = [r["method"] for r in records]
+    mib = [r["peak_activation_bytes"] / 2**20 for r in records]
+    bars = ax_mem.bar(names, mib, color=["#777777"] + ["#3b75af"] * (len(names) - 1))
+    for bar, value in zip(bars, mib):
+        ax_mem.annotate(f"{value:.0f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom")
+    ax_mem.set_ylabel(f"peak activation memory (MiB, batch {records[0]['batch_size']})")
+    ax_mem.set_title("activation memory per training step")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

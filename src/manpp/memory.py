@@ -1,0 +1,148 @@
+"""Measuring activation memory: what autograd keeps alive for backward, on any device.
+
+``ActivationTracker`` registers ``saved_tensors_hooks`` and counts the bytes of the distinct
+storages that autograd graphs hold, excluding parameters and buffers, from the moment a tensor
+is saved until its graph releases it. Its peak is the activation memory of a training step,
+independent of the allocator (so it works on CPU). On CUDA, ``measure_step`` also reports the
+allocator peak (``torch.cuda.max_memory_allocated`` after a reset), which includes parameters,
+gradients and workspace.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import torch
+
+
+def _key(t: torch.Tensor) -> tuple[str, int]:
+    return str(t.device), t.untyped_storage().data_ptr()
+
+
+class _Saved:
+    """A tensor held by a graph; its release (when the graph frees it) is reported back."""
+
+    __slots__ = ("tensor", "tracker", "key", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor, tracker: "ActivationTracker", key):
+        self.tensor, self.tracker, self.key = tensor, tracker, key
+
+    def __del__(self):
+        self.tracker._release(self.key)
+
+
+class ActivationTracker:
+    """Context manager tracking the bytes of storages saved for backward (see module docstring)."""
+
+    def __init__(self, exclude: Iterable[torch.Tensor] = ()):
+        self.excluded = {_key(t) for t in exclude}
+        self.live: dict = {}
+        self.current = 0
+        self.peak = 0
+        self.phase = None
+        self.phase_peaks: dict = {}
+        self._hooks = None
+
+    def set_phase(self, phase) -> None:
+        """Attribute what is alive from now on to ``phase`` (e.g. the module index)."""
+        self.phase = phase
+        self._note()
+
+    def _note(self) -> None:
+        self.peak = max(self.peak, self.current)
+        if self.phase is not None:
+            self.phase_peaks[self.phase] = max(self.phase_peaks.get(self.phase, 0), self.current)
+
+    def _pack(self, t: torch.Tensor):
+        if t.layout != torch.strided or t.device.type == "meta":
+            return t
+        key = _key(t)
+        if key in self.excluded or key[1] == 0:
+            return t
+        entry = self.live.get(key)
+        if entry is None:
+            nbytes = t.untyped_storage().nbytes()
+            self.live[key] = [nbytes, 1]
+            self.current += nbytes
+            self._note()
+        else:
+            entry[1] += 1
+        return _Saved(t, self, key)
+
+    @staticmethod
+    def _unpack(obj):
+        return obj.tensor if isinstance(obj, _Saved) else obj
+
+    def _release(self, key) -> None:
+        entry = self.live.get(key)
+        if entry is None:
+            return
+        entry[1] -= 1
+        if entry[1] == 0:
+            self.current -= entry[0]
+            del self.live[key]
+
+    def __enter__(self) -> "ActivationTracker":
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+
+@dataclass
+class MemoryReport:
+    peak_activation_bytes: int  # max over the step of autograd-held bytes (params and buffers excluded)
+    module_peak_bytes: list[int] = field(default_factory=list)  # the same, while module j was running
+    peak_allocated_bytes: int | None = None  # CUDA allocator peak during the step; None elsewhere
+
+
+def measure_step(model, inputs: torch.Tensor, targets: torch.Tensor, *, restore: bool = True) -> MemoryReport:
+    """Run one training step of a :class:`~manpp.engine.LocalModel` and measure its memory.
+
+    With ``restore`` (the default) the model's parameters, buffers and gradients are put back
+    afterwards, so measuring has no effect on training.
+    """
+    saved = copy.deepcopy(model.state_dict()) if restore else None
+    grads = {p: (None if p.grad is None else p.grad.clone()) for p in model.parameters()} if restore else None
+    was_training = model.training
+    model.train()
+    cuda = inputs.is_cuda
+    tracker = ActivationTracker(list(model.parameters()) + list(model.buffers()))
+    handles = [
+        stage.register_forward_pre_hook(lambda _m, _a, j=j: tracker.set_phase(j))
+        for j, stage in enumerate(model.stages)
+    ]
+    try:
+        if cuda:
+            torch.cuda.synchronize(inputs.device)
+            torch.cuda.reset_peak_memory_stats(inputs.device)
+        with tracker:
+            model.train_step(inputs, targets)
+        allocated = None
+        if cuda:
+            torch.cuda.synchronize(inputs.device)
+            allocated = int(torch.cuda.max_memory_allocated(inputs.device))
+    finally:
+        for h in handles:
+            h.remove()
+        if restore:
+            model.load_state_dict(saved)
+            for p, g in grads.items():
+                p.grad = g
+        model.train(was_training)
+    per_module = [tracker.phase_peaks.get(j, 0) for j in range(len(model.stages))]
+    return MemoryReport(tracker.peak, per_module, allocated)
+
+
+def format_bytes(n: int | float | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if abs(n) < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n:.1f} GiB"

@@ -1,0 +1,164 @@
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import manpp
+from manpp.momentum import MomentumAux
+
+
+def make(method, k=None, depth=14, seed=0, **kw):
+    torch.manual_seed(seed)
+    net = manpp.build_backbone(f"resnet{depth}", num_classes=10)
+    return manpp.local_model(net, method, k, **kw)
+
+
+def module_grads(model, j):
+    out = []
+    for i in model.partition.units_of(j):
+        for p in model.backbone.units[i].parameters():
+            out.append(p.grad.clone() if p.grad is not None else None)
+    return out
+
+
+@pytest.mark.parametrize("method", ["dgl", "infopro", "man", "manpp"])
+def test_later_module_does_not_change_earlier_gradients(method, batch):
+    x, y = batch
+    a = make(method, 4)
+    b = copy.deepcopy(a)
+    with torch.no_grad():  # perturb the last module of b (its units and the task head)
+        for i in b.partition.units_of(3):
+            for p in b.backbone.units[i].parameters():
+                p.add_(torch.randn_like(p))
+        b.backbone.head.fc.weight.mul_(3.0)
+    a.train_step(x, y)
+    b.train_step(x, y)
+    for j in (0, 1, 2):
+        for ga, gb in zip(module_grads(a, j), module_grads(b, j)):
+            assert (ga is None and gb is None) or torch.equal(ga, gb), f"module {j} changed with module 3"
+    assert all(g is not None for g in module_grads(a, 0))
+    changed = [not torch.equal(ga, gb) for ga, gb in zip(module_grads(a, 3), module_grads(b, 3))]
+    assert any(changed)  # the check can fail: module 3 itself did change
+
+
+def test_gradients_do_not_cross_module_boundaries(batch):
+    x, y = batch
+    model = make("dgl", 3)
+    model.train_step(x, y)
+    grads0 = [g.clone() for g in module_grads(model, 0)]
+    model.zero_grad(set_to_none=True)
+    # the same step but with the last module's loss scaled: earlier modules must not notice
+    ctx = manpp.objectives.LocalContext(x, y)
+    h = x
+    for j, stage in enumerate(model.stages):
+        out = stage(h)
+        loss = model.local_loss(j)(out, ctx)
+        (loss * (100.0 if j == model.k - 1 else 1.0)).backward()
+        h = out.detach()
+    for g0, g1 in zip(grads0, module_grads(model, 0)):
+        assert torch.equal(g0, g1)
+
+
+def test_k1_equals_plain_end_to_end(batch):
+    x, y = batch
+    model = make("e2e")
+    assert model.k == 1 and len(model.aux) == 0
+    plain = copy.deepcopy(model.backbone)
+    result = model.train_step(x, y)
+    loss = F.cross_entropy(plain(x), y)
+    loss.backward()
+    assert torch.allclose(result.losses[0], loss.detach(), rtol=0, atol=1e-6)
+    for p, q in zip(model.backbone.parameters(), plain.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_ema_update_formula():
+    torch.manual_seed(0)
+    unit = torch.nn.Sequential(torch.nn.Conv2d(4, 4, 3), torch.nn.BatchNorm2d(4))
+    aux = MomentumAux(unit, lambda a, ctx: a.sum(), momentum=0.9)
+    with torch.no_grad():
+        for p in unit.parameters():
+            p.add_(torch.randn_like(p))
+        unit[1].running_mean.fill_(3.0)
+    before = [p.clone() for p in aux.ema.parameters()]
+    aux.after_backward()
+    for old, new, src in zip(before, aux.ema.parameters(), unit.parameters()):
+        assert torch.allclose(new, 0.9 * old + 0.1 * src, atol=1e-6)
+        assert not new.requires_grad
+    assert torch.equal(aux.ema[1].running_mean, torch.zeros(4))  # buffers are not averaged
+
+
+def test_copies_start_from_the_unit_or_random():
+    torch.manual_seed(0)
+    unit = torch.nn.Conv2d(3, 3, 3)
+    copied = MomentumAux(unit, None)
+    assert all(torch.equal(a, b) for a, b in zip(copied.ema.parameters(), unit.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(copied.lb.parameters(), unit.parameters()))
+    rand = MomentumAux(unit, None, init="random")
+    assert not torch.equal(rand.ema.weight, unit.weight)
+
+
+@pytest.mark.parametrize("objective,k", [("dgl", 4), ("infopro", 7)])
+def test_manpp_with_scale_one_equals_man(batch, objective, k):
+    x, y = batch
+    man, manpp_ = make("man", k, seed=3, objective=objective), make("manpp", k, seed=3, objective=objective)
+    assert all(float(a.scale.detach()) == 1.0 for a in manpp_.aux)
+    r1, r2 = man.train_step(x, y), manpp_.train_step(x, y)
+    for l1, l2 in zip(r1.losses, r2.losses):
+        assert torch.allclose(l1, l2, atol=1e-6)
+    for p, q in zip(man.backbone.parameters(), manpp_.backbone.parameters()):
+        assert torch.allclose(p.grad, q.grad, atol=1e-6)
+    assert all(a.scale.grad is not None for a in manpp_.aux)  # but MAN++ learns its scale
+    assert not any(isinstance(a.scale, torch.nn.Parameter) for a in man.aux)
+
+
+def test_ema_follows_the_next_unit_after_each_step(batch):
+    x, y = batch
+    model = make("manpp", 4, ema_momentum=0.5, objective="dgl")
+    opt = torch.optim.SGD(model.parameters_to_optimize(), lr=0.1)
+    aux = model.aux[0]
+    first_of_next = model.backbone.units[model.partition.bounds[1][0]]
+    assert aux.source is first_of_next
+    with torch.no_grad():
+        before = [p.clone() for p in aux.ema.parameters()]
+    model.train_step(x, y)
+    opt.step()
+    # the update ran after module 0's backward, before the optimizer step: EMA = 0.5 old + 0.5 theta_t,
+    # and theta_t equals the old copy (copied at init), so nothing moved yet
+    assert all(torch.allclose(a, b) for a, b in zip(before, aux.ema.parameters()))
+    assert aux.ema_distance() > 0  # the unit moved with the optimizer step; the copy lags
+    model.zero_grad()
+    src = [p.detach().clone() for p in first_of_next.parameters()]
+    model.train_step(x, y)
+    for b, e, s in zip(before, aux.ema.parameters(), src):
+        assert torch.allclose(e, 0.5 * b + 0.5 * s, atol=1e-6)
+
+
+def test_ema_params_are_not_optimized():
+    model = make("manpp", 4)
+    ids = {id(p) for p in model.parameters_to_optimize()}
+    assert all(id(p) not in ids for a in model.aux for p in a.ema.parameters())
+    assert all(id(a.lb.conv1.weight) in ids and id(a.scale) in ids for a in model.aux)
+
+
+def test_eval_uses_backbone_only(batch):
+    x, _ = batch
+    model = make("manpp", 4)
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(model(x), model.backbone(x))
+
+
+def test_loss_decreases_on_fixed_batch(batch):
+    x, y = batch
+    model = make("manpp", 3, objective="dgl")
+    opt = torch.optim.SGD(model.parameters_to_optimize(), lr=0.05, momentum=0.9)
+    first = None
+    for _ in range(15):
+        opt.zero_grad()
+        losses = model.train_step(x, y).losses
+        first = first or [float(v) for v in losses]
+        opt.step()
+    last = [float(v) for v in losses]
+    assert last[-1] < first[-1] and last[0] < first[0]

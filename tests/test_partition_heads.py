@@ -1,0 +1,105 @@
+import pytest
+import torch
+
+import manpp
+from manpp.errors import ManppError
+from manpp.memory import measure_step
+from manpp.objectives.infopro import supcon_loss
+from manpp.partition import make_partition
+
+
+def net(depth):
+    return manpp.build_backbone(f"resnet{depth}")
+
+
+@pytest.mark.parametrize("depth,k,modules", [(32, 8, 9), (32, 16, 16), (110, 32, 33), (110, 55, 55)])
+def test_paper_presets_report_their_true_module_count(depth, k, modules):
+    part = make_partition(net(depth), k, "paper")
+    assert part.k == modules and part.nominal_k == k
+    assert part.bounds[0] == (0, 1)  # the stem is its own module, as in the release
+    assert f"{modules} modules" in part.label
+    assert part.bounds[-1][1] == len(net(depth).units)
+
+
+def test_resnet32_k8_module_sets_match_the_release():
+    b = net(32)
+    names = make_partition(b, 8, "paper").describe(b.unit_names)
+    assert names == ["stem", "layer1.0", "layer1.1..layer1.2", "layer1.3..layer1.4", "layer2.0..layer2.1",
+                     "layer2.2..layer2.3", "layer2.4..layer3.0", "layer3.1..layer3.2", "layer3.3..layer3.4"]
+
+
+def test_resnet110_k32_stage3_pattern():
+    b = net(110)
+    part = make_partition(b, 32, "paper")
+    stage3 = [len(part.units_of(j)) for j in range(part.k) if b.unit_stages[part.bounds[j][0]] == 3]
+    assert stage3 == [2, 2, 1, 2, 1, 2, 2, 2, 2, 2]
+
+
+def test_even_and_explicit_splits():
+    b = net(32)  # 16 units
+    assert [len(r) for r in map(make_partition(b, 5).units_of, range(5))] == [3, 3, 3, 3, 4]
+    part = make_partition(b, None, [0, "layer1.4", 10])
+    assert part.bounds == ((0, 1), (1, 6), (6, 11), (11, 16))
+    assert make_partition(b, None, "0,5").k == 3
+
+
+@pytest.mark.parametrize("k,split,needle", [
+    (17, "even", "from 1 to 16"), (0, "even", "from 1 to 16"), (4, "paper", "K=8 (9 modules)"),
+    (None, [5, 3], "strictly increasing"), (None, [15], "out of range"), (None, ["layer9.0"], "unknown unit"),
+    (3, "balanced", "'even'"),
+])
+def test_bad_partitions_name_what_is_possible(k, split, needle):
+    with pytest.raises(ManppError, match=needle.replace("(", r"\(").replace(")", r"\)")):
+        make_partition(net(32), k, split)
+
+
+def test_release_lambda_weights_for_resnet32_k8():
+    model = manpp.local_model(net(32), "manpp", 8, split="paper")
+    weights = [(round(a.head.lambda1, 2), round(a.head.lambda2, 3)) for a in model.aux]
+    # stem 5/0.5; copies in stage 1: 4.17/0.417, stage 2: 3.33/0.333, stage 3: 2.5/0.25 (RELEASE.md 2.1)
+    assert weights == [(5.0, 0.5), (4.17, 0.417), (4.17, 0.417), (3.33, 0.333), (3.33, 0.333), (3.33, 0.333),
+                       (2.5, 0.25), (2.5, 0.25)]
+
+
+def test_infopro_module_schedule_goes_to_the_end_weights():
+    with pytest.warns(UserWarning, match="module 3"):
+        model = manpp.local_model(net(20), "infopro", 5, ixx_2=0.0, ixy_2=0.0)
+    assert [round(a.lambda1, 3) for a in model.aux] == [5.0, 3.333, 1.667, 0.0]
+
+
+def test_heads_read_the_right_features():
+    model = manpp.local_model(net(32), "manpp", 16, objective="dgl")
+    # module 0 is the stem (16 ch); its copy is layer1.0 -> 16 channels; module 5 copies layer2.0 -> 32 ch
+    assert model.aux[0].head.convs[0].in_channels == 16
+    assert model.aux[5].head.convs[0].in_channels == 32
+    assert model.aux[5].source is model.backbone.units[6]
+
+
+def test_supcon_prefers_clustered_features():
+    y = torch.tensor([0, 0, 1, 1])
+    good = torch.nn.functional.normalize(torch.tensor([[1.0, 0], [1, 0.1], [0, 1], [0.1, 1]]), dim=1)
+    bad = torch.nn.functional.normalize(torch.tensor([[1.0, 0], [0, 1], [1, 0.1], [0.1, 1]]), dim=1)
+    assert supcon_loss(good, y) < supcon_loss(bad, y)
+    lonely = supcon_loss(good, torch.tensor([0, 1, 2, 3]))  # no positives: contributes 0
+    assert float(lonely) == 0.0
+
+
+def test_manpp_k16_activation_peak_is_below_half_of_e2e():
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    e2e = measure_step(manpp.local_model(net(32), "e2e"), x, y)
+    local = measure_step(manpp.local_model(net(32), "manpp", 16), x, y)
+    assert local.peak_activation_bytes < 0.5 * e2e.peak_activation_bytes
+    assert local.peak_activation_bytes == max(local.module_peak_bytes)
+    # one module's bytes are about what ResNet-32 keeps per unit; E2E keeps them all
+    assert e2e.peak_activation_bytes > 5 * min(local.module_peak_bytes)
+
+
+def test_measure_step_leaves_the_model_unchanged(batch):
+    x, y = batch
+    model = manpp.local_model(net(14), "manpp", 3, objective="dgl")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    report = measure_step(model, x, y)
+    assert report.peak_activation_bytes > 0 and report.peak_allocated_bytes is None
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
