@@ -32,8 +32,8 @@ class TrainConfig:
     k: int | None = None  # modules; None: 1 for e2e, else min(16, units)
     split: Any = "even"  # 'even', 'paper' or a list of module end units
     # recipe (METHOD.md section 4 has the paper values; see configs/)
-    epochs: int = 10
-    batch_size: int = 128
+    epochs: int = 8
+    batch_size: int = 64
     eval_batch_size: int = 512
     lr: float = 0.1
     sgd_momentum: float = 0.9

@@ -175,7 +175,8 @@ def train(cfg: C.TrainConfig, *, resume: str | None = None, verbose: bool = True
     C.save_yaml(cfg, out / "config.yaml")
     steps_per_epoch = len(train_set) // cfg.batch_size
     loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=False)
-    test_loader = torch.utils.data.DataLoader(test_set, batch_size=cfg.eval_batch_size, **loader_kw)
+    test_loader = torch.utils.data.DataLoader(test_set, batch_size=cfg.eval_batch_size,
+                                              generator=torch.Generator().manual_seed(cfg.seed), **loader_kw)
 
     epoch, step, batch_in_epoch, history = 0, 0, 0, []
     memory = None
@@ -205,7 +206,9 @@ def train(cfg: C.TrainConfig, *, resume: str | None = None, verbose: bool = True
     max_steps = cfg.max_steps
     while epoch < cfg.epochs and (max_steps is None or step < max_steps):
         sampler = EpochBatches(len(train_set), cfg.batch_size, cfg.seed, epoch, batch_in_epoch)
-        loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, **loader_kw)
+        # its own generator: making the iterator must not draw from the global RNG (exact resume)
+        worker_seed = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch + 1)
+        loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, generator=worker_seed, **loader_kw)
         model.train()
         sums = torch.zeros(model.k, dtype=torch.float64)
         correct, seen, n_batches = 0, 0, 0
