@@ -52,6 +52,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="e2e,manpp", help="comma-separated methods (default e2e,manpp)")
     p.add_argument("--json", metavar="PATH", help="also write the records to this file")
     p.add_argument("--quiet", action="store_true")
+    p = sub.add_parser("bench", help="time training steps and measure memory on synthetic data")
+    _add_common(p)
+    p.add_argument("--methods", help="several methods, interleaved in one process; ratios are to the first")
+    p.add_argument("--steps", type=int, default=20, help="timed steps per method (default 20)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
+    p.add_argument("--json", action="store_true", help="write one JSON object to stdout")
     p = sub.add_parser("describe", help="module table: units, parameters, measured activation memory")
     _add_common(p)
     p.add_argument("--json", action="store_true", help="print the table as JSON")
@@ -92,6 +98,22 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from .bench import bench, format_bench
+    from .compare import parse_methods
+
+    cfg = resolve_config(args)
+    methods = parse_methods(args.methods) if args.methods else [cfg.method]
+    if args.steps < 1 or args.warmup < 0:
+        raise ManppError(f"--steps must be at least 1 and --warmup at least 0, got {args.steps} and {args.warmup}")
+    records = bench(cfg, methods, steps=args.steps, warmup=args.warmup)
+    if args.json:
+        print(json.dumps(records[0] if len(records) == 1 else {"results": records}, indent=2))
+    else:
+        print(format_bench(records))
+    return 0
+
+
 def cmd_describe(args) -> int:
     from .describe import describe
 
@@ -104,8 +126,10 @@ def cmd_describe(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("once", category=UserWarning, module="manpp")
+    warnings.formatwarning = lambda message, *_args, **_kw: f"manpp: warning: {message}\n"
     try:
-        return {"train": cmd_train, "compare": cmd_compare, "describe": cmd_describe}[args.command](args)
+        return {"train": cmd_train, "compare": cmd_compare, "bench": cmd_bench,
+                "describe": cmd_describe}[args.command](args)
     except ManppError as exc:
         print(f"manpp: error: {exc}", file=sys.stderr)
         return 2

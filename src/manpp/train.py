@@ -8,6 +8,7 @@ and ``summary.json``.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -52,8 +53,6 @@ def default_k(cfg: C.TrainConfig, n_units: int) -> int | None:
 
 def build_model(cfg: C.TrainConfig, info, device: torch.device | str = "cpu") -> LocalModel:
     """Backbone + method from a config and a dataset's :class:`~manpp.data.DatasetInfo`."""
-    import dataclasses
-
     from .data import denormalize
     from .methods import build_local_model
     from .models import build_backbone
@@ -170,8 +169,11 @@ def train(cfg: C.TrainConfig, *, resume: str | None = None, verbose: bool = True
     model = build_model(cfg, info, device)
     optimizer = torch.optim.SGD(model.parameters_to_optimize(), lr=cfg.lr, momentum=cfg.sgd_momentum,
                                 nesterov=cfg.nesterov, weight_decay=cfg.weight_decay)
+    if cfg.out is None and resume:  # a resumed run stays in its folder
+        cfg = dataclasses.replace(cfg, out=str(Path(resume) if Path(resume).is_dir() else Path(resume).parent))
     out = Path(cfg.out or Path("runs") / cfg.run_name())
     out.mkdir(parents=True, exist_ok=True)
+    cfg = dataclasses.replace(cfg, out=str(out))
     C.save_yaml(cfg, out / "config.yaml")
     steps_per_epoch = len(train_set) // cfg.batch_size
     loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=False)

@@ -1,0 +1,90 @@
+"""``manpp bench``: time training steps and measure memory on synthetic data of a dataset's shape.
+
+Several methods are run in one process, interleaved step by step, so that their ratios to the
+first method are measured under the same machine conditions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import torch
+
+from . import config as C
+from .memory import format_bytes, measure_step
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def bench(cfg: C.TrainConfig, methods: list[str], *, steps: int = 20, warmup: int = 3) -> list[dict]:
+    """One record per method: median step time, images/s, activation and allocator peaks, sizes."""
+    from .data import dataset_info
+    from .train import build_model, resolve_device
+
+    info = dataset_info(cfg.dataset)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    shape = (cfg.batch_size, info.in_channels, info.image_size, info.image_size)
+    x = torch.randn(shape, device=device)
+    y = torch.randint(0, info.num_classes, (cfg.batch_size,), device=device)
+    runs = []
+    for method in methods:
+        run_cfg = dataclasses.replace(cfg, method=method, k=None if method == "e2e" else cfg.k)
+        model = build_model(run_cfg, info, device)
+        opt = torch.optim.SGD(model.parameters_to_optimize(), lr=1e-3, momentum=0.9, nesterov=True)
+        runs.append({"method": method, "model": model, "opt": opt, "times": []})
+
+    def step(run) -> None:
+        run["opt"].zero_grad(set_to_none=True)
+        run["model"].train_step(x, y)
+        run["opt"].step()
+
+    for run in runs:
+        for _ in range(warmup):
+            step(run)
+        run["memory"] = measure_step(run["model"], x, y)
+    for _ in range(steps):
+        for run in runs:  # interleaved: every method sees the same machine state
+            _sync(device)
+            start = time.perf_counter()
+            step(run)
+            _sync(device)
+            run["times"].append(time.perf_counter() - start)
+    records = []
+    for run in runs:
+        model, mem = run["model"], run["memory"]
+        median = statistics.median(run["times"])
+        records.append({
+            "model": cfg.model, "method": run["method"], "objective": cfg.objective if run["method"] in ("man", "manpp") else None,
+            "modules": model.k, "partition": model.partition.label, "dataset_shape": cfg.dataset,
+            "batch_size": cfg.batch_size, "device": str(device), "steps": steps,
+            "step_time_s": median, "images_per_s": cfg.batch_size / median,
+            "peak_activation_bytes": mem.peak_activation_bytes, "peak_allocated_bytes": mem.peak_allocated_bytes,
+            "params": sum(p.numel() for p in model.backbone.parameters()),
+            "aux_params": sum(model.aux_parameter_count()), "torch_version": torch.__version__,
+        })
+    base = records[0]
+    for r in records:
+        r["step_time_ratio"] = r["step_time_s"] / base["step_time_s"]
+        r["activation_ratio"] = r["peak_activation_bytes"] / base["peak_activation_bytes"]
+    return records
+
+
+def format_bench(records: list[dict]) -> str:
+    lines = [f"{records[0]['model']}, batch {records[0]['batch_size']}, {records[0]['dataset_shape']} shape, "
+             f"device {records[0]['device']}, median of {records[0]['steps']} steps",
+             "",
+             f"{'method':<10}{'modules':>8}{'step time':>12}{'img/s':>9}{'activations':>14}{'time x':>8}{'mem x':>7}"]
+    for r in records:
+        lines.append(f"{r['method']:<10}{r['modules']:>8}{r['step_time_s'] * 1000:>10.1f}ms{r['images_per_s']:>9.0f}"
+                     f"{format_bytes(r['peak_activation_bytes']):>14}{r['step_time_ratio']:>8.2f}"
+                     f"{r['activation_ratio']:>7.2f}")
+    if records[0]["peak_allocated_bytes"] is not None:
+        lines.append("CUDA allocator peak: " + ", ".join(
+            f"{r['method']} {format_bytes(r['peak_allocated_bytes'])}" for r in records))
+    return "\n".join(lines)
