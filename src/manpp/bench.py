@@ -24,13 +24,13 @@ def _sync(device: torch.device) -> None:
 def bench(cfg: C.TrainConfig, methods: list[str], *, steps: int = 20, warmup: int = 3) -> list[dict]:
     """One record per method: median step time, images/s, activation and allocator peaks, sizes."""
     from .data import dataset_info
-    from .train import build_model, resolve_device
+    from .train import build_model, memory_format, resolve_device
 
     info = dataset_info(cfg.dataset)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     shape = (cfg.batch_size, info.in_channels, info.image_size, info.image_size)
-    x = torch.randn(shape, device=device)
+    x = torch.randn(shape, device=device).contiguous(memory_format=memory_format(cfg))
     y = torch.randint(0, info.num_classes, (cfg.batch_size,), device=device)
     runs = []
     for method in methods:
@@ -63,6 +63,7 @@ def bench(cfg: C.TrainConfig, methods: list[str], *, steps: int = 20, warmup: in
             "model": cfg.model, "method": run["method"], "objective": cfg.objective if run["method"] in ("man", "manpp") else None,
             "modules": model.k, "partition": model.partition.label, "dataset_shape": cfg.dataset,
             "batch_size": cfg.batch_size, "device": str(device), "steps": steps,
+            "channels_last": cfg.channels_last, "amp": cfg.amp, "threads": torch.get_num_threads(),
             "step_time_s": median, "images_per_s": cfg.batch_size / median,
             "peak_activation_bytes": mem.peak_activation_bytes, "peak_allocated_bytes": mem.peak_allocated_bytes,
             "params": sum(p.numel() for p in model.backbone.parameters()),

@@ -27,6 +27,8 @@ class TrainConfig:
     dataset: str = "digits"
     data_dir: str | None = None
     download: bool = True
+    train_subset: int | None = None  # use only this many training images (a fixed random subset)
+    test_subset: int | None = None
     method: str = "manpp"
     objective: str = "infopro"  # base objective of man / manpp: 'dgl' or 'infopro'
     k: int | None = None  # modules; None: 1 for e2e, else min(16, units)
@@ -59,6 +61,8 @@ class TrainConfig:
     max_steps: int | None = None
     device: str = "auto"  # 'auto', 'cpu' or 'cuda'
     workers: int = 0
+    channels_last: bool = False  # NHWC memory format for the model and inputs (faster on CPU and GPU)
+    amp: str | None = None  # None or 'bf16': forward passes under bfloat16 autocast
     out: str | None = None
 
     def local_settings(self) -> LocalSettings:

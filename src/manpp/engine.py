@@ -56,6 +56,7 @@ class LocalModel(nn.Module):
         self.partition = partition
         self.method = method
         self.denormalize = denormalize
+        self.amp_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: forward passes under autocast
         units = backbone.units
         stages = [Stage([units[i] for i in partition.units_of(j)]) for j in range(partition.k)]
         stages[-1].head = backbone.head
@@ -89,9 +90,11 @@ def local_step(model: LocalModel, inputs: torch.Tensor, targets: torch.Tensor) -
     ctx = LocalContext(inputs, targets, model.denormalize)
     losses = []
     x = inputs
+    amp = torch.autocast(inputs.device.type, dtype=model.amp_dtype, enabled=model.amp_dtype is not None)
     for j, stage in enumerate(model.stages):
-        h = stage(x)
-        loss = model.local_loss(j)(h, ctx)
+        with amp:
+            h = stage(x)
+            loss = model.local_loss(j)(h, ctx)
         if loss.requires_grad:
             loss.backward()  # frees module j's graph before module j+1 runs
         if j < model.k - 1:
@@ -111,7 +114,9 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device | str = "
     correct, total, loss_sum = 0, 0, 0.0
     for inputs, targets in batches:
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        logits = model(inputs).float()
+        with torch.autocast(inputs.device.type, dtype=getattr(model, "amp_dtype", None),
+                            enabled=getattr(model, "amp_dtype", None) is not None):
+            logits = model(inputs).float()
         loss_sum += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
         correct += int((logits.argmax(1) == targets).sum())
         total += targets.numel()

@@ -62,7 +62,14 @@ def build_model(cfg: C.TrainConfig, info, device: torch.device | str = "cpu") ->
     settings = dataclasses.replace(settings, k=default_k(cfg, len(backbone.units)))
     model = build_local_model(backbone, settings, num_classes=info.num_classes, image_channels=info.in_channels,
                               image_size=info.image_size, denormalize=lambda x: denormalize(x, info))
-    return model.to(device)
+    if cfg.amp not in (None, "bf16"):
+        raise ManppError(f"unknown amp '{cfg.amp}': accepted are 'bf16' or none")
+    model.amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else None
+    return model.to(device, memory_format=memory_format(cfg))
+
+
+def memory_format(cfg: C.TrainConfig) -> torch.memory_format:
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
 
 
 class EpochBatches(torch.utils.data.Sampler):
@@ -164,6 +171,8 @@ def train(cfg: C.TrainConfig, *, resume: str | None = None, verbose: bool = True
     device = resolve_device(cfg.device)
     seed_everything(cfg.seed)
     train_set, test_set, info = build_datasets(cfg.dataset, cfg.data_dir, download=cfg.download, seed=cfg.seed)
+    train_set = _subset(train_set, cfg.train_subset, "train_subset")
+    test_set = _subset(test_set, cfg.test_subset, "test_subset")
     if len(train_set) < cfg.batch_size:
         raise ManppError(f"batch_size {cfg.batch_size} is larger than the training set ({len(train_set)} images)")
     model = build_model(cfg, info, device)
@@ -193,7 +202,7 @@ def train(cfg: C.TrainConfig, *, resume: str | None = None, verbose: bool = True
         _set_rng_state(ckpt["rng"])
     if memory is None:
         x, y = next(iter(torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size)))
-        memory = measure_step(model, x.to(device), y.to(device)).__dict__
+        memory = measure_step(model, x.to(device, memory_format=memory_format(cfg)), y.to(device)).__dict__
         seed_everything(cfg.seed + 1)  # same RNG stream whether or not memory was measured before
 
     if verbose:
@@ -206,6 +215,7 @@ def train(cfg: C.TrainConfig, *, resume: str | None = None, verbose: bool = True
             print("  modules: " + ", ".join(names))
 
     max_steps = cfg.max_steps
+    fmt = memory_format(cfg)
     while epoch < cfg.epochs and (max_steps is None or step < max_steps):
         sampler = EpochBatches(len(train_set), cfg.batch_size, cfg.seed, epoch, batch_in_epoch)
         # its own generator: making the iterator must not draw from the global RNG (exact resume)
@@ -218,7 +228,7 @@ def train(cfg: C.TrainConfig, *, resume: str | None = None, verbose: bool = True
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None if verbose else True,
                    dynamic_ncols=True, file=sys.stderr)
         for inputs, targets in bar:
-            inputs = inputs.to(device, non_blocking=True)
+            inputs = inputs.to(device, non_blocking=True, memory_format=fmt)
             targets = targets.to(device, non_blocking=True)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg, steps_per_epoch)
@@ -263,6 +273,16 @@ def train(cfg: C.TrainConfig, *, resume: str | None = None, verbose: bool = True
     summary = _summary(cfg, model, history, memory, device)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return RunResult(summary, model, out)
+
+
+def _subset(dataset, n: int | None, name: str):
+    """The same ``n`` images for every run and seed (a fixed permutation), or the whole set."""
+    if n is None or n >= len(dataset):
+        return dataset
+    if n < 1:
+        raise ManppError(f"{name} must be a positive number of images, got {n}")
+    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(20261125))[:n]
+    return torch.utils.data.Subset(dataset, keep.sort().values.tolist())
 
 
 def _append_csv(path: Path, row: dict) -> None:
