@@ -86,7 +86,8 @@ def test_ema_update_formula():
     for old, new, src in zip(before, aux.ema.parameters(), unit.parameters()):
         assert torch.allclose(new, 0.9 * old + 0.1 * src, atol=1e-6)
         assert not new.requires_grad
-    assert torch.equal(aux.ema[1].running_mean, torch.zeros(4))  # buffers are not averaged
+    assert aux.ema[1].running_mean is None  # BN statistics are never copied: the copy uses batch statistics
+    assert unit[1].running_mean.eq(3.0).all()
 
 
 def test_copies_start_from_the_unit_or_random():
@@ -191,3 +192,34 @@ def test_bf16_autocast_stays_close(batch):
     for a, b in zip(r1.losses, r2.losses):
         assert abs(float(a) - float(b)) < 0.05 * max(1.0, abs(float(a)))
     assert all(p.grad is None or p.grad.dtype == torch.float32 for p in amp.parameters())
+
+
+@pytest.mark.parametrize("method,objective", [("manpp", "infopro"), ("man", "dgl")])
+def test_recomputed_ema_branch_equals_the_plain_one(batch, method, objective):
+    x, y = batch
+    plain = make(method, 5, objective=objective, depth=20, recompute_ema=False)
+    fast = copy.deepcopy(plain)
+    for a in fast.aux:
+        a.recompute_ema = True
+    for _ in range(2):  # two steps, so the second uses EMA copies moved by the first update
+        r1, r2 = plain.train_step(x, y), fast.train_step(x, y)
+        for a, b in zip(r1.losses, r2.losses):
+            assert torch.allclose(a, b, rtol=1e-6, atol=1e-6)
+        for (name, p), q in zip(plain.named_parameters(), fast.parameters()):
+            assert (p.grad is None) == (q.grad is None), name
+            if p.grad is not None:
+                assert torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7), name
+        for a, b in zip(plain.aux, fast.aux):
+            assert all(torch.equal(p, q) for p, q in zip(a.ema.parameters(), b.ema.parameters()))
+
+
+def test_recomputing_the_ema_branch_lowers_the_activation_peak():
+    from manpp.memory import measure_step
+
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    peaks = []
+    for recompute in (False, True):
+        torch.manual_seed(0)
+        model = manpp.local_model(manpp.build_backbone("resnet32"), "manpp", 16, recompute_ema=recompute)
+        peaks.append(measure_step(model, x, y).peak_activation_bytes)
+    assert peaks[1] < 0.85 * peaks[0]

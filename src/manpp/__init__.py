@@ -31,7 +31,7 @@ __all__ = [
 
 
 def local_model(backbone, method: str = "manpp", k: int | None = None, *, split="even", objective: str = "infopro",
-                ema_momentum: float = 0.995, copy_init: str = "copy", image_size: int = 32,
+                ema_momentum: float = 0.995, copy_init: str = "copy", recompute_ema: bool = True, image_size: int = 32,
                 image_channels: int | None = None, num_classes: int | None = None, denormalize=None,
                 **head_options) -> LocalModel:
     """Cut ``backbone`` into ``k`` modules and attach the local objectives of ``method``.
@@ -39,7 +39,7 @@ def local_model(backbone, method: str = "manpp", k: int | None = None, *, split=
     ``head_options`` are :class:`ObjectiveConfig` fields (``aux_config``, ``ixx_1``, ...).
     """
     settings = LocalSettings(method=method, k=k, split=split, objective=objective, ema_momentum=ema_momentum,
-                             copy_init=copy_init, heads=ObjectiveConfig(**head_options))
+                             copy_init=copy_init, recompute_ema=recompute_ema, heads=ObjectiveConfig(**head_options))
     return build_local_model(
         backbone, settings,
         num_classes=num_classes or backbone.num_classes,

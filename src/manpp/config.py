@@ -46,6 +46,7 @@ class TrainConfig:
     # MAN / MAN++
     ema_momentum: float = 0.995
     copy_init: str = "copy"  # 'copy' (ours) or 'random' (the release)
+    recompute_ema: bool = True  # recompute the EMA branch in backward instead of keeping it (less memory)
     # local heads (ObjectiveConfig)
     aux_config: str = "2c2f"
     aux_loss: str = "cross_entropy"
@@ -68,7 +69,8 @@ class TrainConfig:
     def local_settings(self) -> LocalSettings:
         heads = ObjectiveConfig(**{f.name: getattr(self, f.name) for f in fields(ObjectiveConfig)})
         return LocalSettings(method=self.method, k=self.k, split=self.split, objective=self.objective,
-                             ema_momentum=self.ema_momentum, copy_init=self.copy_init, heads=heads)
+                             ema_momentum=self.ema_momentum, copy_init=self.copy_init,
+                             recompute_ema=self.recompute_ema, heads=heads)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -57,6 +57,7 @@ class LocalSettings:
     objective: str = "infopro"
     ema_momentum: float = 0.995
     copy_init: str = "copy"
+    recompute_ema: bool = True  # keep no EMA-branch activations; recompute them in backward
     heads: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
 
@@ -108,6 +109,6 @@ def build_local_model(backbone: nn.Module, settings: LocalSettings, *, num_class
         if method.momentum:
             head = MomentumAux(backbone.units[unit_index], head, momentum=settings.ema_momentum,
                                learnable_scale=method.learnable_scale, init=settings.copy_init,
-                               reinit=getattr(backbone, "reinit_", None))
+                               reinit=getattr(backbone, "reinit_", None), recompute_ema=settings.recompute_ema)
         aux.append(head)
     return LocalModel(backbone, partition, aux, denormalize, method=method.name)

@@ -21,6 +21,42 @@ from torch import nn
 INITS = ("copy", "random")
 
 
+class _RecomputedMix(torch.autograd.Function):
+    """a = s * lb_out + (2 - s) * EMA(h), keeping nothing of the EMA branch for backward.
+
+    The EMA copy is frozen, so backward only needs its input gradient: it recomputes EMA(h)
+    from h (which the module's own graph keeps anyway) and back-propagates through it then.
+    The forward pass keeps no EMA activations, which lowers the module's activation peak by
+    about one unit's worth. Same values as the plain expression (tested).
+    """
+
+    @staticmethod
+    def forward(ctx, h, lb_out, s, ema):
+        with torch.no_grad():
+            e = ema(h)
+        ctx.ema = ema
+        device = h.device.type
+        ctx.amp = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        ctx.save_for_backward(h, lb_out, s)
+        return s * lb_out + (2 - s) * e
+
+    @staticmethod
+    def backward(ctx, g):
+        h, lb_out, s = ctx.saved_tensors
+        device, dtype, enabled = ctx.amp
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):  # as in forward
+            h_ = h.detach().requires_grad_(True)
+            e = ctx.ema(h_)
+        grad_lb = g * s if ctx.needs_input_grad[1] else None
+        grad_s = None
+        if ctx.needs_input_grad[2]:
+            grad_s = ((g * lb_out).sum() - (g * e.detach()).sum()).reshape(s.shape)
+        grad_h = None
+        if ctx.needs_input_grad[0]:
+            (grad_h,) = torch.autograd.grad(e, h_, g * (2 - s))
+        return grad_h, grad_lb, grad_s, None
+
+
 class MomentumAux(nn.Module):
     """EMA copy + learnable copy of ``unit`` [+ learnable scale], then ``head``.
 
@@ -31,7 +67,7 @@ class MomentumAux(nn.Module):
     """
 
     def __init__(self, unit: nn.Module, head: nn.Module, *, momentum: float = 0.995,
-                 learnable_scale: bool = True, init: str = "copy", reinit=None):
+                 learnable_scale: bool = True, init: str = "copy", reinit=None, recompute_ema: bool = True):
         super().__init__()
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
@@ -48,6 +84,14 @@ class MomentumAux(nn.Module):
                         if hasattr(m, "reset_parameters"):
                             m.reset_parameters()
         self.ema.requires_grad_(False)
+        # The copy always normalises with batch statistics (it is only run in training, and the
+        # release never uses its running statistics), so it keeps none: this also makes a
+        # recomputation in backward identical to the first pass.
+        for m in self.ema.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.track_running_stats = False
+                m.running_mean = m.running_var = m.num_batches_tracked = None
+        self.recompute_ema = recompute_ema
         self.head = head
         self.momentum = momentum
         if learnable_scale:
@@ -63,6 +107,8 @@ class MomentumAux(nn.Module):
     def mix(self, h: torch.Tensor) -> torch.Tensor:
         """a = s * LB(h) + (2 - s) * EMA(h); with s fixed at 1 this is MAN's LB(h) + EMA(h)."""
         s = self.scale
+        if self.recompute_ema and torch.is_grad_enabled() and h.requires_grad:
+            return _RecomputedMix.apply(h, self.lb(h), s, self.ema)
         return s * self.lb(h) + (2 - s) * self.ema(h)
 
     def forward(self, h: torch.Tensor, ctx) -> torch.Tensor:
