@@ -31,3 +31,12 @@ def test_bench_command_json(capsys):
     out = capsys.readouterr().out
     assert "e2e" in out and "manpp" in out and "mem x" in out
     assert main(["bench", "--steps", "0"]) == 2
+
+
+def test_bench_method_objective_pairs(capsys):
+    assert main(["bench", "--model", "resnet8", "--dataset", "synthetic", "--methods", "e2e,manpp:dgl,manpp:infopro",
+                 "--k", "2", "--batch-size", "4", "--steps", "1", "--warmup", "0", "--device", "cpu", "--json"]) == 0
+    results = json.loads(capsys.readouterr().out)["results"]
+    assert [(r["method"], r["objective"]) for r in results] == [("e2e", None), ("manpp", "dgl"), ("manpp", "infopro")]
+    assert main(["bench", "--methods", "dgl:infopro"]) == 2
+    assert "only man and manpp" in capsys.readouterr().err

@@ -103,3 +103,20 @@ def test_measure_step_leaves_the_model_unchanged(batch):
     assert report.peak_activation_bytes > 0 and report.peak_allocated_bytes is None
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_decoder_upsampling_matches_the_plain_interpolation():
+    from manpp.objectives.infopro import Decoder
+
+    torch.manual_seed(0)
+    dec = Decoder(32, image_size=32, image_channels=3)
+    x = torch.randn(4, 32, 16, 16, requires_grad=True)
+    target = torch.rand(4, 3, 32, 32)
+    loss = dec(x, target)
+    loss.backward()
+    x2 = x.detach().clone().requires_grad_(True)
+    up = torch.nn.functional.interpolate(x2, size=(32, 32), mode="bilinear", align_corners=True)
+    ref = torch.nn.functional.binary_cross_entropy_with_logits(dec.net(up), target)
+    ref.backward()
+    assert torch.allclose(loss, ref, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(x.grad, x2.grad, rtol=1e-5, atol=1e-8)

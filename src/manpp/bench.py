@@ -33,11 +33,14 @@ def bench(cfg: C.TrainConfig, methods: list[str], *, steps: int = 20, warmup: in
     x = torch.randn(shape, device=device).contiguous(memory_format=memory_format(cfg))
     y = torch.randint(0, info.num_classes, (cfg.batch_size,), device=device)
     runs = []
-    for method in methods:
-        run_cfg = dataclasses.replace(cfg, method=method, k=None if method == "e2e" else cfg.k)
+    for label in methods:
+        method, _, objective = label.partition(":")  # 'manpp:dgl' = MAN++ on the DGL objective
+        run_cfg = dataclasses.replace(cfg, method=method, k=None if method == "e2e" else cfg.k,
+                                      objective=objective or cfg.objective)
         model = build_model(run_cfg, info, device)
         opt = torch.optim.SGD(model.parameters_to_optimize(), lr=1e-3, momentum=0.9, nesterov=True)
-        runs.append({"method": method, "model": model, "opt": opt, "times": []})
+        runs.append({"method": method, "label": label, "objective": run_cfg.objective, "model": model, "opt": opt,
+                     "times": []})
 
     def step(run) -> None:
         run["opt"].zero_grad(set_to_none=True)
@@ -60,7 +63,8 @@ def bench(cfg: C.TrainConfig, methods: list[str], *, steps: int = 20, warmup: in
         model, mem = run["model"], run["memory"]
         median = statistics.median(run["times"])
         records.append({
-            "model": cfg.model, "method": run["method"], "objective": cfg.objective if run["method"] in ("man", "manpp") else None,
+            "model": cfg.model, "method": run["method"], "label": run["label"],
+            "objective": run["objective"] if run["method"] in ("man", "manpp") else None,
             "modules": model.k, "partition": model.partition.label, "dataset_shape": cfg.dataset,
             "batch_size": cfg.batch_size, "device": str(device), "steps": steps,
             "channels_last": cfg.channels_last, "amp": cfg.amp, "threads": torch.get_num_threads(),
@@ -80,12 +84,12 @@ def format_bench(records: list[dict]) -> str:
     lines = [f"{records[0]['model']}, batch {records[0]['batch_size']}, {records[0]['dataset_shape']} shape, "
              f"device {records[0]['device']}, median of {records[0]['steps']} steps",
              "",
-             f"{'method':<10}{'modules':>8}{'step time':>12}{'img/s':>9}{'activations':>14}{'time x':>8}{'mem x':>7}"]
+             f"{'method':<14}{'modules':>8}{'step time':>12}{'img/s':>9}{'activations':>14}{'time x':>8}{'mem x':>7}"]
     for r in records:
-        lines.append(f"{r['method']:<10}{r['modules']:>8}{r['step_time_s'] * 1000:>10.1f}ms{r['images_per_s']:>9.0f}"
+        lines.append(f"{r['label']:<14}{r['modules']:>8}{r['step_time_s'] * 1000:>10.1f}ms{r['images_per_s']:>9.0f}"
                      f"{format_bytes(r['peak_activation_bytes']):>14}{r['step_time_ratio']:>8.2f}"
                      f"{r['activation_ratio']:>7.2f}")
     if records[0]["peak_allocated_bytes"] is not None:
         lines.append("CUDA allocator peak: " + ", ".join(
-            f"{r['method']} {format_bytes(r['peak_allocated_bytes'])}" for r in records))
+            f"{r['label']} {format_bytes(r['peak_allocated_bytes'])}" for r in records))
     return "\n".join(lines)

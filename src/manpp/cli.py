@@ -106,7 +106,7 @@ def cmd_bench(args) -> int:
     from .compare import parse_methods
 
     cfg = resolve_config(args)
-    methods = parse_methods(args.methods) if args.methods else [cfg.method]
+    methods = parse_methods(args.methods, objectives=True) if args.methods else [cfg.method]
     if args.steps < 1 or args.warmup < 0:
         raise ManppError(f"--steps must be at least 1 and --warmup at least 0, got {args.steps} and {args.warmup}")
     records = bench(cfg, methods, steps=args.steps, warmup=args.warmup)

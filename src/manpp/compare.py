@@ -16,12 +16,21 @@ RECORD_KEYS = ("method", "modules", "test_accuracy", "best_test_accuracy", "peak
                "objective", "epochs", "steps", "batch_size", "device", "model", "dataset", "torch_version", "history")
 
 
-def parse_methods(text: str) -> list[str]:
+def parse_methods(text: str, *, objectives: bool = False) -> list[str]:
+    """``'e2e,manpp'`` -> ``['e2e', 'manpp']``; with ``objectives``, ``'manpp:dgl'`` is accepted too."""
+    from .objectives import OBJECTIVES
+
     methods = [m.strip() for m in text.split(",") if m.strip()]
     if not methods:
         raise ManppError("--methods is empty: give a comma-separated list such as e2e,manpp")
     for m in methods:
-        get_method(m)
+        name, colon, objective = m.partition(":")
+        get_method(name)
+        if colon and not objectives:
+            raise ManppError(f"'{m}': choose the objective of man/manpp with --objective here")
+        if colon and (objective not in OBJECTIVES or name not in ("man", "manpp")):
+            raise ManppError(f"bad method '{m}': only man and manpp take an objective, one of "
+                             f"{', '.join(OBJECTIVES)} (e.g. manpp:dgl)")
     if len(set(methods)) != len(methods):
         raise ManppError(f"--methods lists a method twice: {text}")
     return methods

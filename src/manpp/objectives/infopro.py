@@ -35,7 +35,11 @@ class Decoder(nn.Module):
 
     def forward(self, x: torch.Tensor, image01: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.image_size or x.shape[-2] != self.image_size:
-            x = F.interpolate(x, size=(self.image_size, self.image_size), mode="bilinear", align_corners=True)
+            # PyTorch's CPU bilinear kernel is several times faster on NHWC tensors (same values);
+            # the result goes back to the caller's layout
+            fmt = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+            x = F.interpolate(x.contiguous(memory_format=torch.channels_last), size=(self.image_size, self.image_size),
+                              mode="bilinear", align_corners=True).contiguous(memory_format=fmt)
         # sigmoid + BCE, computed stably as BCE-with-logits (same value, no log(0))
         return F.binary_cross_entropy_with_logits(self.net(x).float(), image01.float())
 

@@ -1,0 +1,85 @@
+"""Memory and step time of the local methods against E2E, measured with ``manpp bench``.
+
+Each setup runs its methods in one process with interleaved steps, so the ratios to E2E are
+measured under the same conditions. Writes ``results/memory_speed_<device>.json`` and ``.md``.
+
+    python benchmarks/memory_speed.py [--device cpu|cuda] [--steps 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from manpp import config as C
+from manpp.bench import bench
+from manpp.memory import format_bytes
+
+HERE = Path(__file__).resolve().parent
+
+SETUPS = [
+    # name, config overrides, methods, steps factor
+    ("ResNet-32, K=16", {"model": "resnet32", "k": 16},
+     ["e2e", "manpp:infopro", "manpp:dgl", "man:infopro", "infopro", "dgl"], 1.0),
+    ("ResNet-32, K=16, EMA branch kept (recompute_ema=false)", {"model": "resnet32", "k": 16, "recompute_ema": False},
+     ["e2e", "manpp:infopro", "manpp:dgl"], 1.0),
+    ("ResNet-32, K=8", {"model": "resnet32", "k": 8}, ["e2e", "manpp:infopro", "manpp:dgl"], 1.0),
+    ("ResNet-110, K=55", {"model": "resnet110", "k": 55}, ["e2e", "manpp:infopro", "manpp:dgl"], 0.3),
+]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--out", default=str(HERE / "results"))
+    args = p.parse_args(argv)
+    device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
+    doc = {
+        "command": "python benchmarks/memory_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": f"{platform.machine()} {device_name}, {torch.get_num_threads()} threads",
+        "python": platform.python_version(), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
+        "batch_size": args.batch_size, "input": "3x32x32 (CIFAR-10 shape), random data", "setups": [],
+    }
+    for name, overrides, methods, factor in SETUPS:
+        cfg = C.apply(C.TrainConfig(), {"dataset": "cifar10", "batch_size": args.batch_size, "device": args.device,
+                                        **overrides})
+        steps = max(2, round(args.steps * factor))
+        print(f"== {name} ({steps} steps)", flush=True)
+        records = bench(cfg, methods, steps=steps, warmup=2 if factor == 1.0 else 1)
+        doc["setups"].append({"name": name, "overrides": overrides, "steps": steps, "records": records})
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = f"memory_speed_{'cuda' if args.device.startswith('cuda') else 'cpu'}"
+    (out / f"{stem}.json").write_text(json.dumps(doc, indent=2))
+    table = to_markdown(doc)
+    (out / f"{stem}.md").write_text(table)
+    print(table)
+    return 0
+
+
+def to_markdown(doc: dict) -> str:
+    lines = [f"{doc['machine']}; torch {doc['torch']}; {doc['date']}; batch {doc['batch_size']}, {doc['input']}; "
+             f"median step time over the timed steps; ratios to E2E measured in the same process.", "",
+             f"Command: `{doc['command']}`", "",
+             "| setup | method | objective | modules | activation peak | vs E2E | step time | vs E2E | images/s |"
+             " allocator peak |",
+             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for setup in doc["setups"]:
+        for r in setup["records"]:
+            lines.append(f"| {setup['name']} | {r['method']} | {r['objective'] or '-'} | {r['modules']} "
+                         f"| {format_bytes(r['peak_activation_bytes'])} | {r['activation_ratio']:.2f} "
+                         f"| {r['step_time_s'] * 1000:.0f} ms | {r['step_time_ratio']:.2f} | {r['images_per_s']:.0f} "
+                         f"| {format_bytes(r['peak_allocated_bytes'])} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
