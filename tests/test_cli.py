@@ -135,3 +135,17 @@ def test_module_entry_point_exits_nonzero_without_traceback():
                           text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and "unknown model 'vgg99'" in proc.stderr
+
+
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parent.parent.glob("configs/*.yaml")),
+                         ids=lambda p: p.stem)
+def test_paper_configs_load_and_build(path):
+    from manpp.data import dataset_info
+    from manpp.train import build_model
+
+    cfg = C.from_dict(C.load_yaml(path))
+    assert cfg.split == "paper" and cfg.method == "manpp" and cfg.epochs == 400 and cfg.lr == 0.8
+    model = build_model(cfg, dataset_info(cfg.dataset))
+    expected = {8: 9, 16: 16, 32: 33, 55: 55}[cfg.k]
+    assert model.k == expected and model.partition.nominal_k == cfg.k
+    assert len(model.aux) == expected - 1
