@@ -24,6 +24,10 @@ def test_loss_goes_down_on_digits(tmp_path):
     assert result.summary["test_accuracy"] > 0.3  # well above chance (0.1) after 66 steps
     rows = (tmp_path / "run" / "log.csv").read_text().splitlines()
     assert len(rows) == 4 and "loss_2" in rows[0] and "test_accuracy" in rows[0]
+    header = rows[0].split(",")
+    assert "scale_1" in header and "ema_dist_1" in header and "scale_2" not in header
+    last = dict(zip(header, rows[-1].split(",")))
+    assert float(last["ema_dist_0"]) > 0 and float(last["scale_0"]) != 1.0  # the copy lags; s was learned
     saved = C.load_yaml(tmp_path / "run" / "config.yaml")
     assert saved["method"] == "manpp" and saved["k"] == 3
 

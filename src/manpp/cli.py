@@ -17,7 +17,7 @@ from .errors import ManppError
 COMMON = {"model": "model", "dataset": "dataset", "data_dir": "data_dir", "objective": "objective", "k": "k",
           "epochs": "epochs", "batch_size": "batch_size", "max_steps": "max_steps", "device": "device",
           "seed": "seed", "out": "out", "split": "split", "lr": "lr", "channels_last": "channels_last",
-          "amp": "amp"}
+          "amp": "amp", "compile": "compile"}
 
 
 def _add_common(p: argparse.ArgumentParser, *, method: bool = True) -> None:
@@ -38,6 +38,7 @@ def _add_common(p: argparse.ArgumentParser, *, method: bool = True) -> None:
     p.add_argument("--seed", type=int)
     p.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory format")
     p.add_argument("--amp", choices=["bf16"], help="forward passes under bfloat16 autocast")
+    p.add_argument("--compile", action="store_true", default=None, help="torch.compile modules and heads")
     p.add_argument("--out", metavar="DIR", help="run folder (default runs/<model>-<dataset>-<method>)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="any config field, e.g. ema_momentum=0.99")
 

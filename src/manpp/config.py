@@ -64,6 +64,7 @@ class TrainConfig:
     workers: int = 0
     channels_last: bool = False  # NHWC memory format for the model and inputs (faster on CPU and GPU)
     amp: str | None = None  # None or 'bf16': forward passes under bfloat16 autocast
+    compile: bool = False  # torch.compile the modules and auxiliary networks (not the training loop)
     out: str | None = None
 
     def local_settings(self) -> LocalSettings:

@@ -61,13 +61,23 @@ class LocalModel(nn.Module):
         stages = [Stage([units[i] for i in partition.units_of(j)]) for j in range(partition.k)]
         stages[-1].head = backbone.head
         object.__setattr__(self, "stages", stages)  # views, not submodules
+        object.__setattr__(self, "_aux_calls", list(self.aux))  # what the step calls (compiled or not)
 
     @property
     def k(self) -> int:
         return self.partition.k
 
     def local_loss(self, j: int) -> Callable:
-        return self.aux[j] if j < self.k - 1 else task_loss
+        return self._aux_calls[j] if j < self.k - 1 else task_loss
+
+    def compile_parts(self, **options) -> "LocalModel":
+        """``torch.compile`` every module and auxiliary network, never the loop that calls backward.
+
+        Parameters and checkpoints are unchanged (the compiled wrappers share the modules).
+        """
+        object.__setattr__(self, "stages", [torch.compile(s, **options) for s in self.stages])
+        object.__setattr__(self, "_aux_calls", [torch.compile(a, **options) for a in self.aux])
+        return self
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Inference: the backbone alone, no auxiliary networks."""

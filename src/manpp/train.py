@@ -65,7 +65,8 @@ def build_model(cfg: C.TrainConfig, info, device: torch.device | str = "cpu") ->
     if cfg.amp not in (None, "bf16"):
         raise ManppError(f"unknown amp '{cfg.amp}': accepted are 'bf16' or none")
     model.amp_dtype = torch.bfloat16 if cfg.amp == "bf16" else None
-    return model.to(device, memory_format=memory_format(cfg))
+    model = model.to(device, memory_format=memory_format(cfg))
+    return model.compile_parts() if cfg.compile else model
 
 
 def memory_format(cfg: C.TrainConfig) -> torch.memory_format:
@@ -259,6 +260,10 @@ def train(cfg: C.TrainConfig, *, resume: str | None = None, verbose: bool = True
                "epoch_time_s": epoch_time, "images_per_s": seen / max(epoch_time, 1e-9), "steps": n_batches,
                "steps_per_epoch": steps_per_epoch}
         row.update({f"loss_{j}": m for j, m in enumerate(means)})
+        for j, aux in enumerate(model.aux):  # MAN/MAN++: the mixing scale and how far each copy lags its unit
+            if hasattr(aux, "ema_distance"):
+                row[f"scale_{j}"] = float(aux.scale)
+                row[f"ema_dist_{j}"] = aux.ema_distance()
         history.append(row)
         _append_csv(out / "log.csv", row)
         if verbose:
