@@ -32,7 +32,8 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--model", default="resnet32")
-    p.add_argument("--methods", default="e2e,dgl,infopro,man,manpp")
+    p.add_argument("--methods", default="e2e,dgl,infopro,man,manpp",
+                   help="methods; METHOD:OBJECTIVE picks the local objective of man/manpp (e.g. manpp:dgl)")
     p.add_argument("--ks", default="8,16", help="K values for the local methods (even splits)")
     p.add_argument("--seeds", default="0,1")
     p.add_argument("--epochs", type=int, default=3)
@@ -43,6 +44,7 @@ def parse_args(argv=None):
     p.add_argument("--device", default="auto")
     p.add_argument("--name", default="accuracy_fashion_mnist")
     p.add_argument("--out", default=str(HERE / "results"))
+    p.add_argument("--report-only", action="store_true", help="only rewrite the table and plot from the JSON")
     p.add_argument("set", nargs="*", metavar="key=value", help="extra config overrides for every run")
     return p.parse_args(argv)
 
@@ -58,14 +60,20 @@ def main(argv=None) -> int:
     json_path = out / f"{args.name}.json"
     doc = json.loads(json_path.read_text()) if json_path.exists() else {"runs": []}
     done = {run_key(r) for r in doc["runs"]}
+    if args.report_only:
+        return report(doc, out, args.name)
     methods = args.methods.split(",")
     ks = [int(k) for k in args.ks.split(",")]
     seeds = [int(s) for s in args.seeds.split(",")]
+    old = doc.get("setup", {})
+    command = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     doc["setup"] = {
-        "command": "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command if not old else f"{old['command']}; {command}",
         "dataset": args.dataset, "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size,
         "lr": args.lr, "train_subset": args.train_subset or "all", "test_subset": args.test_subset or "all",
-        "seeds": seeds, "ks": ks, "methods": methods, "split": "even",
+        "seeds": sorted(set(old.get("seeds", [])) | set(seeds)), "ks": sorted(set(old.get("ks", [])) | set(ks)),
+        "methods": old.get("methods", []) + [m for m in methods if m not in old.get("methods", [])],
+        "split": "even",
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}",
         "python": platform.python_version(), "torch": torch.__version__,
         "date": datetime.date.today().isoformat(),
@@ -81,8 +89,10 @@ def main(argv=None) -> int:
             for k in ([1] if method == "e2e" else ks):
                 if (method, k, seed) in done:
                     continue
-                cfg = C.apply(base, {"method": method, "k": None if method == "e2e" else k, "seed": seed,
-                                     "out": str(out / "runs" / args.name / f"{method}-k{k}-s{seed}")})
+                name, _, objective = method.partition(":")
+                cfg = C.apply(base, {"method": name, "k": None if name == "e2e" else k, "seed": seed,
+                                     **({"objective": objective} if objective else {}),
+                                     "out": str(out / "runs" / args.name / f"{method.replace(':', '-')}-k{k}-s{seed}")})
                 print(f"== {method} K={k} seed {seed}", flush=True)
                 s = train(cfg, verbose=False).summary
                 doc["runs"].append({"method": method, "k": k, "seed": seed, "modules": s["modules"],
@@ -92,9 +102,13 @@ def main(argv=None) -> int:
                 print(f"   test accuracy {s['test_accuracy']:.2%} ({s['epoch_time_s']:.0f} s/epoch)", flush=True)
                 json_path.write_text(json.dumps(doc, indent=2))
     json_path.write_text(json.dumps(doc, indent=2))
+    return report(doc, out, args.name)
+
+
+def report(doc: dict, out: Path, name: str) -> int:
     table = summarize(doc)
-    (out / f"{args.name}.md").write_text(table)
-    plot(doc, out / f"{args.name}.png")
+    (out / f"{name}.md").write_text(table)
+    plot(doc, out / f"{name}.png")
     print(table)
     return 0
 
@@ -117,18 +131,17 @@ def summarize(doc: dict) -> str:
              f"{setup['epochs']} epochs, batch {setup['batch_size']}, lr {setup['lr']}, train subset "
              f"{setup['train_subset']}, test subset {setup['test_subset']}; {setup['machine']}, torch "
              f"{setup['torch']}, {setup['date']}.", "", f"Command: `{setup['command']}`", "",
-             "| method | K | modules | final test acc | best test acc | peak activation (MiB) | Δ to E2E |",
-             "|---|---:|---:|---:|---:|---:|---:|"]
+             "| method | K | modules | final test acc | best test acc | Δ to E2E (final) |",
+             "|---|---:|---:|---:|---:|---:|"]
     g = groups(doc)
     e2e = _stats([r["test_accuracy"] for r in g.get(("e2e", 1), [])])[0] if ("e2e", 1) in g else None
     order = {m: i for i, m in enumerate(setup["methods"])}
     for (method, k), runs in sorted(g.items(), key=lambda kv: (kv[0][1] > 1, kv[0][1], order.get(kv[0][0], 99))):
         acc, acc_sd = _stats([100 * r["test_accuracy"] for r in runs])
         best, best_sd = _stats([100 * r["best_test_accuracy"] for r in runs])
-        mem = statistics.fmean(r["peak_activation_bytes"] for r in runs) / 2**20
         delta = "" if e2e is None or method == "e2e" else f"{acc - 100 * e2e:+.2f}"
         lines.append(f"| {method} | {k} | {runs[0]['modules']} | {acc:.2f} ± {acc_sd:.2f} | {best:.2f} ± {best_sd:.2f} "
-                     f"| {mem:.0f} | {delta} |")
+                     f"| {delta} |")
     return "\n".join(lines) + "\n"
 
 
