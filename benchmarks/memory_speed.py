@@ -1,9 +1,11 @@
 """Memory and step time of the local methods against E2E, measured with ``manpp bench``.
 
 Each setup runs its methods in one process with interleaved steps, so the ratios to E2E are
-measured under the same conditions. Writes ``results/memory_speed_<device>.json`` and ``.md``.
+measured under the same conditions. Writes ``results/memory_speed_<device>.json`` and ``.md``
+(suite ``cifar``) or ``results/memory_imagenet_<device>.json`` and ``.md`` (suite ``imagenet``:
+ResNet-101 K=4 and ViT-S K=4 at 224 px, batch 8 by default).
 
-    python benchmarks/memory_speed.py [--device cpu|cuda] [--steps 10]
+    python benchmarks/memory_speed.py [--suite cifar|imagenet] [--device cpu|cuda] [--steps 10]
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from manpp.memory import format_bytes
 
 HERE = Path(__file__).resolve().parent
 
-SETUPS = [
+CIFAR = [
     # name, config overrides, methods, steps factor
     ("ResNet-32, K=16", {"model": "resnet32", "k": 16},
      ["e2e", "manpp:infopro", "manpp:dgl", "man:infopro", "infopro", "dgl"], 1.0),
@@ -32,32 +34,46 @@ SETUPS = [
     ("ResNet-32, K=8", {"model": "resnet32", "k": 8}, ["e2e", "manpp:infopro", "manpp:dgl"], 1.0),
     ("ResNet-110, K=55", {"model": "resnet110", "k": 55}, ["e2e", "manpp:infopro", "manpp:dgl"], 0.3),
 ]
+# the paper's ImageNet settings (configs/imagenet_*): InfoPro+MAN++ on ResNet-101, MAN++ (DGL-style
+# class-token head) on ViT-S; 1000 classes
+IMAGENET = [
+    ("ResNet-101, K=4 (paper split)", {"model": "resnet101", "k": 4, "split": "paper", "lambda_schedule": "constant",
+                                       "ixx_1": 5.0, "ixy_1": 0.75},
+     ["e2e", "infopro", "manpp:infopro"], 0.3),
+    ("ViT-S/16, K=4 (paper split)", {"model": "vit_small", "k": 4, "split": "paper"}, ["e2e", "dgl", "manpp:dgl"], 0.3),
+]
+SUITES = {"cifar": (CIFAR, "cifar10", 128, "memory_speed", "3x32x32 (CIFAR-10 shape), random data"),
+          "imagenet": (IMAGENET, "imagenet", 8, "memory_imagenet", "3x224x224 (ImageNet shape, 1000 classes), "
+                                                                  "random data")}
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--suite", choices=sorted(SUITES), default="cifar")
     p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--batch-size", type=int, help="default 128 (cifar) or 8 (imagenet)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args(argv)
+    setups, dataset, batch_size, name, shape = SUITES[args.suite]
+    args.batch_size = args.batch_size or batch_size
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
     doc = {
         "command": "python benchmarks/memory_speed.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.machine()} {device_name}, {torch.get_num_threads()} threads",
         "python": platform.python_version(), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
-        "batch_size": args.batch_size, "input": "3x32x32 (CIFAR-10 shape), random data", "setups": [],
+        "batch_size": args.batch_size, "input": shape, "setups": [],
     }
-    for name, overrides, methods, factor in SETUPS:
-        cfg = C.apply(C.TrainConfig(), {"dataset": "cifar10", "batch_size": args.batch_size, "device": args.device,
+    for setup, overrides, methods, factor in setups:
+        cfg = C.apply(C.TrainConfig(), {"dataset": dataset, "batch_size": args.batch_size, "device": args.device,
                                         **overrides})
         steps = max(2, round(args.steps * factor))
-        print(f"== {name} ({steps} steps)", flush=True)
+        print(f"== {setup} ({steps} steps)", flush=True)
         records = bench(cfg, methods, steps=steps, warmup=2 if factor == 1.0 else 1)
-        doc["setups"].append({"name": name, "overrides": overrides, "steps": steps, "records": records})
+        doc["setups"].append({"name": setup, "overrides": overrides, "steps": steps, "records": records})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"memory_speed_{'cuda' if args.device.startswith('cuda') else 'cpu'}"
+    stem = f"{name}_{'cuda' if args.device.startswith('cuda') else 'cpu'}"
     (out / f"{stem}.json").write_text(json.dumps(doc, indent=2))
     table = to_markdown(doc)
     (out / f"{stem}.md").write_text(table)

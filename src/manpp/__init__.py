@@ -31,12 +31,13 @@ __all__ = [
 
 
 def local_model(backbone, method: str = "manpp", k: int | None = None, *, split="even", objective: str = "infopro",
-                ema_momentum: float = 0.995, copy_init: str = "copy", recompute_ema: bool = True, image_size: int = 32,
+                ema_momentum: float = 0.995, copy_init: str = "copy", recompute_ema: bool = True, image_size: int | None = None,
                 image_channels: int | None = None, num_classes: int | None = None, denormalize=None,
                 **head_options) -> LocalModel:
     """Cut ``backbone`` into ``k`` modules and attach the local objectives of ``method``.
 
     ``head_options`` are :class:`ObjectiveConfig` fields (``aux_config``, ``ixx_1``, ...).
+    ``image_size`` is the input side (default: the backbone's own, else 32).
     """
     settings = LocalSettings(method=method, k=k, split=split, objective=objective, ema_momentum=ema_momentum,
                              copy_init=copy_init, recompute_ema=recompute_ema, heads=ObjectiveConfig(**head_options))
@@ -44,5 +45,5 @@ def local_model(backbone, method: str = "manpp", k: int | None = None, *, split=
         backbone, settings,
         num_classes=num_classes or backbone.num_classes,
         image_channels=image_channels or backbone.in_channels,
-        image_size=image_size, denormalize=denormalize,
+        image_size=image_size or getattr(backbone, "image_size", 32), denormalize=denormalize,
     )

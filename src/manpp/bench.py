@@ -26,7 +26,7 @@ def bench(cfg: C.TrainConfig, methods: list[str], *, steps: int = 20, warmup: in
     from .data import dataset_info
     from .train import build_model, memory_format, resolve_device
 
-    info = dataset_info(cfg.dataset)
+    info = dataset_info(cfg.dataset, image_size=cfg.image_size)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     shape = (cfg.batch_size, info.in_channels, info.image_size, info.image_size)

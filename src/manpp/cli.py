@@ -1,4 +1,4 @@
-"""The ``manpp`` command: train, compare, describe.
+"""The ``manpp`` command: train, compare, bench, describe, export.
 
 Bad input ends with one line on stderr (``manpp: error: ...``) and exit status 2.
 """
@@ -11,19 +11,23 @@ import sys
 import warnings
 
 from . import config as C
+from .distributed import is_main, rank
 from .errors import ManppError
 
 # command-line option -> config field (None values mean "not given")
 COMMON = {"model": "model", "dataset": "dataset", "data_dir": "data_dir", "objective": "objective", "k": "k",
           "epochs": "epochs", "batch_size": "batch_size", "max_steps": "max_steps", "device": "device",
           "seed": "seed", "out": "out", "split": "split", "lr": "lr", "channels_last": "channels_last",
-          "amp": "amp", "compile": "compile"}
+          "amp": "amp", "image_size": "image_size", "compile": "compile", "optimizer": "optimizer", "dist_backend": "dist_backend"}
 
 
 def _add_common(p: argparse.ArgumentParser, *, method: bool = True) -> None:
     p.add_argument("-c", "--config", metavar="FILE", help="YAML config file (see configs/)")
-    p.add_argument("--model", help="backbone, e.g. resnet32, resnet110 (default resnet32)")
-    p.add_argument("--dataset", help="digits (default), fashion-mnist, cifar10, svhn, stl10, synthetic")
+    p.add_argument("--model", help="backbone: resnet32 (default), resnet110, any CIFAR resnet<6n+2>; ImageNet "
+                   "resnet50/101/152, resnext101_32x8d, vit_tiny/small/base")
+    p.add_argument("--dataset", help="digits (default), fashion-mnist, cifar10, svhn, stl10, imagenet (a "
+                   "train/ + val/ folder), synthetic")
+    p.add_argument("--image-size", type=int, help="input side in pixels for imagenet and synthetic (default 224 / 32)")
     p.add_argument("--data-dir", help="where the dataset lives (or is downloaded to)")
     if method:
         p.add_argument("--method", help="e2e, dgl, infopro, man, manpp (default manpp)")
@@ -37,7 +41,9 @@ def _add_common(p: argparse.ArgumentParser, *, method: bool = True) -> None:
     p.add_argument("--device", help="auto (default), cpu or cuda")
     p.add_argument("--seed", type=int)
     p.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory format")
-    p.add_argument("--amp", choices=["bf16"], help="forward passes under bfloat16 autocast")
+    p.add_argument("--amp", help="bf16 or fp16: forward passes under autocast (fp16 adds a GradScaler)")
+    p.add_argument("--optimizer", help="sgd (default; momentum, nesterov) or adamw")
+    p.add_argument("--dist-backend", help="under torchrun: nccl or gloo (default nccl on CUDA, gloo on CPU)")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile modules and heads")
     p.add_argument("--out", metavar="DIR", help="run folder (default runs/<model>-<dataset>-<method>)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="any config field, e.g. ema_momentum=0.99")
@@ -65,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("describe", help="module table: units, parameters, measured activation memory")
     _add_common(p)
     p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p = sub.add_parser("export", help="write a trained backbone without its auxiliary networks")
+    p.add_argument("checkpoint", metavar="RUN", help="run folder or checkpoint file")
+    p.add_argument("--out", metavar="FILE", required=True, help="where to write the state dict (.pt)")
     return parser
 
 
@@ -88,6 +97,8 @@ def cmd_train(args) -> int:
     cfg = resolve_config(args, base)
     result = train(cfg, resume=args.resume, verbose=not args.quiet)
     s = result.summary
+    if not is_main():  # under torchrun only rank 0 reports
+        return 0
     print(f"done: test accuracy {s['test_accuracy']:.2%} (best {s['best_test_accuracy']:.2%}) after {s['epochs']} "
           f"epoch(s); results in {result.out}")
     return 0
@@ -127,15 +138,25 @@ def cmd_describe(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export_backbone
+
+    info = export_backbone(args.checkpoint, args.out)
+    print(f"wrote {info['path']}: {info['model']} backbone, {info['params']:,} parameters, "
+          f"{info['num_classes']} classes; loads with strict=True into {info['loads_into']}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     warnings.filterwarnings("once", category=UserWarning, module="manpp")
     warnings.formatwarning = lambda message, *_args, **_kw: f"manpp: warning: {message}\n"
     try:
         return {"train": cmd_train, "compare": cmd_compare, "bench": cmd_bench,
-                "describe": cmd_describe}[args.command](args)
+                "describe": cmd_describe, "export": cmd_export}[args.command](args)
     except ManppError as exc:
-        print(f"manpp: error: {exc}", file=sys.stderr)
+        where = "" if is_main() else f"[rank {rank()}] "  # under torchrun every process reports its own error
+        print(f"manpp: error: {where}{exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("manpp: interrupted", file=sys.stderr)

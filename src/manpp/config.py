@@ -27,6 +27,7 @@ class TrainConfig:
     dataset: str = "digits"
     data_dir: str | None = None
     download: bool = True
+    image_size: int | None = None  # input side in pixels; None: the dataset's own (32 for CIFAR, 224 for imagenet)
     train_subset: int | None = None  # use only this many training images (a fixed random subset)
     test_subset: int | None = None
     method: str = "manpp"
@@ -43,6 +44,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     warmup_lr: float = 0.01
+    optimizer: str = "sgd"  # 'sgd' (SGD with sgd_momentum, nesterov) or 'adamw' (AdamW with adamw_betas, eps 1e-8)
+    adamw_betas: Any = (0.9, 0.999)
     # MAN / MAN++
     ema_momentum: float = 0.995
     copy_init: str = "copy"  # 'copy' (ours) or 'random' (the release)
@@ -63,7 +66,8 @@ class TrainConfig:
     device: str = "auto"  # 'auto', 'cpu' or 'cuda'
     workers: int = 0
     channels_last: bool = False  # NHWC memory format for the model and inputs (faster on CPU and GPU)
-    amp: str | None = None  # None or 'bf16': forward passes under bfloat16 autocast
+    amp: str | None = None  # None, 'bf16' or 'fp16': forward passes under autocast (fp16 adds a GradScaler)
+    dist_backend: str | None = None  # under torchrun: None picks 'nccl' on CUDA and 'gloo' on CPU
     compile: bool = False  # torch.compile the modules and auxiliary networks (not the training loop)
     out: str | None = None
 

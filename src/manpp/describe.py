@@ -13,7 +13,7 @@ def describe(cfg: C.TrainConfig) -> tuple[str, dict]:
     from .data import dataset_info
     from .train import build_model, resolve_device
 
-    info = dataset_info(cfg.dataset)
+    info = dataset_info(cfg.dataset, image_size=cfg.image_size)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, info, device)

@@ -17,6 +17,8 @@ from torch import nn
 from .objectives import LocalContext, task_loss
 from .partition import Partition
 
+LossScale = Callable[[torch.Tensor], torch.Tensor]  # or an object with such a ``scale`` method (GradScaler)
+
 
 class Stage(nn.Module):
     """Module j of the partition: a run of backbone units (plus the task head for the last)."""
@@ -83,9 +85,12 @@ class LocalModel(nn.Module):
         """Inference: the backbone alone, no auxiliary networks."""
         return self.backbone(x)
 
-    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor) -> StepResult:
-        """Forward + backward of every module in turn; gradients accumulate in ``.grad``."""
-        return local_step(self, inputs, targets)
+    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, scaler: LossScale | None = None) -> StepResult:
+        """Forward + backward of every module in turn; gradients accumulate in ``.grad``.
+
+        ``scaler`` (a ``torch.amp.GradScaler`` or a callable) scales each local loss before its backward.
+        """
+        return local_step(self, inputs, targets, scaler)
 
     def parameters_to_optimize(self) -> list[nn.Parameter]:
         """Backbone, learnable copies, scales and heads; not the frozen EMA copies."""
@@ -95,8 +100,17 @@ class LocalModel(nn.Module):
         return [sum(p.numel() for p in a.parameters()) for a in self.aux]
 
 
-def local_step(model: LocalModel, inputs: torch.Tensor, targets: torch.Tensor) -> StepResult:
-    """The whole engine: K local forward/backward passes, gradient-isolated by ``detach``."""
+def local_step(model: LocalModel, inputs: torch.Tensor, targets: torch.Tensor,
+               scaler: LossScale | None = None) -> StepResult:
+    """The whole engine: K local forward/backward passes, gradient-isolated by ``detach``.
+
+    With ``scaler`` (fp16: a ``torch.amp.GradScaler``, whose ``scale`` is used, or any callable
+    ``loss -> scaled loss``) every module's loss is scaled before its backward, so all K modules
+    share one scale and the caller unscales once (``scaler.step(optimizer)``). The reported losses
+    are unscaled, and the MAN/MAN++ EMA hook reads parameters, not gradients, so scaling leaves it
+    unchanged.
+    """
+    scale = (scaler.scale if hasattr(scaler, "scale") else scaler) if scaler is not None else None
     ctx = LocalContext(inputs, targets, model.denormalize)
     losses = []
     x = inputs
@@ -106,7 +120,7 @@ def local_step(model: LocalModel, inputs: torch.Tensor, targets: torch.Tensor) -
             h = stage(x)
             loss = model.local_loss(j)(h, ctx)
         if loss.requires_grad:
-            loss.backward()  # frees module j's graph before module j+1 runs
+            (loss if scale is None else scale(loss)).backward()  # frees module j's graph before module j+1 runs
         if j < model.k - 1:
             hook = getattr(model.aux[j], "after_backward", None)
             if hook is not None:
@@ -117,8 +131,14 @@ def local_step(model: LocalModel, inputs: torch.Tensor, targets: torch.Tensor) -
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable, device: torch.device | str = "cpu") -> dict[str, float]:
-    """Accuracy and cross-entropy of the backbone alone (eval mode) over ``batches``."""
+def evaluate(model: nn.Module, batches: Iterable, device: torch.device | str = "cpu", *,
+             reduce: bool = False) -> dict[str, float]:
+    """Accuracy and cross-entropy of the backbone alone (eval mode) over ``batches``.
+
+    With ``reduce`` under ``torch.distributed``, ``batches`` is this process's shard of the test
+    set and the sums (correct, loss, count) are added over all processes, so every process
+    returns the metrics of the whole set.
+    """
     was_training = model.training
     model.eval()
     correct, total, loss_sum = 0, 0, 0.0
@@ -131,5 +151,11 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device | str = "
         correct += int((logits.argmax(1) == targets).sum())
         total += targets.numel()
     model.train(was_training)
+    if reduce:
+        from . import distributed
+
+        if distributed.is_initialized():
+            sums = torch.tensor([correct, loss_sum, total], dtype=torch.float64, device=device)
+            correct, loss_sum, total = distributed.all_reduce_sum(sums).tolist()
     total = max(total, 1)
     return {"accuracy": correct / total, "loss": loss_sum / total}

@@ -97,15 +97,20 @@ def build_local_model(backbone: nn.Module, settings: LocalSettings, *, num_class
         raise ManppError(f"method '{method.name}' needs K >= 2 modules (K = 1 is end-to-end: use method e2e)")
     shapes = unit_output_shapes(backbone, image_channels, image_size)
     nominal_k = partition.nominal_k
+    family = getattr(backbone, "aux_family", "cifar")
     aux = []
     for j in range(partition.k - 1):
         # the head reads module j's output, or (MAN/MAN++) the output of the next module's first unit
         unit_index = partition.bounds[j + 1][0] if method.momentum else partition.bounds[j][1] - 1
-        c, h, _ = shapes[unit_index]
-        spec = AuxSpec(channels=c, size=h, stage=backbone.unit_stages[unit_index], index=j,
+        shape = shapes[unit_index]  # (C, H, W), or (tokens, width) on a ViT
+        channels, size = (shape[-1], 0) if family == "vit" else shape[:2]
+        spec = AuxSpec(channels=channels, size=size, stage=backbone.unit_stages[unit_index], index=j,
                        num_modules=partition.k, nominal_k=nominal_k, num_classes=num_classes,
-                       image_channels=image_channels, image_size=image_size)
-        head = build_objective(objective, spec, settings.heads, momentum=method.momentum)
+                       image_channels=image_channels, image_size=image_size, family=family)
+        next_unit = None
+        if family == "vit" and method.momentum and unit_index + 1 < len(backbone.units):
+            next_unit = backbone.units[unit_index + 1]  # the release's second learnable block
+        head = build_objective(objective, spec, settings.heads, momentum=method.momentum, next_unit=next_unit)
         if method.momentum:
             head = MomentumAux(backbone.units[unit_index], head, momentum=settings.ema_momentum,
                                learnable_scale=method.learnable_scale, init=settings.copy_init,

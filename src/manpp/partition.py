@@ -6,7 +6,8 @@ Three ways (METHOD.md sections 1 and 4):
 - ``"paper"``: the module sets of the authors' release for a paper setting. The CIFAR tables
   list the last unit of every module and the release adds the stem as its own module, so
   "ResNet-32 K=8" really has 9 modules and "ResNet-110 K=32" has 33. We reproduce those
-  sets and report the true count;
+  sets and report the true count. ImageNet ResNets (K = 2, 4) and ViTs (K = 4) keep the stem
+  or embedding in module 0;
 - an explicit list: the last unit (index or name) of every module but the final one.
 """
 
@@ -17,22 +18,43 @@ from typing import Sequence
 
 from .errors import ManppError, choices
 
-# Release tables: the last unit (stage, unit) of each module, stage 1-based, unit 0-based,
-# final module included. The stem (unit 0) is always an extra module of its own.
+# Release tables: the last unit of each module as (stage, unit), stage 1-based, unit 0-based, final
+# module included. CIFAR: the stem (unit 0) is always an extra module of its own (the release adds
+# it), so "K=8" has 9 modules. ImageNet (torchvision ResNets, METHOD.md section 4): the stem
+# belongs to module 0.
 _R110_K32 = [
     (1, 1), (1, 2), (1, 4), (1, 5), (1, 7), (1, 9), (1, 11), (1, 13), (1, 14), (1, 16), (1, 17),
     (2, 1), (2, 2), (2, 4), (2, 5), (2, 7), (2, 9), (2, 11), (2, 13), (2, 14), (2, 16), (2, 17),
     (3, 1), (3, 3), (3, 4), (3, 6), (3, 7), (3, 9), (3, 11), (3, 13), (3, 15), (3, 17),
 ]
-PAPER_PRESETS: dict[str, dict[int, list[tuple[int, int]]]] = {
+_R101 = {2: [(2, 0), (4, 2)], 4: [(2, 2), (3, 8), (3, 16), (4, 2)]}
+
+
+@dataclass(frozen=True)
+class Preset:
+    ends: tuple[str, ...]  # the last unit (by name) of every module, the final one included
+    stem_module: bool = False  # the release's extra stem module (CIFAR)
+
+
+def _layers(pairs, stem_module: bool = False) -> Preset:
+    return Preset(tuple(f"layer{s}.{u}" for s, u in pairs), stem_module)
+
+
+PAPER_PRESETS: dict[str, dict[int, Preset]] = {
     "resnet32": {
-        8: [(1, 0), (1, 2), (1, 4), (2, 1), (2, 3), (3, 0), (3, 2), (3, 4)],
-        16: [(s, u) for s in (1, 2, 3) for u in range(5)],
+        8: _layers([(1, 0), (1, 2), (1, 4), (2, 1), (2, 3), (3, 0), (3, 2), (3, 4)], True),
+        16: _layers([(s, u) for s in (1, 2, 3) for u in range(5)], True),
     },
     "resnet110": {
-        32: _R110_K32,
-        55: [(s, u) for s in (1, 2, 3) for u in range(18)],
+        32: _layers(_R110_K32, True),
+        55: _layers([(s, u) for s in (1, 2, 3) for u in range(18)], True),
     },
+    "resnet101": {k: _layers(v) for k, v in _R101.items()},
+    "resnext101_32x8d": {k: _layers(v) for k, v in _R101.items()},
+    "resnet152": {2: _layers([(2, 5), (4, 2)]), 4: _layers([(2, 6), (3, 13), (3, 25), (4, 2)])},
+    # ViT, depth 12: four groups of three blocks, the embedding in group 0 (RELEASE.md 3.3)
+    **{f"vit_{size}": {4: Preset(("blocks.2", "blocks.5", "blocks.8", "blocks.11"))}
+       for size in ("tiny", "small", "base")},
 }
 
 SPLITS = ("even", "paper")
@@ -68,7 +90,7 @@ def _arch(backbone) -> str:
     return getattr(backbone, "arch", None) or type(backbone).__name__.lower()
 
 
-def paper_presets(backbone) -> dict[int, list[tuple[int, int]]]:
+def paper_presets(backbone) -> dict[int, Preset]:
     """The release tables known for this backbone (nominal K -> module ends)."""
     return PAPER_PRESETS.get(_arch(backbone), {})
 
@@ -88,11 +110,9 @@ def _preset_modules(backbone, k: int) -> int:
 
 def _preset_ends(backbone, k: int) -> list[int]:
     names = list(backbone.unit_names)
-    ends = [0]  # the stem is its own module in the release
-    for stage, unit in PAPER_PRESETS[_arch(backbone)][k]:
-        name = f"layer{stage}.{unit}"
-        ends.append(names.index(name))
-    return ends
+    preset = PAPER_PRESETS[_arch(backbone)][k]
+    ends = [0] if preset.stem_module else []
+    return ends + [names.index(name) for name in preset.ends]
 
 
 def _from_ends(ends: Sequence[int], n_units: int, label: str) -> Partition:

@@ -8,6 +8,7 @@ scikit-learn are imported only by the builders that need them.
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +36,7 @@ class DatasetInfo:
     std: tuple[float, ...]
 
 
-DATASETS: tuple[str, ...] = ("digits", "fashion-mnist", "cifar10", "svhn", "stl10", "synthetic")
+DATASETS: tuple[str, ...] = ("digits", "fashion-mnist", "cifar10", "svhn", "stl10", "imagenet", "synthetic")
 
 # digits and fashion-mnist: computed once from their training split (after resizing / padding).
 _DIGITS_MEAN, _DIGITS_STD = 0.3054, 0.3237
@@ -43,6 +44,8 @@ _FASHION_MEAN, _FASHION_STD = 0.2190, 0.3318
 _CIFAR_MEAN = tuple(v / 255 for v in (125.3, 123.0, 113.9))
 _CIFAR_STD = tuple(v / 255 for v in (63.0, 62.1, 66.7))
 _HALF = (0.5, 0.5, 0.5)
+_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+_RESIZABLE = ("imagenet", "synthetic")  # datasets whose image size is a setting
 
 _INFO = {
     "digits": DatasetInfo("digits", 1, 32, 10, (_DIGITS_MEAN,), (_DIGITS_STD,)),
@@ -50,6 +53,8 @@ _INFO = {
     "cifar10": DatasetInfo("cifar10", 3, 32, 10, _CIFAR_MEAN, _CIFAR_STD),
     "svhn": DatasetInfo("svhn", 3, 32, 10, _HALF, _HALF),
     "stl10": DatasetInfo("stl10", 3, 96, 10, _HALF, _HALF),
+    # any ImageNet-style folder; the class count is read from the folder
+    "imagenet": DatasetInfo("imagenet", 3, 224, 1000, _IMAGENET_MEAN, _IMAGENET_STD),
     "synthetic": DatasetInfo("synthetic", 3, 32, 10, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
 
@@ -69,12 +74,20 @@ _TORCHVISION_LAYOUT = {
 }
 
 
-def dataset_info(name: str) -> DatasetInfo:
-    """Static information about dataset ``name``; reads no data."""
+def dataset_info(name: str, image_size: int | None = None) -> DatasetInfo:
+    """Static information about dataset ``name`` (at ``image_size`` if given); reads no data."""
     key = str(name).strip().lower()
     if key not in _INFO:
         raise ManppError(f"unknown dataset {name!r}; expected {choices(DATASETS)}")
-    return _INFO[key]
+    info = _INFO[key]
+    if image_size is None or image_size == info.image_size:
+        return info
+    if key not in _RESIZABLE:
+        raise ManppError(f"dataset {key!r} has a fixed image size of {info.image_size} px; image_size="
+                         f"{image_size} is possible for {choices(_RESIZABLE)}")
+    if not isinstance(image_size, int) or image_size < 16:
+        raise ManppError(f"image_size must be an integer of at least 16 pixels, got {image_size!r}")
+    return dataclasses.replace(info, image_size=image_size)
 
 
 def _stats(info: DatasetInfo, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -310,15 +323,67 @@ def _torchvision(name: str, data_dir: str | Path | None, download: bool,
     return train, test
 
 
+# --- ImageNet-style folders -----------------------------------------------------------------
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".JPEG")
+
+
+def imagenet_transforms(image_size: int, augment: bool = True) -> tuple[Callable, Callable]:
+    """RandomResizedCrop + flip for training; resize to 256/224 of the size + centre crop for testing."""
+    from torchvision.transforms import v2
+
+    to_tensor = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(_IMAGENET_MEAN), list(_IMAGENET_STD)),
+                 v2.ToPureTensor()]
+    crop = [v2.RandomResizedCrop(image_size, antialias=True), v2.RandomHorizontalFlip()] if augment else \
+        [v2.Resize(round(image_size * 256 / 224), antialias=True), v2.CenterCrop(image_size)]
+    train = v2.Compose([v2.ToImage(), *crop, *to_tensor])
+    test = v2.Compose([v2.ToImage(), v2.Resize(round(image_size * 256 / 224), antialias=True),
+                       v2.CenterCrop(image_size), *to_tensor])
+    return train, test
+
+
+def _class_folders(split: Path) -> list[str]:
+    return sorted(d.name for d in split.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+def _image_folders(data_dir: str | Path | None, info: DatasetInfo, augment: bool) -> tuple[Dataset, Dataset, DatasetInfo]:
+    """``train/<class>/*`` and ``val/<class>/*`` under ``data_dir``, read with torchvision's ImageFolder."""
+    root = _data_root(data_dir)
+    layout = "train/<class>/<image> and val/<class>/<image>"
+    splits = {}
+    for split in ("train", "val"):
+        folder = root / split
+        if not folder.is_dir():
+            raise ManppError(f"imagenet: '{folder}' is not a folder; the data folder '{root}' must hold {layout}")
+        classes = _class_folders(folder)
+        if not classes:
+            raise ManppError(f"imagenet: '{folder}' has no class folders; expected {layout}")
+        splits[split] = classes
+    if splits["train"] != splits["val"]:
+        only_train = sorted(set(splits["train"]) - set(splits["val"]))[:3]
+        only_val = sorted(set(splits["val"]) - set(splits["train"]))[:3]
+        raise ManppError(f"imagenet: the class folders of train/ and val/ differ (only in train: {only_train}, "
+                         f"only in val: {only_val}); both must have the same classes")
+    from torchvision.datasets import ImageFolder
+
+    train_tf, test_tf = imagenet_transforms(info.image_size, augment)
+    try:
+        train = ImageFolder(str(root / "train"), transform=train_tf)
+        test = ImageFolder(str(root / "val"), transform=test_tf)
+    except (FileNotFoundError, RuntimeError) as exc:  # a class folder without images
+        raise ManppError(f"imagenet: cannot read '{root}': {_reason(exc)}; every class folder needs images "
+                         f"({', '.join(IMAGE_EXTENSIONS[:4])}, ...)") from None
+    return train, test, dataclasses.replace(info, num_classes=len(splits["train"]))
+
+
 # --- synthetic ------------------------------------------------------------------------------
 
-def _synthetic(samples: tuple[int, int], seed: int) -> tuple[TensorImageDataset, TensorImageDataset]:
+def _synthetic(samples: tuple[int, int], seed: int, info: DatasetInfo) -> tuple[TensorImageDataset, TensorImageDataset]:
     """Class template + Gaussian noise; templates are smooth (8x8 upsampled) random colour images."""
     if (not isinstance(samples, (tuple, list)) or len(samples) != 2
             or not all(isinstance(n, numbers.Integral) and not isinstance(n, bool) and n > 0 for n in samples)):
         raise ManppError(f"synthetic_samples={samples!r} is invalid; expected (n_train, n_test), "
                          f"two positive integers")
-    info = _INFO["synthetic"]
     k, c, size = info.num_classes, info.in_channels, info.image_size
     generator = torch.Generator().manual_seed(int(seed))
     templates = F.interpolate(torch.randn(k, c, 8, 8, generator=generator), size=(size, size),
@@ -334,21 +399,25 @@ def _synthetic(samples: tuple[int, int], seed: int) -> tuple[TensorImageDataset,
 
 
 def build_datasets(name: str, data_dir: str | Path | None = None, *, augment: bool = True, download: bool = True,
-                   synthetic_samples: tuple[int, int] = (512, 128),
-                   seed: int = 0) -> tuple[Dataset, Dataset, DatasetInfo]:
+                   synthetic_samples: tuple[int, int] = (512, 128), seed: int = 0,
+                   image_size: int | None = None) -> tuple[Dataset, Dataset, DatasetInfo]:
     """Build ``(train, test, info)`` for one of :data:`DATASETS`.
 
     ``data_dir`` (default ``./data``) is where file-based datasets live; ``digits`` and
     ``synthetic`` ignore it. ``augment`` switches the training augmentation, ``download`` lets
     torchvision fetch what is missing, ``synthetic_samples`` and ``seed`` shape ``synthetic``.
+    ``image_size`` sets the side of ``imagenet`` (default 224) and ``synthetic`` images; the
+    ``imagenet`` info takes its class count from the folder.
     """
-    info = dataset_info(name)
+    info = dataset_info(name, image_size=image_size)
     if info.name == "digits":
         train, test = _digits(augment)
     elif info.name == "fashion-mnist":
         train, test = _fashion(data_dir, download, augment)
     elif info.name == "synthetic":
-        train, test = _synthetic(synthetic_samples, seed)
+        train, test = _synthetic(synthetic_samples, seed, info)
+    elif info.name == "imagenet":
+        return _image_folders(data_dir, info, augment)
     else:
         train, test = _torchvision(info.name, data_dir, download, augment)
     return train, test, info

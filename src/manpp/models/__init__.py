@@ -6,7 +6,9 @@ A backbone for manpp is an ``nn.Module`` with:
 - ``unit_names``: one name per unit (``"stem"``, ``"layer1.0"``, ...);
 - ``unit_stages``: the stage index of each unit (0 for the stem), used by the paper presets;
 - ``head``: the task head that turns the last unit's output into logits;
-- ``forward(x)``: ``head(units(x))``, the plain network.
+- ``forward(x)``: ``head(units(x))``, the plain network;
+- optionally ``aux_family`` (``"cifar"``, ``"imagenet"`` or ``"vit"``: which auxiliary heads
+  fit its features) and ``export_state_dict()`` (the weights under the plain model's names).
 
 ``build_backbone(name, ...)`` builds one by name.
 """
@@ -15,26 +17,43 @@ from __future__ import annotations
 
 from ..errors import ManppError, choices
 from .cifar_resnet import CifarResNet, cifar_resnet_depths
+from .imagenet import RESNETS, VITS, TorchvisionResNet, TorchvisionViT
 
-__all__ = ["CifarResNet", "MODELS", "build_backbone", "model_names"]
+__all__ = ["CifarResNet", "MODELS", "TorchvisionResNet", "TorchvisionViT", "build_backbone", "model_names"]
 
 
 def model_names() -> list[str]:
-    """Every model name ``build_backbone`` accepts."""
-    return [f"resnet{d}" for d in cifar_resnet_depths()]
+    """Model names ``build_backbone`` accepts (CIFAR ResNets take any depth 6n+2)."""
+    cifar = [f"resnet{d}" for d in cifar_resnet_depths() if f"resnet{d}" not in RESNETS]
+    return cifar + list(RESNETS) + list(VITS)
 
 
 MODELS = tuple(model_names())
 
 
-def build_backbone(name: str, *, num_classes: int = 10, in_channels: int = 3):
-    """Build a backbone by name, e.g. ``resnet32`` or ``resnet110`` (any CIFAR depth 6n+2)."""
-    key = name.lower()
-    if key.startswith("resnet") and key[6:].isdigit():
-        depth = int(key[6:])
+def build_backbone(name: str, *, num_classes: int = 10, in_channels: int = 3, image_size: int = 32):
+    """Build a backbone by name.
+
+    ``resnet<6n+2>`` (``resnet32``, ``resnet110``, ...) is a CIFAR ResNet, except the torchvision
+    names ``resnet18/34/50/101/152``, which are the ImageNet ResNets; ``cifar_resnet<6n+2>`` is
+    always the CIFAR one. ``resnext50_32x4d``, ``resnext101_32x8d``, ``wide_resnet50_2`` and
+    ``vit_tiny``/``vit_small``/``vit_base`` (patch 16, depth 12, any image size divisible by 16)
+    are ImageNet backbones.
+    """
+    key = str(name).lower()
+    if key in RESNETS:
+        return TorchvisionResNet(key, num_classes=num_classes, in_channels=in_channels)
+    if key in VITS:
+        if image_size % 16:
+            raise ManppError(f"model '{key}' needs an image size divisible by its patch size 16, got {image_size}")
+        return TorchvisionViT(key, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
+    cifar = key[len("cifar_"):] if key.startswith("cifar_") else key
+    if cifar.startswith("resnet") and cifar[6:].isdigit():
+        depth = int(cifar[6:])
         if (depth - 2) % 6 == 0 and depth >= 8:
             return CifarResNet(depth, num_classes=num_classes, in_channels=in_channels)
     raise ManppError(
         f"unknown model '{name}': accepted are CIFAR ResNets 'resnet<6n+2>' such as "
-        f"{choices(['resnet20', 'resnet32', 'resnet56', 'resnet110'])}"
+        f"{choices(['resnet20', 'resnet32', 'resnet56', 'resnet110'])} (also as 'cifar_resnet<6n+2>'), "
+        f"ImageNet {choices(list(RESNETS))} and {choices(list(VITS))}"
     )

@@ -12,6 +12,8 @@ import math
 import torch
 from torch import nn
 
+from .imagenet import RESNETS
+
 
 def cifar_resnet_depths() -> list[int]:
     """Depths advertised in messages; any 6n+2 >= 8 is accepted."""
@@ -79,7 +81,8 @@ class CifarResNet(nn.Module):
             raise ValueError(f"CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, 110, ...), got {depth}")
         n = (depth - 2) // 6
         self.depth, self.blocks_per_stage = depth, n
-        self.arch = f"resnet{depth}"
+        # 'resnet50' and 'resnet152' are also torchvision's ImageNet names: keep the presets apart
+        self.arch = f"resnet{depth}" if f"resnet{depth}" not in RESNETS else f"cifar_resnet{depth}"
         w = self.widths
         units: list[nn.Module] = [Stem(in_channels, w[0])]
         names, stages = ["stem"], [0]

@@ -46,6 +46,7 @@ class AuxSpec:
     num_classes: int
     image_channels: int
     image_size: int
+    family: str = "cifar"  # the backbone's head family: 'cifar', 'imagenet' (InfoPro heads) or 'vit' (tokens)
 
 
 @dataclass
@@ -63,11 +64,21 @@ class ObjectiveConfig:
     lambda_schedule: str = "auto"  # 'module' (InfoPro), 'stage' (MAN/MAN++ release) or 'auto'
 
 
-def build_objective(name: str, spec: AuxSpec, cfg: ObjectiveConfig, *, momentum: bool = False):
-    """The auxiliary head ``name`` ('dgl' or 'infopro') for the module described by ``spec``."""
-    from .dgl import DGLHead
+def build_objective(name: str, spec: AuxSpec, cfg: ObjectiveConfig, *, momentum: bool = False,
+                    next_unit=None):
+    """The auxiliary head ``name`` ('dgl' or 'infopro') for the module described by ``spec``.
+
+    On ViTs (``spec.family == 'vit'``) the head is a classifier on the class token; ``next_unit``
+    (MAN/MAN++: the block after the copied one) adds a learnable copy of it first, as the release.
+    """
+    from .dgl import DGLHead, TokenHead
     from .infopro import InfoProHead
 
+    if spec.family == "vit":
+        if name != "dgl":
+            raise ManppError(f"objective '{name}' needs convolutional feature maps; on a ViT use objective 'dgl' "
+                             f"(a class-token classifier, the release's ViT head)")
+        return TokenHead(spec.channels, spec.num_classes, next_unit)
     if name == "dgl":
         return DGLHead(spec.channels, spec.num_classes, cfg.feature_dim)
     if name == "infopro":

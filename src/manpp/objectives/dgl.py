@@ -1,6 +1,9 @@
-"""DGL's local classifier as configured in the MAN++ release (RELEASE.md section 2.2)."""
+"""DGL's local classifier as configured in the MAN++ release (RELEASE.md section 2.2), and the
+class-token classifier that plays its part on ViTs (RELEASE.md sections 1.3 and 2.4)."""
 
 from __future__ import annotations
+
+import copy
 
 import torch
 from torch import nn
@@ -34,3 +37,27 @@ class DGLHead(nn.Module):
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         return F.cross_entropy(self.logits(x), ctx.targets)
+
+
+class TokenHead(nn.Module):
+    """ViT auxiliary head: [learnable copy of a block], LayerNorm, class token, Linear, cross-entropy.
+
+    For MAN/MAN++ the release puts a learnable copy of the block after the copied one here (its
+    second LB block); ``block`` is copied, not shared.
+    """
+
+    def __init__(self, width: int, num_classes: int, block: nn.Module | None = None):
+        super().__init__()
+        self.block = copy.deepcopy(block) if block is not None else None
+        self.ln = nn.LayerNorm(width, eps=1e-6)
+        self.fc = nn.Linear(width, num_classes)
+        nn.init.trunc_normal_(self.fc.weight, std=0.02)
+        nn.init.zeros_(self.fc.bias)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        if self.block is not None:
+            x = self.block(x)
+        return self.fc(self.ln(x)[:, 0])
+
+    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        return F.cross_entropy(self.logits(x).float(), ctx.targets)

@@ -6,6 +6,7 @@ weights interpolated linearly over the modules (METHOD.md section 2, RELEASE.md 
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import torch
@@ -17,7 +18,7 @@ from ..models.cifar_resnet import init_weights
 
 CLASSIFIER_CONFIGS = ("1c2f", "2c2f")
 CLASSIFIER_LOSSES = ("cross_entropy", "contrast")
-LAMBDA_SCHEDULES = ("auto", "module", "stage")
+LAMBDA_SCHEDULES = ("auto", "module", "stage", "constant")
 
 
 class Decoder(nn.Module):
@@ -42,6 +43,41 @@ class Decoder(nn.Module):
                               mode="bilinear", align_corners=True).contiguous(memory_format=fmt)
         # sigmoid + BCE, computed stably as BCE-with-logits (same value, no log(0))
         return F.binary_cross_entropy_with_logits(self.net(x).float(), image01.float())
+
+
+def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1) -> list[nn.Module]:
+    return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
+
+
+class ImageNetDecoder(nn.Module):
+    """The release's ImageNet decoder, for any width, feature size and image size.
+
+    1x1 conv to 128 (192 above 512 channels), then steps of x2 bilinear upsampling (the last one
+    to the exact image size) each followed by a conv, through widths ... 64, 32, 12 to the image
+    channels. For 512 channels at 28 px and 1024 at 14 px of a 224 px image these are exactly
+    the release's Decoder(512) and Decoder(1024).
+    """
+
+    def __init__(self, channels: int, size: int, image_size: int, image_channels: int = 3):
+        super().__init__()
+        steps = min(6, max(1, round(math.log2(image_size / size))))
+        widths = ([256, 128, 64, 32, 12][-(steps - 1):] if steps > 1 else []) + [image_channels]
+        cin = 128 if channels <= 512 else 192
+        self.reduce = nn.Sequential(*_conv_bn_relu(channels, cin, 1))
+        self.sizes = [size * 2 ** (i + 1) for i in range(steps - 1)] + [image_size]
+        convs = []
+        for i, cout in enumerate(widths):
+            kernel = 1 if cin >= 192 else 3
+            last = i == len(widths) - 1
+            convs.append(nn.Conv2d(cin, cout, kernel, 1, kernel // 2) if last else nn.Sequential(*_conv_bn_relu(cin, cout, kernel)))
+            cin = cout
+        self.convs = nn.ModuleList(convs)
+
+    def forward(self, x: torch.Tensor, image01: torch.Tensor) -> torch.Tensor:
+        x = self.reduce(x)
+        for size, conv in zip(self.sizes, self.convs):
+            x = conv(F.interpolate(x, size=(size, size), mode="bilinear", align_corners=True))
+        return F.binary_cross_entropy_with_logits(x.float(), image01.float())
 
 
 class AuxClassifier(nn.Module):
@@ -79,6 +115,23 @@ class AuxClassifier(nn.Module):
         return F.cross_entropy(z, targets)
 
 
+class ImageNetAuxClassifier(AuxClassifier):
+    """The release's ImageNet classifier head: 1x1 conv, two 3x3 stride-2 convs, 1x1 conv to 2048, GAP, FC.
+
+    The first conv goes to 128 channels (256 above 512 input channels); any number of classes.
+    """
+
+    def __init__(self, channels: int, num_classes: int, loss: str = "cross_entropy", feature_dim: int = 128):
+        nn.Module.__init__(self)  # AuxClassifier's layers are not built; its forward is used
+        if loss not in CLASSIFIER_LOSSES:
+            raise ManppError(f"unknown aux_loss '{loss}': accepted are {choices(CLASSIFIER_LOSSES)}")
+        first = 128 if channels <= 512 else 256
+        self.convs = nn.Sequential(*_conv_bn_relu(channels, first, 1), *_conv_bn_relu(first, 256, 3, 2),
+                                   *_conv_bn_relu(256, 512, 3, 2), *_conv_bn_relu(512, 2048, 1))
+        self.fc = nn.Linear(2048, feature_dim if loss == "contrast" else num_classes)
+        self.loss = loss
+
+
 def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al. 2020), one view, on L2-normalised features.
 
@@ -100,8 +153,11 @@ def lambda_ratio(spec, schedule: str) -> float:
 
     'module' (InfoPro): r = j / (K - 2). 'stage' (MAN/MAN++ release): r = stage / (K - 2), where
     stage is the stage of the unit the head reads (the copied unit for MAN), and r = 0 for the
-    first module (the release's stem module); K is the preset's nominal K.
+    first module (the release's stem module); K is the preset's nominal K. 'constant': r = 0, the
+    weights ixx_1 / ixy_1 everywhere (the release's ImageNet heads, 5 and 0.75).
     """
+    if schedule == "constant":
+        return 0.0
     if schedule == "module":
         return spec.index / (spec.num_modules - 2) if spec.num_modules > 2 else 0.0
     if spec.index == 0 or spec.nominal_k <= 2:
@@ -121,16 +177,20 @@ class InfoProHead(nn.Module):
         if schedule not in LAMBDA_SCHEDULES:
             raise ManppError(f"unknown lambda_schedule '{schedule}': accepted are {choices(LAMBDA_SCHEDULES)}")
         if schedule == "auto":
-            schedule = "stage" if momentum else "module"
+            schedule = "constant" if spec.family == "imagenet" else "stage" if momentum else "module"
         r = lambda_ratio(spec, schedule)
         lam1 = cfg.ixx_1 * (1 - r) + cfg.ixx_2 * r
         lam2 = cfg.ixy_1 * (1 - r) + cfg.ixy_2 * r
         if lam1 == 0 and lam2 == 0:
             warnings.warn(f"InfoPro weights are 0 for module {spec.index}: it gets no local loss and will not train",
                           stacklevel=2)
-        decoder = Decoder(spec.channels, spec.image_size, spec.image_channels, cfg.widen)
-        classifier = AuxClassifier(spec.channels, spec.num_classes, cfg.aux_config, cfg.aux_loss,
-                                   cfg.feature_dim, cfg.widen)
+        if spec.family == "imagenet":
+            decoder = ImageNetDecoder(spec.channels, spec.size, spec.image_size, spec.image_channels)
+            classifier = ImageNetAuxClassifier(spec.channels, spec.num_classes, cfg.aux_loss, cfg.feature_dim)
+        else:
+            decoder = Decoder(spec.channels, spec.image_size, spec.image_channels, cfg.widen)
+            classifier = AuxClassifier(spec.channels, spec.num_classes, cfg.aux_config, cfg.aux_loss,
+                                       cfg.feature_dim, cfg.widen)
         return cls(decoder, classifier, lam1, lam2)
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
