@@ -35,9 +35,15 @@ def test_every_dataset_has_consistent_info():
         info = dataset_info(name)
         assert info.name == name
         assert len(info.mean) == len(info.std) == info.in_channels
-        assert info.num_classes == (1000 if name == "imagenet" else 10)  # imagenet: until a folder says otherwise
+        expected = {"imagenet": 1000, "shapes": 4, "coco": 80, "cityscapes": 19}.get(name, 10)  # folders may say otherwise
+        assert info.num_classes == expected
     assert dataset_info("stl10").image_size == 96
     assert dataset_info("imagenet").image_size == 224 and dataset_info("imagenet", image_size=64).image_size == 64
+    assert dataset_info("shapes", task="detection").num_classes == 3  # no background class for boxes
+    with pytest.raises(ManppError, match="'coco' is for detection, but the model does segmentation"):
+        dataset_info("coco", task="segmentation")
+    with pytest.raises(ManppError, match="use 'shapes' or 'coco'"):
+        dataset_info("cifar10", task="detection")
     assert dataset_info("CIFAR10").name == "cifar10"
 
 

@@ -23,15 +23,16 @@ def _sync(device: torch.device) -> None:
 
 def bench(cfg: C.TrainConfig, methods: list[str], *, steps: int = 20, warmup: int = 3) -> list[dict]:
     """One record per method: median step time, images/s, activation and allocator peaks, sizes."""
-    from .data import dataset_info
-    from .train import build_model, memory_format, resolve_device
+    from .models import build_backbone
+    from .tasks import task_of
+    from .train import build_model, data_info, memory_format, resolve_device
 
-    info = dataset_info(cfg.dataset, image_size=cfg.image_size)
+    info = data_info(cfg)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    shape = (cfg.batch_size, info.in_channels, info.image_size, info.image_size)
-    x = torch.randn(shape, device=device).contiguous(memory_format=memory_format(cfg))
-    y = torch.randint(0, info.num_classes, (cfg.batch_size,), device=device)
+    task = task_of(build_backbone(cfg.model, num_classes=info.num_classes, image_size=info.image_size))
+    x, y = task.example_batch(cfg.batch_size, info, device)
+    x = x.contiguous(memory_format=memory_format(cfg))
     runs = []
     for label in methods:
         method, _, objective = label.partition(":")  # 'manpp:dgl' = MAN++ on the DGL objective

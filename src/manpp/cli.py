@@ -99,8 +99,9 @@ def cmd_train(args) -> int:
     s = result.summary
     if not is_main():  # under torchrun only rank 0 reports
         return 0
-    print(f"done: test accuracy {s['test_accuracy']:.2%} (best {s['best_test_accuracy']:.2%}) after {s['epochs']} "
-          f"epoch(s); results in {result.out}")
+    name = {"accuracy": "accuracy", "miou": "mIoU", "map": "AP (COCO box AP@[.5:.95])"}.get(s["metric"], s["metric"])
+    score = "-" if s["test_score"] is None else f"{s['test_score']:.2%} (best {s['best_test_score']:.2%})"
+    print(f"done: test {name} {score} after {s['epochs']} epoch(s); results in {result.out}")
     return 0
 
 

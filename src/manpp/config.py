@@ -44,6 +44,11 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     warmup_lr: float = 0.01
+    lr_schedule: str = "cosine"  # 'cosine', or 'step': lr x0.1 at each fraction of the run in lr_milestones
+    lr_milestones: Any = (2 / 3, 8 / 9)  # 'step' schedule (the detection recipe: 60k and 80k of 90k iterations)
+    grad_clip: float | None = None  # clip the global gradient norm (the detection recipe: 1.0)
+    pretrained: str | None = None  # a torchvision ResNet state dict file (e.g. ImageNet weights) for the backbone
+    anchor_base: int | None = None  # detection: anchor size at stride 8 (None: 32 from 300 px images up, else 8)
     optimizer: str = "sgd"  # 'sgd' (SGD with sgd_momentum, nesterov) or 'adamw' (AdamW with adamw_betas, eps 1e-8)
     adamw_betas: Any = (0.9, 0.999)
     # MAN / MAN++

@@ -10,15 +10,14 @@ from .memory import format_bytes, measure_step
 
 def describe(cfg: C.TrainConfig) -> tuple[str, dict]:
     """Build the model for ``cfg`` and measure one step on random data of the dataset's shape."""
-    from .data import dataset_info
-    from .train import build_model, resolve_device
+    from .tasks import task_of
+    from .train import build_model, data_info, resolve_device
 
-    info = dataset_info(cfg.dataset, image_size=cfg.image_size)
+    info = data_info(cfg)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, info, device)
-    x = torch.randn(cfg.batch_size, info.in_channels, info.image_size, info.image_size, device=device)
-    y = torch.randint(0, info.num_classes, (cfg.batch_size,), device=device)
+    x, y = task_of(model.backbone).example_batch(cfg.batch_size, info, device)
     report = measure_step(model, x, y)
     names = model.backbone.unit_names
     aux_params = model.aux_parameter_count() + [0]

@@ -9,7 +9,7 @@ this is plain end-to-end training through the same code.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -37,7 +37,25 @@ class Stage(nn.Module):
 @dataclass
 class StepResult:
     losses: list[torch.Tensor]  # one detached scalar per module; the last is the task loss
-    logits: torch.Tensor  # detached output of the last module
+    logits: Any  # detached output of the last module (logits; a dict of head outputs for detection)
+
+
+def detach(h: Any) -> Any:
+    """``h`` cut from the graph: a tensor, or a tuple/list/dict of them (dense backbones pass
+    their kept feature maps along with the current one)."""
+    if isinstance(h, torch.Tensor):
+        return h.detach()
+    if isinstance(h, (tuple, list)):
+        return type(h)(detach(v) for v in h)
+    if isinstance(h, dict):
+        return {k: detach(v) for k, v in h.items()}
+    return h
+
+
+def primary(h: Any) -> torch.Tensor:
+    """The feature map an auxiliary network reads: ``h``, or its first element when a dense
+    backbone passes ``(current, kept...)`` between units."""
+    return h[0] if isinstance(h, (tuple, list)) else h
 
 
 class LocalModel(nn.Module):
@@ -70,7 +88,13 @@ class LocalModel(nn.Module):
         return self.partition.k
 
     def local_loss(self, j: int) -> Callable:
-        return self._aux_calls[j] if j < self.k - 1 else task_loss
+        """Module j's loss: its auxiliary network (reading the module's main feature map), or for
+        the last module the task's loss (the backbone's ``task``; classification by default)."""
+        if j < self.k - 1:
+            aux = self._aux_calls[j]
+            return lambda h, ctx: aux(primary(h), ctx)
+        task = getattr(self.backbone, "task", None)
+        return task.loss if task is not None else task_loss
 
     def compile_parts(self, **options) -> "LocalModel":
         """``torch.compile`` every module and auxiliary network, never the loop that calls backward.
@@ -126,7 +150,7 @@ def local_step(model: LocalModel, inputs: torch.Tensor, targets: torch.Tensor,
             if hook is not None:
                 hook()
         losses.append(loss.detach())
-        x = h.detach()
+        x = detach(h)
     return StepResult(losses, x)
 
 

@@ -18,9 +18,8 @@ from .errors import ManppError
 
 def export_backbone(checkpoint: str | Path, out: str | Path) -> dict:
     """Write the backbone of a run's checkpoint to ``out``; returns what was written."""
-    from .data import dataset_info
     from .models import build_backbone
-    from .train import load_checkpoint
+    from .train import data_info, load_checkpoint
 
     ckpt = load_checkpoint(checkpoint)
     cfg = C.from_dict(ckpt["config"], source=f"checkpoint '{checkpoint}'")
@@ -29,9 +28,13 @@ def export_backbone(checkpoint: str | Path, out: str | Path) -> dict:
         raise ManppError(f"checkpoint '{checkpoint}' holds no backbone weights")
     head = [v for k, v in state.items() if k.startswith("head.") and k.endswith("weight")]
     stem = next(v for k, v in state.items() if v.dim() == 4)  # the first convolution's weight
-    info = dataset_info(cfg.dataset, image_size=cfg.image_size)
-    backbone = build_backbone(cfg.model, num_classes=head[-1].shape[0], in_channels=stem.shape[1],
-                              image_size=info.image_size)
+    info = data_info(cfg)
+    num_classes = head[-1].shape[0]
+    cls = state.get("head.head.classification_head.cls_logits.weight")  # RetinaNet: 9 anchors x classes
+    if cls is not None:
+        num_classes = cls.shape[0] // 9
+    backbone = build_backbone(cfg.model, num_classes=num_classes, in_channels=stem.shape[1],
+                              image_size=info.image_size, anchor_base=cfg.anchor_base)
     backbone.load_state_dict(state)
     plain = backbone.export_state_dict() if hasattr(backbone, "export_state_dict") else backbone.state_dict()
     out = Path(out)
@@ -41,6 +44,10 @@ def export_backbone(checkpoint: str | Path, out: str | Path) -> dict:
               else f"manpp.build_backbone('{cfg.model}', ...)")
     if cfg.model.startswith("vit_"):
         loader = "torchvision.models.vision_transformer.VisionTransformer"
-    return {"path": str(out), "model": cfg.model, "num_classes": int(head[-1].shape[0]),
+    elif cfg.model.startswith("retinanet_"):
+        loader = "torchvision.models.detection.RetinaNet (ResNet-FPN body, P6 from C5; see the README)"
+    elif cfg.model.startswith("deeplabv3_"):
+        loader = f"torchvision.models.segmentation.{cfg.model}(aux_loss=False)"
+    return {"path": str(out), "model": cfg.model, "num_classes": int(num_classes),
             "tensors": len(plain), "params": sum(v.numel() for k, v in plain.items() if "running_" not in k and "num_batches" not in k),
             "loads_into": loader}

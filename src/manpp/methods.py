@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .engine import LocalModel
+from .engine import LocalModel, primary
 from .errors import ManppError, choices
 from .momentum import INITS, MomentumAux
 from .objectives import OBJECTIVES, AuxSpec, ObjectiveConfig, build_objective
@@ -71,7 +71,7 @@ def unit_output_shapes(backbone: nn.Module, in_channels: int, image_size: int) -
     shapes = []
     for unit in backbone.units:
         x = unit(x)
-        shapes.append(tuple(x.shape[1:]))
+        shapes.append(tuple(primary(x).shape[1:]))
     backbone.train(was_training)
     return shapes
 
@@ -110,9 +110,11 @@ def build_local_model(backbone: nn.Module, settings: LocalSettings, *, num_class
         next_unit = None
         if family == "vit" and method.momentum and unit_index + 1 < len(backbone.units):
             next_unit = backbone.units[unit_index + 1]  # the release's second learnable block
-        head = build_objective(objective, spec, settings.heads, momentum=method.momentum, next_unit=next_unit)
+        head = build_objective(objective, spec, settings.heads, momentum=method.momentum, next_unit=next_unit,
+                               task=getattr(backbone, "task", None))
         if method.momentum:
-            head = MomentumAux(backbone.units[unit_index], head, momentum=settings.ema_momentum,
+            unit = backbone.units[unit_index]
+            head = MomentumAux(getattr(unit, "block", unit), head,  # dense backbones wrap their blocks momentum=settings.ema_momentum,
                                learnable_scale=method.learnable_scale, init=settings.copy_init,
                                reinit=getattr(backbone, "reinit_", None), recompute_ema=settings.recompute_ema)
         aux.append(head)

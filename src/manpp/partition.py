@@ -28,6 +28,7 @@ _R110_K32 = [
     (3, 1), (3, 3), (3, 4), (3, 6), (3, 7), (3, 9), (3, 11), (3, 13), (3, 15), (3, 17),
 ]
 _R101 = {2: [(2, 0), (4, 2)], 4: [(2, 2), (3, 8), (3, 16), (4, 2)]}
+_BLOCKS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3), "resnet152": (3, 8, 36, 3)}  # blocks per stage
 
 
 @dataclass(frozen=True)
@@ -52,6 +53,12 @@ PAPER_PRESETS: dict[str, dict[int, Preset]] = {
     "resnet101": {k: _layers(v) for k, v in _R101.items()},
     "resnext101_32x8d": {k: _layers(v) for k, v in _R101.items()},
     "resnet152": {2: _layers([(2, 5), (4, 2)]), 4: _layers([(2, 6), (3, 13), (3, 25), (4, 2)])},
+    # COCO RetinaNet, K = 4 (RELEASE.md 3.4): stem+layer1 | layer2 | layer3 | layer4 + FPN + heads;
+    # DeepLabV3 (our design, the release has none): the same stage cuts, K = 2 after layer2
+    **{f"{task}_{net}": {4: _layers([(1, b[0] - 1), (2, b[1] - 1), (3, b[2] - 1), (4, b[3] - 1)]),
+                         **({2: _layers([(2, b[1] - 1), (4, b[3] - 1)])} if task == "deeplabv3" else {})}
+       for task in ("retinanet", "deeplabv3") for net, b in _BLOCKS.items()
+       if not (task == "deeplabv3" and net == "resnet152")},
     # ViT, depth 12: four groups of three blocks, the embedding in group 0 (RELEASE.md 3.3)
     **{f"vit_{size}": {4: Preset(("blocks.2", "blocks.5", "blocks.8", "blocks.11"))}
        for size in ("tiny", "small", "base")},

@@ -28,7 +28,8 @@ import torch
 
 from . import config as C
 from . import distributed as D
-from .engine import LocalModel, evaluate
+from .engine import LocalModel
+from .tasks import task_of
 from .errors import ManppError, choices
 from .memory import format_bytes, measure_step
 
@@ -67,7 +68,21 @@ def build_model(cfg: C.TrainConfig, info, device: torch.device | str = "cpu") ->
     from .models import build_backbone
 
     backbone = build_backbone(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
-                              image_size=info.image_size)
+                              image_size=info.image_size, anchor_base=cfg.anchor_base)
+    if cfg.pretrained:
+        from .models.imagenet import load_resnet_weights
+
+        if not hasattr(backbone, "unit_names") or not str(getattr(backbone, "arch", "")).replace(
+                "retinanet_", "").replace("deeplabv3_", "").startswith(("resnet", "resnext", "wide_resnet")):
+            raise ManppError(f"pretrained weights are for torchvision ResNet backbones; model '{cfg.model}' is not one")
+        path = Path(cfg.pretrained)
+        if not path.is_file():
+            raise ManppError(f"pretrained weights file '{path}' does not exist")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input
+            raise ManppError(f"cannot read pretrained weights '{path}': {exc}") from None
+        load_resnet_weights(backbone, state.get("state_dict", state) if isinstance(state, dict) else state)
     settings = cfg.local_settings()
     settings = dataclasses.replace(settings, k=default_k(cfg, len(backbone.units)))
     model = build_local_model(backbone, settings, num_classes=info.num_classes, image_channels=info.in_channels,
@@ -106,6 +121,10 @@ def check_options(cfg: C.TrainConfig) -> None:
         raise ManppError(f"unknown optimizer '{cfg.optimizer}': accepted are {choices(OPTIMIZERS)}")
     if cfg.optimizer == "adamw":
         _adamw_betas(cfg)
+    if cfg.lr_schedule not in ("cosine", "step"):
+        raise ManppError(f"unknown lr_schedule '{cfg.lr_schedule}': accepted are 'cosine' or 'step'")
+    if cfg.grad_clip is not None and not cfg.grad_clip > 0:
+        raise ManppError(f"grad_clip must be a positive gradient norm or none, got {cfg.grad_clip!r}")
     if cfg.dist_backend is not None and cfg.dist_backend not in D.BACKENDS:
         raise ManppError(f"unknown dist_backend '{cfg.dist_backend}': accepted are "
                          f"{', '.join(map(repr, D.BACKENDS))} or none (nccl on CUDA, gloo on CPU)")
@@ -169,12 +188,15 @@ class EpochBatches(torch.utils.data.Sampler):
 
 
 def lr_at(step: int, cfg: C.TrainConfig, steps_per_epoch: int) -> float:
-    """Linear warm-up from ``warmup_lr`` to ``lr``, then cosine to 0, evaluated per step."""
+    """Linear warm-up from ``warmup_lr`` to ``lr``, then cosine to 0 (or, ``lr_schedule: step``,
+    ``lr`` times 0.1 per milestone passed, as fractions of ``epochs``), evaluated per step."""
     total = max(1, cfg.epochs * steps_per_epoch)
     warm = int(cfg.warmup_epochs * steps_per_epoch)
     if step < warm:
         return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / warm
     progress = (step - warm) / max(1, total - warm)
+    if cfg.lr_schedule == "step":
+        return cfg.lr * 0.1 ** sum(step >= m * total for m in cfg.lr_milestones)
     return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
@@ -226,6 +248,13 @@ def check_resumable(cfg: C.TrainConfig, saved: dict) -> None:
     if saved.get("optimizer", "sgd") != cfg.optimizer:  # its state would not fit (checkpoints before it: sgd)
         raise ManppError(f"checkpoint is from another configuration: optimizer is {saved.get('optimizer', 'sgd')!r} "
                          f"there but {cfg.optimizer!r} here")
+
+
+METRIC_NAMES = {"accuracy": "acc", "miou": "mIoU", "map": "AP"}
+
+
+def _metric_text(metric: str, value: float) -> str:
+    return f"{METRIC_NAMES.get(metric, metric)} {value:.2%}"
 
 
 def _loss_text(means: list[float]) -> str:
@@ -282,6 +311,7 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
     if len(train_set) < cfg.batch_size:
         raise ManppError(f"batch_size {cfg.batch_size} is larger than the training set ({len(train_set)} images)")
     model = build_model(cfg, info, device)
+    task = task_of(model.backbone)
     D.broadcast_state(model)  # every process starts from rank 0's parameters, EMA copies and buffers
     params = model.parameters_to_optimize()
     optimizer = build_optimizer(cfg, params)
@@ -295,7 +325,8 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
         C.save_yaml(cfg, out / "config.yaml")
     steps_per_epoch = len(train_set) // cfg.batch_size
     n_test = len(test_set)
-    loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=False)
+    loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=False,
+                     collate_fn=task.collate)
     if distributed:  # each process evaluates its own contiguous part of the test set; the sums are reduced
         test_set = torch.utils.data.Subset(test_set, range(*D.shard_bounds(len(test_set))))
     test_loader = torch.utils.data.DataLoader(test_set, batch_size=cfg.eval_batch_size,
@@ -320,8 +351,8 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
             seed_everything(cfg.seed + 1 + rank * RANK_SEED + step)
     if memory is None:
         if main:  # per process: what one GPU holds for its share of the batch
-            x, y = next(iter(torch.utils.data.DataLoader(train_set, batch_size=local_batch)))
-            memory = measure_step(model, x.to(device, memory_format=memory_format(cfg)), y.to(device)).__dict__
+            batch = next(iter(torch.utils.data.DataLoader(train_set, batch_size=local_batch, collate_fn=task.collate)))
+            memory = measure_step(model, *task.prepare(batch, device, memory_format(cfg))).__dict__
         memory = D.broadcast_object(memory)
         seed_everything(cfg.seed + 1 + rank * RANK_SEED)  # same RNG stream whether or not memory was measured before
 
@@ -344,21 +375,25 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
         worker_seed = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch + 1 + rank * RANK_SEED)
         loader = torch.utils.data.DataLoader(train_set, batch_sampler=sampler, generator=worker_seed, **loader_kw)
         model.train()
-        # per module: summed mean losses; then correct and seen (all processes: the global batch)
-        sums = torch.zeros(model.k + 2, dtype=torch.float64)
+        # per module: summed mean losses; then training hits, what they were counted on, and images
+        # (all processes: the global batch)
+        sums = torch.zeros(model.k + 3, dtype=torch.float64)
         n_batches, skipped = 0, 0
         started = time.perf_counter()
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None if verbose else True,
                    dynamic_ncols=True, file=sys.stderr)
-        for inputs, targets in bar:
-            inputs = inputs.to(device, non_blocking=True, memory_format=fmt)
-            targets = targets.to(device, non_blocking=True)
+        for batch in bar:
+            inputs, targets = task.prepare(batch, device, fmt)
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg, steps_per_epoch)
             optimizer.zero_grad(set_to_none=True)
             result = model.train_step(inputs, targets, scaler)
             if distributed:
                 D.all_reduce_gradients(params)  # every module's gradients, averaged over the processes
+            if cfg.grad_clip is not None:  # the global norm over all modules, as the release's detection code
+                if scaler is not None:
+                    scaler.unscale_(optimizer)
+                torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
             if scaler is None:
                 optimizer.step()
             else:  # unscale, skip the step if a gradient is inf/nan (same on every process), adapt the scale
@@ -366,9 +401,11 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
                 scaler.step(optimizer)
                 scaler.update()
                 skipped += scaler.get_scale() < before
-            stats = torch.cat([torch.stack([v.float() for v in result.losses]).double(),
-                               torch.stack([(result.logits.argmax(1) == targets).sum().double(),
-                                            torch.tensor(targets.numel(), dtype=torch.float64, device=device)])])
+            hits = task.train_hits(result.logits, targets)
+            if hits is None:
+                hits = torch.zeros(2, dtype=torch.float64, device=device)
+            stats = torch.cat([torch.stack([v.float() for v in result.losses]).double(), hits,
+                               torch.tensor([inputs.shape[0]], dtype=torch.float64, device=device)])
             if distributed:
                 D.all_reduce_sum(stats)
                 stats[:model.k] /= world  # mean over the shards = mean over the global batch
@@ -388,12 +425,12 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
         epoch_time = time.perf_counter() - started
         finished = batch_in_epoch >= steps_per_epoch
         D.broadcast_buffers(model)  # BatchNorm statistics are per process: evaluate and save rank 0's
-        metrics = evaluate(model, test_loader, device, reduce=True)
+        metrics = task.evaluate(model, test_loader, device, reduce=True)
         means = (sums[:model.k] / max(1, n_batches)).tolist()
-        correct, seen = float(sums[model.k]), float(sums[model.k + 1])
+        correct, counted, seen = (float(v) for v in sums[model.k:])
         row = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"],
-               "train_loss": means[-1], "train_accuracy": correct / max(1, seen),
-               "test_loss": metrics["loss"], "test_accuracy": metrics["accuracy"],
+               "train_loss": means[-1], "train_accuracy": correct / counted if counted else None,
+               **{f"test_{name}": value for name, value in metrics.items()}, "test_score": metrics[task.metric],
                "epoch_time_s": epoch_time, "images_per_s": seen / max(epoch_time, 1e-9), "steps": n_batches,
                "steps_per_epoch": steps_per_epoch}
         row.update({f"loss_{j}": m for j, m in enumerate(means)})
@@ -408,8 +445,9 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
         if main:
             _append_csv(out / "log.csv", row)
         if verbose:
-            print(f"epoch {epoch + 1}/{cfg.epochs}  loss {_loss_text(means)}  train acc {row['train_accuracy']:.2%}"
-                  f"  test acc {metrics['accuracy']:.2%}  ({epoch_time:.1f} s, {row['images_per_s']:.0f} img/s)")
+            train_acc = "" if row["train_accuracy"] is None else f"  train acc {row['train_accuracy']:.2%}"
+            print(f"epoch {epoch + 1}/{cfg.epochs}  loss {_loss_text(means)}{train_acc}"
+                  f"  test {_metric_text(task.metric, metrics[task.metric])}  ({epoch_time:.1f} s, {row['images_per_s']:.0f} img/s)")
         if finished:
             epoch, batch_in_epoch = epoch + 1, 0
         rngs = D.gather_objects(_rng_state(device))  # every process's generators, for an exact resume
@@ -427,12 +465,21 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
     return RunResult(summary, model, out)
 
 
+def data_info(cfg: C.TrainConfig):
+    """The :class:`~manpp.data.DatasetInfo` of a run's dataset, for its model's task (reads no data)."""
+    from .data import dataset_info
+    from .models import model_task
+
+    return dataset_info(cfg.dataset, image_size=cfg.image_size, task=model_task(cfg.model))
+
+
 def load_data(cfg: C.TrainConfig):
     """``(train, test, info)`` of a run: the dataset, cut to ``train_subset`` / ``test_subset``."""
     from .data import build_datasets
+    from .models import model_task
 
     train_set, test_set, info = build_datasets(cfg.dataset, cfg.data_dir, download=cfg.download, seed=cfg.seed,
-                                               image_size=cfg.image_size)
+                                               image_size=cfg.image_size, task=model_task(cfg.model))
     return _subset(train_set, cfg.train_subset, "train_subset"), _subset(test_set, cfg.test_subset, "test_subset"), info
 
 
@@ -463,7 +510,11 @@ def _summary(cfg: C.TrainConfig, model: LocalModel, history: list[dict], memory:
         "method": cfg.method, "model": cfg.model, "dataset": cfg.dataset, "modules": model.k,
         "partition": model.partition.label, "objective": None if cfg.method in ("e2e", "dgl", "infopro") else cfg.objective,
         "epochs": len(history), "steps": last.get("step", 0),
-        "test_accuracy": last.get("test_accuracy"), "best_test_accuracy": max((h["test_accuracy"] for h in history), default=None),
+        "test_accuracy": last.get("test_accuracy"),
+        "best_test_accuracy": max((h["test_accuracy"] for h in history if "test_accuracy" in h), default=None),
+        "metric": task_of(model.backbone).metric, "test_score": last.get("test_score"),
+        "best_test_score": max((h["test_score"] for h in history if "test_score" in h), default=None),
+        "test_metrics": {k[len("test_"):]: v for k, v in last.items() if k.startswith("test_")},
         "peak_activation_bytes": memory["peak_activation_bytes"], "module_peak_bytes": memory["module_peak_bytes"],
         "peak_allocated_bytes": memory["peak_allocated_bytes"],
         "epoch_time_s": per_step * steps_per_epoch if history else None,  # a full epoch, from the mean step time
@@ -472,5 +523,6 @@ def _summary(cfg: C.TrainConfig, model: LocalModel, history: list[dict], memory:
         "params": sum(p.numel() for p in model.backbone.parameters()),
         "aux_params": sum(model.aux_parameter_count()),
         "batch_size": cfg.batch_size, "device": str(device), "torch_version": torch.__version__,
-        "history": [{k: h[k] for k in ("epoch", "step", "test_accuracy", "train_loss", "epoch_time_s")} for h in history],
+        "history": [{k: h.get(k) for k in ("epoch", "step", "test_accuracy", "test_score", "train_loss", "epoch_time_s")}
+                    for h in history],
     }

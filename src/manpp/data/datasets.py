@@ -34,9 +34,13 @@ class DatasetInfo:
     num_classes: int
     mean: tuple[float, ...]  # per-channel normalisation mean
     std: tuple[float, ...]
+    task: str = "classification"  # or 'detection', 'segmentation', 'dense' (both)
 
 
-DATASETS: tuple[str, ...] = ("digits", "fashion-mnist", "cifar10", "svhn", "stl10", "imagenet", "synthetic")
+DATASETS: tuple[str, ...] = ("digits", "fashion-mnist", "cifar10", "svhn", "stl10", "imagenet", "synthetic", "shapes",
+                             "coco", "cityscapes")
+TASK_DATASETS = {"detection": ("shapes", "coco"), "segmentation": ("shapes", "cityscapes")}
+SHAPES_SAMPLES = (1024, 256)  # generated training and test images of the shapes dataset
 
 # digits and fashion-mnist: computed once from their training split (after resizing / padding).
 _DIGITS_MEAN, _DIGITS_STD = 0.3054, 0.3237
@@ -45,7 +49,7 @@ _CIFAR_MEAN = tuple(v / 255 for v in (125.3, 123.0, 113.9))
 _CIFAR_STD = tuple(v / 255 for v in (63.0, 62.1, 66.7))
 _HALF = (0.5, 0.5, 0.5)
 _IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-_RESIZABLE = ("imagenet", "synthetic")  # datasets whose image size is a setting
+_RESIZABLE = ("imagenet", "synthetic", "shapes", "coco", "cityscapes")  # datasets whose image size is a setting
 
 _INFO = {
     "digits": DatasetInfo("digits", 1, 32, 10, (_DIGITS_MEAN,), (_DIGITS_STD,)),
@@ -56,6 +60,11 @@ _INFO = {
     # any ImageNet-style folder; the class count is read from the folder
     "imagenet": DatasetInfo("imagenet", 3, 224, 1000, _IMAGENET_MEAN, _IMAGENET_STD),
     "synthetic": DatasetInfo("synthetic", 3, 32, 10, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
+    # dense tasks: generated shapes (3 shape classes; segmentation adds the background), COCO
+    # (image_size: the shorter side after resizing), Cityscapes (image_size: the training crop)
+    "shapes": DatasetInfo("shapes", 3, 64, 4, _IMAGENET_MEAN, _IMAGENET_STD, task="dense"),
+    "coco": DatasetInfo("coco", 3, 600, 80, _IMAGENET_MEAN, _IMAGENET_STD, task="detection"),
+    "cityscapes": DatasetInfo("cityscapes", 3, 768, 19, _IMAGENET_MEAN, _IMAGENET_STD, task="segmentation"),
 }
 
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
@@ -74,12 +83,19 @@ _TORCHVISION_LAYOUT = {
 }
 
 
-def dataset_info(name: str, image_size: int | None = None) -> DatasetInfo:
-    """Static information about dataset ``name`` (at ``image_size`` if given); reads no data."""
+def dataset_info(name: str, image_size: int | None = None, task: str | None = None) -> DatasetInfo:
+    """Static information about dataset ``name`` (at ``image_size`` if given) for ``task``
+    (a model's task; None: the dataset's own); reads no data."""
     key = str(name).strip().lower()
     if key not in _INFO:
         raise ManppError(f"unknown dataset {name!r}; expected {choices(DATASETS)}")
     info = _INFO[key]
+    if task is not None and task != info.task and not (info.task == "dense" and task in TASK_DATASETS):
+        fits = TASK_DATASETS.get(task) or [n for n, i in _INFO.items() if i.task == "classification"]
+        raise ManppError(f"dataset {key!r} is for {info.task if info.task != 'dense' else 'dense tasks'}, but the "
+                         f"model does {task}: use {choices(fits)}")
+    if info.task == "dense":
+        info = dataclasses.replace(info, task=task or "segmentation", num_classes=3 if task == "detection" else 4)
     if image_size is None or image_size == info.image_size:
         return info
     if key not in _RESIZABLE:
@@ -88,6 +104,23 @@ def dataset_info(name: str, image_size: int | None = None) -> DatasetInfo:
     if not isinstance(image_size, int) or image_size < 16:
         raise ManppError(f"image_size must be an integer of at least 16 pixels, got {image_size!r}")
     return dataclasses.replace(info, image_size=image_size)
+
+
+def _dense(info: DatasetInfo, data_dir, augment: bool, seed: int):
+    from . import dense
+
+    if info.name == "shapes":
+        kind = dense.ShapesDetection if info.task == "detection" else dense.ShapesSegmentation
+        n_train, n_test = SHAPES_SAMPLES
+        return (kind(n_train, image_size=info.image_size, seed=seed, augment=augment),
+                kind(n_test, image_size=info.image_size, seed=seed + 7919, augment=False), info)
+    root = _data_root(data_dir)
+    if info.name == "coco":
+        train = dense.CocoDetection(root, "train", augment=augment)
+        test = dense.CocoDetection(root, "val", augment=False)
+        return train, test, dataclasses.replace(info, num_classes=train.num_classes)
+    train = dense.CityscapesSegmentation(root, "train", augment=augment, crop_size=info.image_size)
+    return train, dense.CityscapesSegmentation(root, "val", augment=False), info
 
 
 def _stats(info: DatasetInfo, like: Tensor) -> tuple[Tensor, Tensor]:
@@ -400,7 +433,7 @@ def _synthetic(samples: tuple[int, int], seed: int, info: DatasetInfo) -> tuple[
 
 def build_datasets(name: str, data_dir: str | Path | None = None, *, augment: bool = True, download: bool = True,
                    synthetic_samples: tuple[int, int] = (512, 128), seed: int = 0,
-                   image_size: int | None = None) -> tuple[Dataset, Dataset, DatasetInfo]:
+                   image_size: int | None = None, task: str | None = None) -> tuple[Dataset, Dataset, DatasetInfo]:
     """Build ``(train, test, info)`` for one of :data:`DATASETS`.
 
     ``data_dir`` (default ``./data``) is where file-based datasets live; ``digits`` and
@@ -409,7 +442,9 @@ def build_datasets(name: str, data_dir: str | Path | None = None, *, augment: bo
     ``image_size`` sets the side of ``imagenet`` (default 224) and ``synthetic`` images; the
     ``imagenet`` info takes its class count from the folder.
     """
-    info = dataset_info(name, image_size=image_size)
+    info = dataset_info(name, image_size=image_size, task=task)
+    if info.task != "classification":
+        return _dense(info, data_dir, augment, seed)
     if info.name == "digits":
         train, test = _digits(augment)
     elif info.name == "fashion-mnist":

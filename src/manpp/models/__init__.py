@@ -17,21 +17,30 @@ from __future__ import annotations
 
 from ..errors import ManppError, choices
 from .cifar_resnet import CifarResNet, cifar_resnet_depths
+from .dense import DETECTORS, SEGMENTERS, DeepLabV3Backbone, RetinaNetBackbone
 from .imagenet import RESNETS, VITS, TorchvisionResNet, TorchvisionViT
 
-__all__ = ["CifarResNet", "MODELS", "TorchvisionResNet", "TorchvisionViT", "build_backbone", "model_names"]
+__all__ = ["CifarResNet", "DeepLabV3Backbone", "MODELS", "RetinaNetBackbone", "TorchvisionResNet", "TorchvisionViT",
+           "build_backbone", "model_names", "model_task"]
 
 
 def model_names() -> list[str]:
     """Model names ``build_backbone`` accepts (CIFAR ResNets take any depth 6n+2)."""
     cifar = [f"resnet{d}" for d in cifar_resnet_depths() if f"resnet{d}" not in RESNETS]
-    return cifar + list(RESNETS) + list(VITS)
+    return cifar + list(RESNETS) + list(VITS) + list(DETECTORS) + list(SEGMENTERS)
 
 
 MODELS = tuple(model_names())
 
 
-def build_backbone(name: str, *, num_classes: int = 10, in_channels: int = 3, image_size: int = 32):
+def model_task(name: str) -> str:
+    """'detection', 'segmentation' or 'classification' (what the model named ``name`` does)."""
+    key = str(name).lower()
+    return "detection" if key in DETECTORS else "segmentation" if key in SEGMENTERS else "classification"
+
+
+def build_backbone(name: str, *, num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
+                   anchor_base: int | None = None):
     """Build a backbone by name.
 
     ``resnet<6n+2>`` (``resnet32``, ``resnet110``, ...) is a CIFAR ResNet, except the torchvision
@@ -41,6 +50,12 @@ def build_backbone(name: str, *, num_classes: int = 10, in_channels: int = 3, im
     are ImageNet backbones.
     """
     key = str(name).lower()
+    if key in DETECTORS:  # anchors 32..512 (the paper) at image sizes of 300 px and more; 8..128 below
+        base = anchor_base or (32 if image_size >= 300 else 8)
+        return RetinaNetBackbone(key, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                                 anchor_base=base)
+    if key in SEGMENTERS:
+        return DeepLabV3Backbone(key, num_classes=num_classes, in_channels=in_channels)
     if key in RESNETS:
         return TorchvisionResNet(key, num_classes=num_classes, in_channels=in_channels)
     if key in VITS:
@@ -55,5 +70,6 @@ def build_backbone(name: str, *, num_classes: int = 10, in_channels: int = 3, im
     raise ManppError(
         f"unknown model '{name}': accepted are CIFAR ResNets 'resnet<6n+2>' such as "
         f"{choices(['resnet20', 'resnet32', 'resnet56', 'resnet110'])} (also as 'cifar_resnet<6n+2>'), "
-        f"ImageNet {choices(list(RESNETS))} and {choices(list(VITS))}"
+        f"ImageNet {choices(list(RESNETS))} and {choices(list(VITS))}, detection {choices(list(DETECTORS))}, "
+        f"segmentation {choices(list(SEGMENTERS))}"
     )

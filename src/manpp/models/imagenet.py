@@ -59,13 +59,15 @@ class TorchvisionResNet(_PlainStateDict, nn.Module):
 
     aux_family = "imagenet"  # InfoPro heads of the release's ImageNet code
 
-    def __init__(self, arch: str = "resnet101", num_classes: int = 1000, in_channels: int = 3):
+    def __init__(self, arch: str = "resnet101", num_classes: int = 1000, in_channels: int = 3,
+                 replace_stride_with_dilation: list[bool] | None = None):
         super().__init__()
         import torchvision
 
         self.arch = arch
         self.num_classes, self.in_channels = num_classes, in_channels
-        net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes)
+        net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes,
+                                                replace_stride_with_dilation=replace_stride_with_dilation)
         if in_channels != 3:
             old = net.conv1
             net.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
@@ -195,3 +197,36 @@ class TorchvisionViT(_PlainStateDict, nn.Module):
         if self.in_channels != 3:
             net.conv_proj = nn.Conv2d(self.in_channels, self.width, VIT_PATCH, VIT_PATCH)
         return net
+
+
+def load_resnet_weights(backbone: nn.Module, state: dict[str, torch.Tensor]) -> int:
+    """Load a plain torchvision ResNet/ResNeXt state dict (e.g. ImageNet-pretrained weights) into the
+    ResNet units of ``backbone`` (a classifier, RetinaNet or DeepLabV3 one); its ``fc`` is skipped.
+
+    Returns the number of tensors loaded; a clear error when the weights do not fit.
+    """
+    from ..errors import ManppError
+
+    inner = "block." if getattr(backbone, "aux_family", "") == "detection" else ""
+    prefixes = [("conv1.", f"units.0.{inner}0."), ("bn1.", f"units.0.{inner}1.")]
+    prefixes += [(f"{name}.", f"units.{i}.{inner}") for i, name in enumerate(backbone.unit_names) if i > 0]
+    mapped = {}
+    for key, value in state.items():
+        if key.startswith("fc."):
+            continue
+        target = next((ours + key[len(plain):] for plain, ours in prefixes if key.startswith(plain)), None)
+        if target is None:
+            raise ManppError(f"pretrained weights do not fit {getattr(backbone, 'arch', 'this model')}: unexpected "
+                             f"key '{key}' (expected a torchvision ResNet state dict: conv1, bn1, layer1..layer4, fc)")
+        mapped[target] = value
+    units = {k for k in backbone.state_dict() if k.startswith("units.")}
+    missing = sorted(units - set(mapped))
+    if missing:
+        raise ManppError(f"pretrained weights do not fit {getattr(backbone, 'arch', 'this model')}: "
+                         f"{len(missing)} tensors missing, e.g. '{missing[0]}' (another depth or width?)")
+    try:
+        backbone.load_state_dict(mapped, strict=False)
+    except RuntimeError as exc:
+        raise ManppError(f"pretrained weights do not fit {getattr(backbone, 'arch', 'this model')}: "
+                         f"{str(exc).splitlines()[-1].strip()}") from None
+    return len(mapped)

@@ -65,7 +65,7 @@ class ObjectiveConfig:
 
 
 def build_objective(name: str, spec: AuxSpec, cfg: ObjectiveConfig, *, momentum: bool = False,
-                    next_unit=None):
+                    next_unit=None, task=None):
     """The auxiliary head ``name`` ('dgl' or 'infopro') for the module described by ``spec``.
 
     On ViTs (``spec.family == 'vit'``) the head is a classifier on the class token; ``next_unit``
@@ -79,6 +79,17 @@ def build_objective(name: str, spec: AuxSpec, cfg: ObjectiveConfig, *, momentum:
             raise ManppError(f"objective '{name}' needs convolutional feature maps; on a ViT use objective 'dgl' "
                              f"(a class-token classifier, the release's ViT head)")
         return TokenHead(spec.channels, spec.num_classes, next_unit)
+    if spec.family in ("segmentation", "detection"):
+        from .dense import DetectionHead, SegmentationHead
+
+        if name != "dgl":
+            raise ManppError(f"objective '{name}' is for classifiers; on a {spec.family} model use objective 'dgl' "
+                             f"(the task's own light head, as the release's COCO code)")
+        if spec.family == "segmentation":
+            return SegmentationHead(spec.channels, spec.num_classes, ignore_index=task.ignore_index)
+        stride = max(1, spec.image_size // max(1, spec.size))
+        # the module reading stride-32 features also covers the P6 and P7 anchors (the release's block 2)
+        return DetectionHead(spec.channels, stride, spec.num_classes, task, extra_levels=2 if stride >= 32 else 0)
     if name == "dgl":
         return DGLHead(spec.channels, spec.num_classes, cfg.feature_dim)
     if name == "infopro":
