@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "LocalModel", "LocalSettings", "ManppError", "METHODS", "ObjectiveConfig", "Partition", "StepResult",
-    "build_backbone", "build_local_model", "evaluate", "local_model", "local_step", "make_partition",
+    "build_backbone", "build_local_model", "evaluate", "local_model", "local_step", "make_partition", "wrap",
 ]
 
 
@@ -47,3 +47,11 @@ def local_model(backbone, method: str = "manpp", k: int | None = None, *, split=
         image_channels=image_channels or backbone.in_channels,
         image_size=image_size or getattr(backbone, "image_size", 32), denormalize=denormalize,
     )
+
+
+def wrap(model, k: int | None = 4, method: str = "manpp", objective: str = "dgl", split="even", **options):
+    """Cut a torchvision classifier (ResNet, ResNeXt, VGG, MobileNet, EfficientNet, ConvNeXt, ViT) into
+    units and return a local model that trains it; see :func:`manpp.wrapping.wrap`."""
+    from .wrapping import wrap as _wrap
+
+    return _wrap(model, k, method, objective, split, **options)

@@ -18,22 +18,25 @@ from .errors import ManppError
 COMMON = {"model": "model", "dataset": "dataset", "data_dir": "data_dir", "objective": "objective", "k": "k",
           "epochs": "epochs", "batch_size": "batch_size", "max_steps": "max_steps", "device": "device",
           "seed": "seed", "out": "out", "split": "split", "lr": "lr", "channels_last": "channels_last",
-          "amp": "amp", "image_size": "image_size", "compile": "compile", "optimizer": "optimizer", "dist_backend": "dist_backend"}
+          "amp": "amp", "image_size": "image_size", "compile": "compile", "optimizer": "optimizer", "dist_backend": "dist_backend",
+          "parallel": "parallel"}
 
 
 def _add_common(p: argparse.ArgumentParser, *, method: bool = True) -> None:
     p.add_argument("-c", "--config", metavar="FILE", help="YAML config file (see configs/)")
     p.add_argument("--model", help="backbone: resnet32 (default), resnet110, any CIFAR resnet<6n+2>; ImageNet "
-                   "resnet50/101/152, resnext101_32x8d, vit_tiny/small/base")
+                   "resnet50/101/152, resnext101_32x8d, vit_tiny/small/base; retinanet_resnet50/101/152, "
+                   "deeplabv3_resnet50/101")
     p.add_argument("--dataset", help="digits (default), fashion-mnist, cifar10, svhn, stl10, imagenet (a "
-                   "train/ + val/ folder), synthetic")
+                   "train/ + val/ folder), synthetic; shapes, coco, cityscapes (detection, segmentation)")
     p.add_argument("--image-size", type=int, help="input side in pixels for imagenet and synthetic (default 224 / 32)")
     p.add_argument("--data-dir", help="where the dataset lives (or is downloaded to)")
     if method:
         p.add_argument("--method", help="e2e, dgl, infopro, man, manpp (default manpp)")
     p.add_argument("--objective", help="base objective of man/manpp: dgl or infopro (default infopro)")
     p.add_argument("--k", type=int, help="number of gradient-isolated modules (default 16, capped at the units)")
-    p.add_argument("--split", help="even (default), paper, or comma-separated last units of modules")
+    p.add_argument("--split", help="even (default), paper, memory (balanced activation memory), or "
+                   "comma-separated last units of modules")
     p.add_argument("--epochs", type=int)
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
@@ -44,6 +47,8 @@ def _add_common(p: argparse.ArgumentParser, *, method: bool = True) -> None:
     p.add_argument("--amp", help="bf16 or fp16: forward passes under autocast (fp16 adds a GradScaler)")
     p.add_argument("--optimizer", help="sgd (default; momentum, nesterov) or adamw")
     p.add_argument("--dist-backend", help="under torchrun: nccl or gloo (default nccl on CUDA, gloo on CPU)")
+    p.add_argument("--parallel", help="under torchrun: 'modules' trains one pipelined stage of modules per process "
+                   "(update-unlocked); default: data parallel")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile modules and heads")
     p.add_argument("--out", metavar="DIR", help="run folder (default runs/<model>-<dataset>-<method>)")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="any config field, e.g. ema_momentum=0.99")
@@ -71,6 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("describe", help="module table: units, parameters, measured activation memory")
     _add_common(p)
     p.add_argument("--json", action="store_true", help="print the table as JSON")
+    p = sub.add_parser("plan", help="the smallest K (and split) whose training step fits a memory budget")
+    _add_common(p)
+    p.add_argument("--budget", required=True, help="memory per GPU, e.g. 8GB (binary units: 1 GB = 2**30 bytes)")
+    p.add_argument("--max-k", type=int, help="try K up to this (default: the number of units)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p = sub.add_parser("export", help="write a trained backbone without its auxiliary networks")
     p.add_argument("checkpoint", metavar="RUN", help="run folder or checkpoint file")
     p.add_argument("--out", metavar="FILE", required=True, help="where to write the state dict (.pt)")
@@ -139,6 +149,16 @@ def cmd_describe(args) -> int:
     return 0
 
 
+def cmd_plan(args) -> int:
+    from .plan import format_plan, parse_bytes, plan
+
+    budget = parse_bytes(args.budget)
+    cfg = resolve_config(args)
+    result = plan(cfg, budget, max_k=args.max_k, verbose=not args.json)
+    print(json.dumps(result, indent=2) if args.json else format_plan(result))
+    return 0 if result["chosen"] is not None else 1
+
+
 def cmd_export(args) -> int:
     from .export import export_backbone
 
@@ -154,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = lambda message, *_args, **_kw: f"manpp: warning: {message}\n"
     try:
         return {"train": cmd_train, "compare": cmd_compare, "bench": cmd_bench,
-                "describe": cmd_describe, "export": cmd_export}[args.command](args)
+                "describe": cmd_describe, "plan": cmd_plan, "export": cmd_export}[args.command](args)
     except ManppError as exc:
         where = "" if is_main() else f"[rank {rank()}] "  # under torchrun every process reports its own error
         print(f"manpp: error: {where}{exc}", file=sys.stderr)

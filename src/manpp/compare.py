@@ -11,7 +11,8 @@ from .errors import ManppError
 from .memory import format_bytes
 from .methods import get_method
 
-RECORD_KEYS = ("method", "modules", "test_accuracy", "best_test_accuracy", "peak_activation_bytes",
+RECORD_KEYS = ("method", "modules", "test_accuracy", "best_test_accuracy", "metric", "test_score", "best_test_score",
+               "test_metrics", "peak_activation_bytes",
                "peak_allocated_bytes", "epoch_time_s", "step_time_s", "params", "aux_params", "partition",
                "objective", "epochs", "steps", "batch_size", "device", "model", "dataset", "torch_version", "history")
 
@@ -69,12 +70,13 @@ def run_compare(cfg: C.TrainConfig, methods: list[str], *, json_path: str | None
 def format_table(records: list[dict]) -> str:
     """A markdown table; memory and time also as ratios to the first method."""
     base = records[0]
-    lines = ["| method | modules | test acc | best acc | peak activation | vs first | time / epoch | vs first |",
+    name = {"accuracy": "acc", "miou": "mIoU", "map": "AP"}.get(base.get("metric") or "accuracy", base.get("metric"))
+    lines = [f"| method | modules | test {name} | best {name} | peak activation | vs first | time / epoch | vs first |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:
         mem_ratio = r["peak_activation_bytes"] / base["peak_activation_bytes"]
         time_ratio = r["epoch_time_s"] / base["epoch_time_s"] if base["epoch_time_s"] else float("nan")
-        lines.append(f"| {r['method']} | {r['modules']} | {r['test_accuracy']:.2%} | {r['best_test_accuracy']:.2%} "
+        lines.append(f"| {r['method']} | {r['modules']} | {r['test_score']:.2%} | {r['best_test_score']:.2%} "
                      f"| {format_bytes(r['peak_activation_bytes'])} | {mem_ratio:.2f}x "
                      f"| {r['epoch_time_s']:.1f} s | {time_ratio:.2f}x |")
     return "\n".join(lines)
@@ -90,10 +92,11 @@ def plot_compare(records: list[dict], path: Path) -> Path | None:
     fig, (ax_acc, ax_mem) = plt.subplots(1, 2, figsize=(10, 4))
     for r in records:
         epochs = [h["epoch"] for h in r["history"]]
-        acc = [100 * h["test_accuracy"] for h in r["history"]]
+        acc = [100 * h["test_score"] for h in r["history"]]
         ax_acc.plot(epochs, acc, marker="o", label=f"{r['method']} (K={r['modules']})")
     ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel("test accuracy (%)")
+    ax_acc.set_ylabel({"miou": "test mIoU (%)", "map": "test COCO box AP (%)"}.get(records[0].get("metric"),
+                                                                                "test accuracy (%)"))
     ax_acc.set_title(f"{records[0]['model']} on {records[0]['dataset']}")
     ax_acc.grid(alpha=0.3)
     ax_acc.legend()

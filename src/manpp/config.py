@@ -72,6 +72,8 @@ class TrainConfig:
     workers: int = 0
     channels_last: bool = False  # NHWC memory format for the model and inputs (faster on CPU and GPU)
     amp: str | None = None  # None, 'bf16' or 'fp16': forward passes under autocast (fp16 adds a GradScaler)
+    parallel: str | None = None  # 'modules': one pipelined stage of modules per torchrun process (update-unlocked)
+    ema_sync_every: int = 1  # parallel modules: steps between sends of the next stage's first unit (MAN/MAN++)
     dist_backend: str | None = None  # under torchrun: None picks 'nccl' on CUDA and 'gloo' on CPU
     compile: bool = False  # torch.compile the modules and auxiliary networks (not the training loop)
     out: str | None = None

@@ -28,7 +28,8 @@ _R110_K32 = [
     (3, 1), (3, 3), (3, 4), (3, 6), (3, 7), (3, 9), (3, 11), (3, 13), (3, 15), (3, 17),
 ]
 _R101 = {2: [(2, 0), (4, 2)], 4: [(2, 2), (3, 8), (3, 16), (4, 2)]}
-_BLOCKS = {"resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3), "resnet152": (3, 8, 36, 3)}  # blocks per stage
+_BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3), "resnet101": (3, 4, 23, 3),
+           "resnet152": (3, 8, 36, 3)}  # blocks per stage
 
 
 @dataclass(frozen=True)
@@ -58,7 +59,7 @@ PAPER_PRESETS: dict[str, dict[int, Preset]] = {
     **{f"{task}_{net}": {4: _layers([(1, b[0] - 1), (2, b[1] - 1), (3, b[2] - 1), (4, b[3] - 1)]),
                          **({2: _layers([(2, b[1] - 1), (4, b[3] - 1)])} if task == "deeplabv3" else {})}
        for task in ("retinanet", "deeplabv3") for net, b in _BLOCKS.items()
-       if not (task == "deeplabv3" and net == "resnet152")},
+       if not (task == "deeplabv3" and net not in ("resnet50", "resnet101"))},
     # ViT, depth 12: four groups of three blocks, the embedding in group 0 (RELEASE.md 3.3)
     **{f"vit_{size}": {4: Preset(("blocks.2", "blocks.5", "blocks.8", "blocks.11"))}
        for size in ("tiny", "small", "base")},
@@ -185,7 +186,8 @@ def make_partition(backbone, k: int | None = None, split: str | Sequence = "even
         part = _from_ends(ends[:-1], n_units, f"paper K={k}")
         return Partition(part.bounds, f"paper K={k} ({part.k} modules)", nominal=k)
     if split != "even":
-        raise ManppError(f"unknown split '{split}': accepted are {choices(SPLITS)} or a list of module end units")
+        raise ManppError(f"unknown split '{split}': accepted are {choices(SPLITS)}, 'memory' (manpp train, manpp.wrap) "
+                         f"or a list of module end units")
     if not isinstance(k, int) or not 1 <= k <= n_units:
         raise ManppError(
             f"K={k} is not possible for {_arch(backbone)} ({n_units} units): choose K from 1 to {n_units} "

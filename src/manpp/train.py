@@ -85,6 +85,11 @@ def build_model(cfg: C.TrainConfig, info, device: torch.device | str = "cpu") ->
         load_resnet_weights(backbone, state.get("state_dict", state) if isinstance(state, dict) else state)
     settings = cfg.local_settings()
     settings = dataclasses.replace(settings, k=default_k(cfg, len(backbone.units)))
+    if settings.split == "memory" and settings.k and settings.k > 1 and cfg.method != "e2e":
+        from .plan import balanced_ends, unit_activation_bytes
+
+        per_unit = unit_activation_bytes(backbone, 2, info.in_channels, info.image_size)
+        settings = dataclasses.replace(settings, split=balanced_ends(per_unit, settings.k))
     model = build_local_model(backbone, settings, num_classes=info.num_classes, image_channels=info.in_channels,
                               image_size=info.image_size, denormalize=lambda x: denormalize(x, info))
     model.amp_dtype = amp_dtype(cfg)
@@ -121,6 +126,8 @@ def check_options(cfg: C.TrainConfig) -> None:
         raise ManppError(f"unknown optimizer '{cfg.optimizer}': accepted are {choices(OPTIMIZERS)}")
     if cfg.optimizer == "adamw":
         _adamw_betas(cfg)
+    if cfg.parallel not in (None, "modules"):
+        raise ManppError(f"unknown parallel mode '{cfg.parallel}': accepted are 'modules' or none")
     if cfg.lr_schedule not in ("cosine", "step"):
         raise ManppError(f"unknown lr_schedule '{cfg.lr_schedule}': accepted are 'cosine' or 'step'")
     if cfg.grad_clip is not None and not cfg.grad_clip > 0:
@@ -280,7 +287,11 @@ def train(cfg: C.TrainConfig, *, resume: str | None = None, verbose: bool = True
     check_options(cfg)
     env = D.launch_env()
     device = D.process_device(cfg.device, env)
-    D.check_batch_size(cfg.batch_size)  # before any work: the global batch must split evenly
+    if cfg.parallel is None:
+        D.check_batch_size(cfg.batch_size)  # before any work: the global batch must split evenly
+    elif resume:
+        raise ManppError("resuming a parallel-modules run is not supported; its checkpoint holds the model for "
+                         "manpp export and evaluation")
     ckpt = None
     if resume:
         ckpt = load_checkpoint(resume)
@@ -288,7 +299,12 @@ def train(cfg: C.TrainConfig, *, resume: str | None = None, verbose: bool = True
     owner = D.setup(device, cfg.dist_backend)
     # On an exception the group is left alone: other processes may be inside a collective with
     # this one, and torchrun ends them when this process exits with the error.
-    result = _train(cfg, ckpt, resume, device, verbose)
+    if cfg.parallel == "modules":
+        from .pipeline import train_pipelined
+
+        result = train_pipelined(cfg, device, verbose and D.is_main())
+    else:
+        result = _train(cfg, ckpt, resume, device, verbose)
     if owner:
         D.shutdown()
     return result

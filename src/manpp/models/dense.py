@@ -1,6 +1,6 @@
 """Backbones for dense tasks, exposed as units like the classifiers.
 
-- ``retinanet_resnet50/101/152``: RetinaNet (METHOD.md section 4, RELEASE.md section 2.5). Units
+- ``retinanet_resnet50/101/152`` (and the lighter ``retinanet_resnet18/34``): RetinaNet (METHOD.md section 4, RELEASE.md section 2.5). Units
   are the ResNet stem and residual blocks; they pass ``(current, C3, C4)`` tuples along, the
   last block of ``layer2`` and of ``layer3`` keeping its output. The head is the FPN (P3-P5 from
   C3-C5, P6 from C5, P7 from P6) and torchvision's RetinaNet classification and box subnets.
@@ -27,7 +27,8 @@ from torch.nn import functional as F
 
 from .imagenet import TorchvisionResNet, _PlainStateDict
 
-DETECTORS = ("retinanet_resnet50", "retinanet_resnet101", "retinanet_resnet152")
+DETECTORS = ("retinanet_resnet18", "retinanet_resnet34", "retinanet_resnet50", "retinanet_resnet101",
+             "retinanet_resnet152")
 SEGMENTERS = ("deeplabv3_resnet50", "deeplabv3_resnet101")
 FPN_CHANNELS = 256
 ANCHOR_RATIOS = (0.5, 1.0, 2.0)
@@ -96,6 +97,12 @@ class RetinaTop(nn.Module):
         return {**self.head(features), "features": features}
 
 
+def _width(block: nn.Module) -> int:
+    """Output channels of a torchvision residual block (Bottleneck or BasicBlock)."""
+    last = getattr(block, "bn3", None) or block.bn2
+    return last.num_features
+
+
 def _resnet_units(base: TorchvisionResNet):
     return list(base.units), list(base.unit_names), list(base.unit_stages)
 
@@ -115,7 +122,7 @@ class RetinaNetBackbone(_PlainStateDict, nn.Module):
         units, self.unit_names, self.unit_stages = _resnet_units(base)
         last = {s: max(i for i, st in enumerate(self.unit_stages) if st == s) for s in (2, 3)}
         self.units = nn.ModuleList(PyramidUnit(u, keep=i in last.values()) for i, u in enumerate(units))
-        widths = [units[last[2]].conv3.out_channels, units[last[3]].conv3.out_channels, units[-1].conv3.out_channels]
+        widths = [_width(units[last[2]]), _width(units[last[3]]), _width(units[-1])]
         self.head = RetinaTop(widths, num_classes)
         self.arch, self.resnet, self.num_classes, self.anchor_base = arch, resnet, num_classes, anchor_base
         self.in_channels = in_channels
@@ -147,8 +154,7 @@ class RetinaNetBackbone(_PlainStateDict, nn.Module):
         from torchvision.ops.feature_pyramid_network import LastLevelP6P7
 
         body = getattr(torchvision.models, self.resnet)(weights=None)
-        widths = [body.layer2[-1].conv3.out_channels, body.layer3[-1].conv3.out_channels,
-                  body.layer4[-1].conv3.out_channels]
+        widths = [_width(body.layer2[-1]), _width(body.layer3[-1]), _width(body.layer4[-1])]
         fpn = BackboneWithFPN(body, {"layer2": "0", "layer3": "1", "layer4": "2"}, widths, FPN_CHANNELS,
                               extra_blocks=LastLevelP6P7(widths[-1], FPN_CHANNELS))
         det = self.detector
@@ -174,7 +180,7 @@ class DeepLabV3Backbone(_PlainStateDict, nn.Module):
                                  replace_stride_with_dilation=[False, True, True])
         units, self.unit_names, self.unit_stages = _resnet_units(base)
         self.units = nn.ModuleList(units)
-        self.head = DeepLabHead(units[-1].conv3.out_channels, num_classes)
+        self.head = DeepLabHead(_width(units[-1]), num_classes)
         self.arch, self.resnet, self.num_classes, self.in_channels = arch, resnet, num_classes, in_channels
         self.task = SegmentationTask(num_classes, ignore_index)
 

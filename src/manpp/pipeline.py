@@ -1,0 +1,241 @@
+"""Update-unlocked parallel training of modules (``parallel: modules``, started by torchrun).
+
+Process r of S runs stage r: a contiguous group of the K modules (K >= S), with their auxiliary
+networks and an optimizer of its own. Every step, stage 0 reads the batch; each stage runs its
+modules' local forward, backward and optimizer step as soon as its input arrives, and sends its
+detached output, the labels and the input images (InfoPro reconstructs them) on to stage r+1
+without waiting for it (``isend``). So stage r works on step t while stage r+1 works on step t-1:
+no module waits for a later one's backward (no update locking), and S stages keep S devices
+busy after a short fill.
+
+MAN/MAN++: the EMA copy in the auxiliary network of stage r's last module follows the first unit
+of stage r+1's first module. Stage r+1 sends that unit's parameters to stage r at the start of
+every ``ema_sync_every``-th step (after its previous update), and stage r applies its EMA update
+with them. With ``ema_sync_every: 1`` every stage computes exactly what sequential local training
+computes, step for step (tested); larger values save communication and use a copy at most that
+many steps old.
+
+At the end of each epoch the stages send their modules, auxiliary networks and loss sums to
+rank 0, which evaluates the whole backbone and writes the log, checkpoint and summary. Only
+classification backbones are supported, and resuming a parallel run is not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from . import config as C
+from . import distributed as D
+from .engine import LocalContext, detach
+from .errors import ManppError
+
+_DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.float64]
+
+
+def stage_modules(k: int, stages: int) -> list[range]:
+    """Modules of each stage: contiguous, as even as possible (the later stages take the remainder)."""
+    if stages > k:
+        raise ManppError(f"parallel modules: {stages} processes but only K={k} modules; start at most {k} "
+                         f"processes (torchrun --nproc_per_node {k}) or raise K")
+    base, extra = divmod(k, stages)
+    sizes = [base + (1 if r >= stages - extra else 0) for r in range(stages)]
+    starts = [sum(sizes[:r]) for r in range(stages)]
+    return [range(s, s + n) for s, n in zip(starts, sizes)]
+
+
+def _send(tensors: list[torch.Tensor], dst: int) -> list:
+    """Non-blocking send of a header (dtype and shape of each tensor) and the tensors."""
+    header = []
+    for t in tensors:
+        header += [_DTYPES.index(t.dtype), t.dim(), *t.shape]
+    meta = torch.tensor([len(header)], dtype=torch.int64)
+    works = [dist.isend(meta, dst), dist.isend(torch.tensor(header, dtype=torch.int64), dst)]
+    works += [dist.isend(t.contiguous(), dst) for t in tensors]
+    return works + [meta] + list(tensors)  # keep the buffers alive until the sends complete
+
+
+def _recv(src: int, device: torch.device) -> list[torch.Tensor]:
+    meta = torch.zeros(1, dtype=torch.int64)
+    dist.recv(meta, src)
+    header = torch.zeros(int(meta), dtype=torch.int64)
+    dist.recv(header, src)
+    values, out, i = header.tolist(), [], 0
+    while i < len(values):
+        dtype, ndim = _DTYPES[values[i]], values[i + 1]
+        shape = values[i + 2:i + 2 + ndim]
+        i += 2 + ndim
+        t = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(t, src)
+        out.append(t)
+    return out
+
+
+def _wait(pending: list) -> None:
+    for w in pending:
+        if hasattr(w, "wait"):
+            w.wait()
+    pending.clear()
+
+
+def _owned_keys(model, modules: range) -> set[str]:
+    keys = set()
+    units = {i for j in modules for i in model.partition.units_of(j)}
+    for name in model.state_dict():
+        parts = name.split(".")
+        if parts[:2] == ["backbone", "units"] and int(parts[2]) in units:
+            keys.add(name)
+        elif parts[:2] == ["backbone", "head"] and model.k - 1 in modules:
+            keys.add(name)
+        elif parts[0] == "aux" and int(parts[1]) in modules:
+            keys.add(name)
+    return keys
+
+
+def train_pipelined(cfg: C.TrainConfig, device: torch.device, verbose: bool = True):
+    """One stage of the pipeline (see the module docstring); returns the run's result on every rank."""
+    from .memory import format_bytes, measure_step
+    from .models import model_task
+    from .tasks import task_of
+    from .train import (RunResult, EpochBatches, _append_csv, _atomic_save, _loss_text, _summary, build_model,
+                        build_optimizer, data_info, load_data, lr_at, seed_everything)
+
+    if model_task(cfg.model) != "classification":
+        raise ManppError(f"parallel modules supports classification backbones; '{cfg.model}' is a "
+                         f"{model_task(cfg.model)} model")
+    if cfg.method == "e2e":
+        raise ManppError("parallel modules needs a local method (dgl, infopro, man, manpp): e2e is one module")
+    if cfg.amp == "fp16":
+        raise ManppError("parallel modules does not support amp fp16 (one loss scale per stage); use bf16 or none")
+    if not isinstance(cfg.ema_sync_every, int) or cfg.ema_sync_every < 1:
+        raise ManppError(f"ema_sync_every must be a positive number of steps, got {cfg.ema_sync_every!r}")
+    rank, stages, main = D.rank(), D.world_size(), D.is_main()
+    seed_everything(cfg.seed)
+    if main:
+        train_set, test_set, info = load_data(cfg)
+    else:
+        train_set, test_set, info = None, None, data_info(cfg)
+    n_train = D.broadcast_object(len(train_set) if main else None)
+    model = build_model(cfg, info, device)  # the same seed: the same initial weights on every stage
+    task = task_of(model.backbone)
+    mine = stage_modules(model.k, stages)[rank]
+    owned = _owned_keys(model, mine)
+    params = [p for n, p in model.named_parameters() if n in owned and p.requires_grad]
+    optimizer = build_optimizer(cfg, params)
+    out = Path(D.broadcast_object(str(Path(cfg.out or Path("runs") / cfg.run_name()))))
+    cfg = dataclasses.replace(cfg, out=str(out))
+    if main:
+        out.mkdir(parents=True, exist_ok=True)
+        C.save_yaml(cfg, out / "config.yaml")
+    steps_per_epoch = n_train // cfg.batch_size
+    if steps_per_epoch < 1:
+        raise ManppError(f"batch_size {cfg.batch_size} is larger than the training set ({n_train} images)")
+    # the EMA copy of my last module follows the first unit of the next stage's first module
+    first_unit_next = model.partition.bounds[mine[-1] + 1][0] if rank < stages - 1 else None
+    ema_source = None
+    if first_unit_next is not None and hasattr(model.aux[mine[-1]], "after_backward"):
+        ema_source = list(model.aux[mine[-1]].source.parameters())
+    i_feed = rank > 0 and hasattr(model.aux[mine[0] - 1], "after_backward")
+    my_unit = model.backbone.units[model.partition.bounds[mine[0]][0]] if i_feed else None
+
+    memory = None
+    if main:
+        x, y = next(iter(torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size)))
+        report = measure_step(model, x.to(device), y.to(device))
+        memory = dict(report.__dict__, stage_peak_bytes=[max(report.module_peak_bytes[j] for j in r)
+                                                         for r in stage_modules(model.k, stages)])
+        if verbose:
+            print(f"{cfg.method}: {cfg.model} on {cfg.dataset}, {model.k} modules in {stages} pipelined stages "
+                  f"({', '.join(f'{r.start}-{r.stop - 1}' for r in stage_modules(model.k, stages))}), peak "
+                  f"activation per stage {', '.join(format_bytes(b) for b in memory['stage_peak_bytes'])} at batch "
+                  f"{cfg.batch_size}, EMA sync every {cfg.ema_sync_every} step(s), run folder {out}", flush=True)
+    seed_everything(cfg.seed + 1)
+    history, step, epoch = [], 0, 0
+    pending: list = []
+    while epoch < cfg.epochs and (cfg.max_steps is None or step < cfg.max_steps):
+        batches = iter(torch.utils.data.DataLoader(
+            train_set, batch_sampler=EpochBatches(n_train, cfg.batch_size, cfg.seed, epoch),
+            generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch + 1))) if main else None
+        sums = torch.zeros(model.k, dtype=torch.float64)
+        n_batches = 0
+        model.train()
+        started = time.perf_counter()
+        for _ in range(steps_per_epoch):
+            if my_unit is not None and step % cfg.ema_sync_every == 0:  # my first unit, for the previous stage
+                _wait(pending)
+                pending += _send([p.detach() for p in my_unit.parameters()], rank - 1)
+            if rank == 0:
+                x, y = next(batches)
+                x, y = x.to(device), y.to(device)
+                image = x
+            else:
+                x, y, image = _recv(rank - 1, device)
+            for group in optimizer.param_groups:
+                group["lr"] = lr_at(step, cfg, steps_per_epoch)
+            optimizer.zero_grad(set_to_none=True)
+            ctx = LocalContext(image, y, model.denormalize)
+            amp = torch.autocast(device.type, dtype=model.amp_dtype, enabled=model.amp_dtype is not None)
+            for j in mine:
+                with amp:
+                    h = model.stages[j](x)
+                    loss = model.local_loss(j)(h, ctx)
+                if loss.requires_grad:
+                    loss.backward()
+                if j < model.k - 1 and hasattr(model.aux[j], "after_backward"):
+                    if j == mine[-1] and ema_source is not None and step % cfg.ema_sync_every == 0:
+                        received = _recv(rank + 1, device)  # the next stage's unit at this step
+                        with torch.no_grad():
+                            torch._foreach_copy_([p.data for p in ema_source], received)
+                    model.aux[j].after_backward()
+                if not torch.isfinite(loss.detach()):
+                    raise ManppError(f"training diverged at step {step} in module {j} (stage {rank}): its local "
+                                     f"loss is not finite; lower the learning rate (lr={cfg.lr})")
+                sums[j] += float(loss.detach())
+                x = detach(h)
+            optimizer.step()  # update-unlocked: this stage steps as soon as its own losses are known
+            if rank < stages - 1:
+                _wait(pending)
+                pending += _send([x, y, image], rank + 1)
+            n_batches += 1
+            step += 1
+            if cfg.max_steps is not None and step >= cfg.max_steps:
+                break
+        _wait(pending)
+        epoch_time = time.perf_counter() - started
+        # the whole model and every module's mean loss on rank 0
+        parts = D.gather_objects(({k: v.cpu() for k, v in model.state_dict().items() if k in owned},
+                                  sums[list(mine)].tolist()))
+        finished = n_batches >= steps_per_epoch
+        if main:
+            state = {k: v for part, _ in parts for k, v in part.items()}
+            model.load_state_dict(state, strict=False)
+            means = [s / max(1, n_batches) for _, losses in parts for s in losses]
+            loader = torch.utils.data.DataLoader(test_set, batch_size=cfg.eval_batch_size)
+            metrics = task.evaluate(model, loader, device)
+            row = {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"], "train_loss": means[-1],
+                   "train_accuracy": None, **{f"test_{k}": v for k, v in metrics.items()},
+                   "test_score": metrics[task.metric], "epoch_time_s": epoch_time,
+                   "images_per_s": n_batches * cfg.batch_size / max(epoch_time, 1e-9), "steps": n_batches,
+                   "steps_per_epoch": steps_per_epoch, **{f"loss_{j}": m for j, m in enumerate(means)}}
+            history.append(row)
+            _append_csv(out / "log.csv", row)
+            if verbose:
+                print(f"epoch {epoch + 1}/{cfg.epochs}  loss {_loss_text(means)}  test acc "
+                      f"{metrics['accuracy']:.2%}  ({epoch_time:.1f} s, {row['images_per_s']:.0f} img/s)", flush=True)
+            _atomic_save({"model": model.state_dict(), "config": cfg.to_dict(), "epoch": epoch + int(finished),
+                          "step": step, "history": history, "memory": memory, "parallel_stages": stages,
+                          "version": 1}, out / "checkpoint.pt")
+        if finished:
+            epoch += 1
+    summary = None
+    if main:
+        summary = _summary(cfg, model, history, memory, device)
+        summary.update(world_size=stages, parallel="modules", stage_modules=[[r.start, r.stop - 1] for r in
+                                                                             stage_modules(model.k, stages)])
+        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return RunResult(summary, model, out)

@@ -1,0 +1,160 @@
+"""``manpp plan``: the smallest K (and its split) whose training step fits a memory budget.
+
+Per-unit activation bytes come from one forward pass of the plain backbone under the activation
+tracker (:mod:`manpp.memory`); ``balanced_ends`` cuts the units into K contiguous modules whose
+largest activation sum is as small as possible (``split="memory"``). For each K from 1 up, the
+planner builds the local model with that split and measures one real training step; the
+footprint it compares with the budget is the measured activation peak plus the memory of the
+parameters, their gradients and the optimizer state (SGD momentum: 3 copies; AdamW: 4) of the
+backbone and auxiliary networks. The activation measure is the device-independent one, so the
+plan holds for a GPU up to the allocator's workspace and fragmentation (keep a margin).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Sequence
+
+import torch
+
+from . import config as C
+from .errors import ManppError
+from .memory import ActivationTracker, format_bytes, measure_step
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
+          "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """``'8GB'``, ``'512 MiB'``, ``1e9`` -> bytes (binary prefixes: 1 GB = 2**30 bytes, as GPU specs)."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value, unit = float(text), ""
+    else:
+        match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", str(text))
+        if not match or match.group(2).lower() not in _UNITS:
+            raise ManppError(f"cannot read the memory size {text!r}: give a number with a unit such as 8GB, "
+                             f"512MiB or 24G")
+        value, unit = float(match.group(1)), match.group(2).lower()
+    if value <= 0:
+        raise ManppError(f"the memory budget must be positive, got {text!r}")
+    return int(value * _UNITS[unit])
+
+
+def unit_activation_bytes(backbone, batch_size: int, in_channels: int, image_size: int,
+                          device: torch.device | str = "cpu") -> list[int]:
+    """Bytes autograd saves during each unit's forward (the head counts with the last unit), for one
+    batch of random images; this is what each unit adds to an end-to-end graph."""
+    p = next(backbone.parameters())
+    x = torch.randn(batch_size, in_channels, image_size, image_size, device=device, dtype=p.dtype)
+    tracker = ActivationTracker(list(backbone.parameters()) + list(backbone.buffers()))
+    marks: list[int] = []
+    handles = [u.register_forward_hook(lambda *_: marks.append(tracker.current)) for u in backbone.units]
+    was_training = backbone.training
+    backbone.train()
+    try:
+        with tracker:
+            out = backbone(x)
+            total = tracker.current
+        del out
+    finally:
+        for h in handles:
+            h.remove()
+        backbone.train(was_training)
+    marks[-1] = total
+    return [b - a for a, b in zip([0] + marks[:-1], marks)]
+
+
+def balanced_ends(costs: Sequence[float], k: int) -> list[int]:
+    """The last unit of each of the first ``k - 1`` modules of the contiguous split of ``costs`` into
+    ``k`` parts whose largest sum is smallest (exact dynamic programme; ties: earlier cuts)."""
+    n = len(costs)
+    if not 1 <= k <= n:
+        raise ManppError(f"K={k} is not possible for {n} units: choose K from 1 to {n}")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + float(c))
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(k + 1)]  # best[j][i]: first i units in j modules
+    cut = [[0] * (n + 1) for _ in range(k + 1)]
+    best[0][0] = 0.0
+    for j in range(1, k + 1):
+        for i in range(j, n - (k - j) + 1):
+            for s in range(j - 1, i):
+                value = max(best[j - 1][s], prefix[i] - prefix[s])
+                if value < best[j][i]:
+                    best[j][i], cut[j][i] = value, s
+    ends, i = [], n
+    for j in range(k, 0, -1):
+        s = cut[j][i]
+        if j > 1:
+            ends.append(s - 1)
+        i = s
+    return sorted(ends)
+
+
+@dataclasses.dataclass
+class PlanRow:
+    k: int
+    split: list[str]
+    peak_activation_bytes: int
+    state_bytes: int  # parameters + gradients + optimizer state (backbone and auxiliary networks)
+
+    @property
+    def total_bytes(self) -> int:
+        return self.peak_activation_bytes + self.state_bytes
+
+
+def plan(cfg: C.TrainConfig, budget: int, *, max_k: int | None = None, verbose: bool = True) -> dict:
+    """Measure K = 1, 2, ... with memory-balanced splits until one fits ``budget`` bytes."""
+    from .models import build_backbone
+    from .tasks import task_of
+    from .train import build_model, data_info, resolve_device
+
+    info = data_info(cfg)
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    backbone = build_backbone(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
+                              image_size=info.image_size).to(device)
+    per_unit = unit_activation_bytes(backbone, cfg.batch_size, info.in_channels, info.image_size, device)
+    n = len(per_unit)
+    copies = 4 if cfg.optimizer == "adamw" else 3
+    x, y = task_of(backbone).example_batch(cfg.batch_size, info, device)
+    rows, chosen = [], None
+    for k in range(1, min(n, max_k or n) + 1):
+        method = "e2e" if k == 1 else cfg.method
+        ends = balanced_ends(per_unit, k) if k > 1 else []
+        run = dataclasses.replace(cfg, method=method, k=k, split=[backbone.unit_names[e] for e in ends] or "even")
+        model = build_model(run, info, device)
+        report = measure_step(model, x, y)
+        state = sum(p.numel() * p.element_size() for p in model.parameters_to_optimize()) * copies
+        row = PlanRow(k, model.partition.describe(model.backbone.unit_names), report.peak_activation_bytes, state)
+        rows.append(row)
+        if verbose:
+            fits = "fits" if row.total_bytes <= budget else "too big"
+            print(f"K={k:>2} ({method}): activations {format_bytes(row.peak_activation_bytes)}, weights/grads/"
+                  f"optimizer {format_bytes(state)}, total {format_bytes(row.total_bytes)}: {fits}", flush=True)
+        if row.total_bytes <= budget:
+            chosen = row
+            break
+    return {"model": cfg.model, "method": cfg.method, "batch_size": cfg.batch_size, "image_size": info.image_size,
+            "budget_bytes": budget, "unit_names": list(backbone.unit_names), "unit_activation_bytes": per_unit,
+            "rows": [dict(dataclasses.asdict(r), total_bytes=r.total_bytes) for r in rows],
+            "chosen": None if chosen is None else dict(dataclasses.asdict(chosen), total_bytes=chosen.total_bytes)}
+
+
+def format_plan(result: dict) -> str:
+    budget = format_bytes(result["budget_bytes"])
+    head = (f"{result['model']} / {result['method']}, batch {result['batch_size']}, "
+            f"{result['image_size']} px, budget {budget}")
+    chosen = result["chosen"]
+    if chosen is None:
+        last = result["rows"][-1]
+        return (f"{head}\nno split fits: the smallest footprint measured is {format_bytes(last['total_bytes'])} "
+                f"at K={last['k']}; lower the batch size or the image size")
+    lines = [head, f"smallest K that fits: K={chosen['k']}, peak {format_bytes(chosen['total_bytes'])} "
+             f"(activations {format_bytes(chosen['peak_activation_bytes'])}, weights/grads/optimizer "
+             f"{format_bytes(chosen['state_bytes'])})", "modules: " + ", ".join(chosen["split"])]
+    if chosen["k"] > 1:
+        lines.append("train it with: split=" + ",".join(s.split("..")[-1] for s in chosen["split"][:-1]))
+    return "\n".join(lines)
