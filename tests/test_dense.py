@@ -16,7 +16,7 @@ from manpp.models import build_backbone
 from manpp.tasks import coco_map, confusion_matrix, segmentation_metrics, task_of
 
 CPU = torch.device("cpu")
-SIZE = {"retinanet_resnet50": 64, "deeplabv3_resnet50": 32}
+SIZE = {"retinanet_resnet18": 64, "deeplabv3_resnet50": 32}  # small and fast on a CPU
 
 
 def local(name, method="manpp", k=4, split="paper"):
@@ -48,7 +48,7 @@ def _grads(model, j):
             for i in model.partition.units_of(j) for p in model.backbone.units[i].parameters()]
 
 
-@pytest.mark.parametrize("name", ["retinanet_resnet50", "deeplabv3_resnet50"])
+@pytest.mark.parametrize("name", list(SIZE))
 def test_dense_modules_are_gradient_isolated(name):
     """Changing the last module (layer4 + FPN/ASPP + heads) leaves the first three modules' gradients
     unchanged: C3 and C4 reach the FPN detached, as in the release."""
@@ -70,7 +70,7 @@ def test_dense_modules_are_gradient_isolated(name):
 
 
 def test_end_to_end_detection_trains_layer2_through_the_fpn():
-    model, (x, y) = local("retinanet_resnet50", "e2e", 1)
+    model, (x, y) = local("retinanet_resnet18", "e2e", 1)
     result = model.train_step(x, y)
     assert len(result.losses) == 1 and torch.isfinite(result.losses[0])
     layer2 = [p.grad for i, n in enumerate(model.backbone.unit_names) if n.startswith("layer2")
@@ -85,7 +85,7 @@ def test_exports_load_into_the_torchvision_models():
     x = torch.randn(1, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(seg(x), plain(x)["out"], atol=1e-5)
-    det = build_backbone("retinanet_resnet50", num_classes=3, image_size=64).eval()
+    det = build_backbone("retinanet_resnet18", num_classes=3, image_size=64).eval()
     plain = det.plain_model().eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
@@ -123,7 +123,7 @@ def test_coco_ap_of_perfect_shifted_and_no_detections():
     assert coco_map(gt, [])["map"] == 0.0
 
 
-@pytest.mark.parametrize("model,metric", [("retinanet_resnet50", "map"), ("deeplabv3_resnet50", "miou")])
+@pytest.mark.parametrize("model,metric", [("retinanet_resnet18", "map"), ("deeplabv3_resnet50", "miou")])
 def test_train_command_on_shapes(tmp_path, model, metric, capsys):
     out = tmp_path / "run"
     code = main(["train", "--model", model, "--dataset", "shapes", "--method", "manpp", "--objective", "dgl",
@@ -158,7 +158,7 @@ def test_pretrained_resnet_weights_load_into_dense_backbones(tmp_path):
     from manpp.models.imagenet import load_resnet_weights
 
     plain = torchvision.models.resnet50(weights=None)
-    for name in SIZE:
+    for name in ("retinanet_resnet50", "deeplabv3_resnet50"):
         net = build_backbone(name, num_classes=3, image_size=64)
         assert load_resnet_weights(net, plain.state_dict()) == len(plain.state_dict()) - 2  # all but fc
         unit = net.unit_names.index("layer3.1")

@@ -54,16 +54,18 @@ def _send(tensors: list[torch.Tensor], dst: int) -> list:
     header = []
     for t in tensors:
         header += [_DTYPES.index(t.dtype), t.dim(), *t.shape]
-    meta = torch.tensor([len(header)], dtype=torch.int64)
-    works = [dist.isend(meta, dst), dist.isend(torch.tensor(header, dtype=torch.int64), dst)]
+    device = tensors[0].device  # NCCL sends device tensors only
+    meta = torch.tensor([len(header)], dtype=torch.int64, device=device)
+    head = torch.tensor(header, dtype=torch.int64, device=device)
+    works = [dist.isend(meta, dst), dist.isend(head, dst)]
     works += [dist.isend(t.contiguous(), dst) for t in tensors]
-    return works + [meta] + list(tensors)  # keep the buffers alive until the sends complete
+    return works + [meta, head] + list(tensors)  # keep the buffers alive until the sends complete
 
 
 def _recv(src: int, device: torch.device) -> list[torch.Tensor]:
-    meta = torch.zeros(1, dtype=torch.int64)
+    meta = torch.zeros(1, dtype=torch.int64, device=device)
     dist.recv(meta, src)
-    header = torch.zeros(int(meta), dtype=torch.int64)
+    header = torch.zeros(int(meta), dtype=torch.int64, device=device)
     dist.recv(header, src)
     values, out, i = header.tolist(), [], 0
     while i < len(values):

@@ -149,9 +149,9 @@ def format_plan(result: dict) -> str:
             f"{result['image_size']} px, budget {budget}")
     chosen = result["chosen"]
     if chosen is None:
-        last = result["rows"][-1]
-        return (f"{head}\nno split fits: the smallest footprint measured is {format_bytes(last['total_bytes'])} "
-                f"at K={last['k']}; lower the batch size or the image size")
+        best = min(result["rows"], key=lambda r: r["total_bytes"])
+        return (f"{head}\nno split fits: the smallest footprint measured is {format_bytes(best['total_bytes'])} "
+                f"at K={best['k']}; lower the batch size or the image size")
     lines = [head, f"smallest K that fits: K={chosen['k']}, peak {format_bytes(chosen['total_bytes'])} "
              f"(activations {format_bytes(chosen['peak_activation_bytes'])}, weights/grads/optimizer "
              f"{format_bytes(chosen['state_bytes'])})", "modules: " + ", ".join(chosen["split"])]

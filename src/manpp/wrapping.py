@@ -70,15 +70,9 @@ def _last_linear(module: nn.Module) -> nn.Linear:
 
 
 def _resnet(model: nn.Module):
-    from .models.imagenet import _PoolLinear
+    from .models.imagenet import _PoolLinear, resnet_units
 
-    units = [nn.Sequential(model.conv1, model.bn1, model.relu, model.maxpool)]
-    names, stages = ["stem"], [0]
-    for s in range(1, 5):
-        for i, block in enumerate(getattr(model, f"layer{s}")):
-            units.append(block)
-            names.append(f"layer{s}.{i}")
-            stages.append(s)
+    units, names, stages = resnet_units(model)
     return units, names, stages, _PoolLinear(model.fc), "imagenet", model.fc.out_features
 
 

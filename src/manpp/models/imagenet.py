@@ -72,13 +72,7 @@ class TorchvisionResNet(_PlainStateDict, nn.Module):
             old = net.conv1
             net.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
             nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
-        units: list[nn.Module] = [nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)]
-        names, stages = ["stem"], [0]
-        for s in range(1, 5):
-            for i, block in enumerate(getattr(net, f"layer{s}")):
-                units.append(block)
-                names.append(f"layer{s}.{i}")
-                stages.append(s)
+        units, names, stages = resnet_units(net)
         self.units = nn.ModuleList(units)
         self.unit_names, self.unit_stages = names, stages
         self.head = _PoolLinear(net.fc)
@@ -109,6 +103,18 @@ class TorchvisionResNet(_PlainStateDict, nn.Module):
         if self.in_channels != 3:
             net.conv1 = nn.Conv2d(self.in_channels, 64, 7, 2, 3, bias=False)
         return net
+
+
+def resnet_units(net: nn.Module) -> tuple[list[nn.Module], list[str], list[int]]:
+    """A torchvision ResNet's units (the stem, then every residual block), their names and stages."""
+    units: list[nn.Module] = [nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)]
+    names, stages = ["stem"], [0]
+    for s in range(1, 5):
+        for i, block in enumerate(getattr(net, f"layer{s}")):
+            units.append(block)
+            names.append(f"layer{s}.{i}")
+            stages.append(s)
+    return units, names, stages
 
 
 class _PoolLinear(nn.Module):
