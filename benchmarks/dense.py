@@ -51,6 +51,11 @@ def main(argv=None) -> int:
     p.add_argument("--test-subset", type=int, default=256)
     p.add_argument("--lr", type=float, default=0.02)
     p.add_argument("--bench-steps", type=int, default=3)
+    p.add_argument("--tasks", default="detection,segmentation")
+    p.add_argument("--detection-model", default="retinanet_resnet50")
+    p.add_argument("--segmentation-model", default="deeplabv3_resnet50")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="0: no clipping")
+    p.add_argument("--name", default="dense_shapes", help="stem of the result files")
     p.add_argument("--out", default=str(HERE / "results"))
     args = p.parse_args(argv)
     device_name = torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor() or "cpu"
@@ -58,11 +63,13 @@ def main(argv=None) -> int:
            "machine": f"{platform.machine()} {device_name}, {torch.get_num_threads()} threads",
            "torch": torch.__version__, "date": datetime.date.today().isoformat(), "settings": vars(args), "tasks": []}
     out = Path(args.out)
-    for task, model, metric in TASKS:
+    models = {"detection": args.detection_model, "segmentation": args.segmentation_model}
+    for task, _, metric in [t for t in TASKS if t[0] in args.tasks.split(",")]:
+        model = models[task]
         base = C.apply(C.TrainConfig(), {
             "model": model, "dataset": "shapes", "image_size": args.image_size, "k": 4, "split": "paper",
             "objective": "dgl", "batch_size": args.batch_size, "device": args.device, "epochs": args.epochs,
-            "lr": args.lr, "warmup_epochs": 0.25, "warmup_lr": args.lr / 10, "nesterov": False, "grad_clip": 1.0,
+            "lr": args.lr, "warmup_epochs": 0.25, "warmup_lr": args.lr / 10, "nesterov": False, "grad_clip": args.grad_clip or None,
             "train_subset": args.train_subset, "test_subset": args.test_subset, "eval_batch_size": 64, "seed": 0})
         print(f"== {task}: {model}, memory and step time", flush=True)
         records = bench(base, ["e2e", "manpp"], steps=args.bench_steps, warmup=1)
@@ -70,7 +77,7 @@ def main(argv=None) -> int:
         for method in ("e2e", "manpp"):
             print(f"== {task}: training {method}", flush=True)
             cfg = C.apply(base, {"method": method, "k": 1 if method == "e2e" else 4,
-                                 "out": str(out / "runs" / f"dense_{task}_{method}")})
+                                 "out": str(out / "runs" / f"{args.name}_{task}_{method}")})
             result = train(cfg, verbose=True)
             s = result.summary
             entry["runs"].append({"method": method, "modules": s["modules"], "test_score": s["test_score"],
@@ -85,10 +92,10 @@ def main(argv=None) -> int:
             entry["chance"] = 0.0
         doc["tasks"].append(entry)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "dense_shapes.json").write_text(json.dumps(doc, indent=2))
+    (out / f"{args.name}.json").write_text(json.dumps(doc, indent=2))
     table = to_markdown(doc)
-    (out / "dense_shapes.md").write_text(table)
-    plot(doc, out / "dense_shapes.png")
+    (out / f"{args.name}.md").write_text(table)
+    plot(doc, out / f"{args.name}.png")
     print(table)
     return 0
 
@@ -97,7 +104,8 @@ def to_markdown(doc: dict) -> str:
     s = doc["settings"]
     lines = [f"{doc['machine']}; torch {doc['torch']}; {doc['date']}; shapes data at {s['image_size']} px, "
              f"{s['train_subset']} training / {s['test_subset']} test images, {s['epochs']} epochs, batch "
-             f"{s['batch_size']}, SGD lr {s['lr']}, gradient clipping 1.0; memory at batch {s['batch_size']}.", "",
+             f"{s['batch_size']}, SGD lr {s['lr']}, gradient clipping {s['grad_clip'] or 'none'}; memory at batch "
+             f"{s['batch_size']}.", "",
              f"Command: `{doc['command']}`", "",
              "| task | model | method | modules | activation peak | vs E2E | step time | vs E2E | test score | chance |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
@@ -117,8 +125,8 @@ def plot(doc: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(doc["tasks"]), figsize=(5 * len(doc["tasks"]), 3.6))
-    for ax, t in zip(axes, doc["tasks"]):
+    fig, axes = plt.subplots(1, len(doc["tasks"]), figsize=(5 * len(doc["tasks"]), 3.6), squeeze=False)
+    for ax, t in zip(axes[0], doc["tasks"]):
         for run in t["runs"]:
             ax.plot([h["epoch"] for h in run["history"]], [100 * h["test_score"] for h in run["history"]],
                     marker="o", label=f"{run['method']} (K={run['modules']})")

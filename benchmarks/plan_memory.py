@@ -4,7 +4,7 @@ For K = 1 (E2E) and K = 2, 4, 8, 16 (MAN++ with memory-balanced splits, as ``man
 them), measures one training step's activation peak (device-independent measure) and adds the
 parameters, gradients and SGD momentum of the backbone and auxiliary networks. Gradient
 checkpointing is E2E with ``torch.utils.checkpoint`` over sqrt(n) segments of units (it keeps only
-the segment inputs and recomputes each segment in backward). Writes ``results/plan_memory.json``,
+the segment inputs and recomputes each segment in backward, whose activations then count too). Writes ``results/plan_memory.json``,
 ``.md`` and ``.png``.
 
     python benchmarks/plan_memory.py [--batch-size 8] [--method manpp] [--objective dgl]
@@ -48,10 +48,12 @@ def checkpointed_peak(model, x, y) -> int:
         return segment
 
     model.train()
+    # the reentrant form recomputes each segment with an ordinary forward during backward, so the
+    # tracker's hooks see what the recomputation keeps (the non-reentrant form stores it out of sight)
     with tracker:
-        h = x
+        h = x.detach().requires_grad_(True)
         for a, b in zip(bounds, bounds[1:]):
-            h = checkpoint(run(a, b), h, use_reentrant=False)
+            h = checkpoint(run(a, b), h, use_reentrant=True)
         loss = torch.nn.functional.cross_entropy(model.backbone.head(h), y)
         loss.backward()
     model.zero_grad(set_to_none=True)
