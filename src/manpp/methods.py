@@ -114,7 +114,8 @@ def build_local_model(backbone: nn.Module, settings: LocalSettings, *, num_class
                                task=getattr(backbone, "task", None))
         if method.momentum:
             unit = backbone.units[unit_index]
-            head = MomentumAux(getattr(unit, "block", unit), head,  # dense backbones wrap their blocks momentum=settings.ema_momentum,
+            # dense backbones wrap their blocks (``unit.block``): the copies are of the block itself
+            head = MomentumAux(getattr(unit, "block", unit), head, momentum=settings.ema_momentum,
                                learnable_scale=method.learnable_scale, init=settings.copy_init,
                                reinit=getattr(backbone, "reinit_", None), recompute_ema=settings.recompute_ema)
         aux.append(head)
