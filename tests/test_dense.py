@@ -110,6 +110,20 @@ def test_miou_on_known_masks():
     assert out["pixel_accuracy"] == pytest.approx(8 / 11)
 
 
+def test_pixel_loss_ignores_255_and_stays_finite_when_everything_is_ignored():
+    from manpp.tasks import pixel_cross_entropy
+
+    logits = torch.randn(2, 3, 4, 4, requires_grad=True)
+    target = torch.randint(0, 3, (2, 4, 4))
+    target[0, :2] = 255
+    expected = torch.nn.functional.cross_entropy(logits, target, ignore_index=255)
+    assert torch.allclose(pixel_cross_entropy(logits, target), expected)
+    empty = pixel_cross_entropy(logits, torch.full((2, 4, 4), 255))
+    assert empty.item() == 0.0
+    empty.backward()  # a crop of ignored pixels only gives no gradient, not NaN
+    assert torch.isfinite(logits.grad).all()
+
+
 def test_coco_ap_of_perfect_shifted_and_no_detections():
     data = ShapesDetection(6, image_size=64, seed=1)
     gt = data.coco_ground_truth()

@@ -70,8 +70,7 @@ class SegmentationTask(Task):
         return F.interpolate(logits, size=tuple(size), mode="bilinear", align_corners=False)
 
     def loss(self, output, ctx: LocalContext) -> torch.Tensor:
-        return F.cross_entropy(self.upsample(output, ctx.targets.shape[-2:]).float(), ctx.targets,
-                               ignore_index=self.ignore_index)
+        return pixel_cross_entropy(self.upsample(output, ctx.targets.shape[-2:]), ctx.targets, self.ignore_index)
 
     def train_hits(self, output, targets):
         pred = self.upsample(output, targets.shape[-2:]).argmax(1)
@@ -83,7 +82,7 @@ class SegmentationTask(Task):
         was_training = model.training
         model.eval()
         confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.float64, device=device)
-        loss_sum, pixels = torch.zeros((), dtype=torch.float64, device=device), 0
+        loss_sum = torch.zeros((), dtype=torch.float64, device=device)
         amp = getattr(model, "amp_dtype", None)
         for batch in batches:
             inputs, targets = self.prepare(batch, device)
@@ -104,6 +103,12 @@ class SegmentationTask(Task):
         x = torch.randn(n, info.in_channels, info.image_size, info.image_size, generator=g)
         y = torch.randint(0, self.num_classes, (n, info.image_size, info.image_size), generator=g)
         return self.prepare((x, y), device)
+
+
+def pixel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, ignore_index: int = 255) -> torch.Tensor:
+    """Mean cross-entropy over the pixels that are not ``ignore_index``; 0 (not NaN) when a batch has none."""
+    total = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="sum")
+    return total / (target != ignore_index).sum().clamp(min=1)
 
 
 def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int, ignore_index: int = 255):

@@ -18,8 +18,10 @@ class SegmentationHead(nn.Module):
         self.ignore_index = ignore_index
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        from ..tasks import pixel_cross_entropy
+
         logits = F.interpolate(self.body(x), size=ctx.targets.shape[-2:], mode="bilinear", align_corners=False)
-        return F.cross_entropy(logits.float(), ctx.targets, ignore_index=self.ignore_index)
+        return pixel_cross_entropy(logits, ctx.targets, self.ignore_index)
 
 
 class DetectionHead(nn.Module):
