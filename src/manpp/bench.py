@@ -23,16 +23,12 @@ def _sync(device: torch.device) -> None:
 
 def bench(cfg: C.TrainConfig, methods: list[str], *, steps: int = 20, warmup: int = 3) -> list[dict]:
     """One record per method: median step time, images/s, activation and allocator peaks, sizes."""
-    from .models import build_backbone
     from .tasks import task_of
     from .train import build_model, data_info, memory_format, resolve_device
 
     info = data_info(cfg)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
-    task = task_of(build_backbone(cfg.model, num_classes=info.num_classes, image_size=info.image_size))
-    x, y = task.example_batch(cfg.batch_size, info, device)
-    x = x.contiguous(memory_format=memory_format(cfg))
     runs = []
     for label in methods:
         method, _, objective = label.partition(":")  # 'manpp:dgl' = MAN++ on the DGL objective
@@ -42,6 +38,8 @@ def bench(cfg: C.TrainConfig, methods: list[str], *, steps: int = 20, warmup: in
         opt = torch.optim.SGD(model.parameters_to_optimize(), lr=1e-3, momentum=0.9, nesterov=True)
         runs.append({"method": method, "label": label, "objective": run_cfg.objective, "model": model, "opt": opt,
                      "times": []})
+    x, y = task_of(runs[0]["model"].backbone).example_batch(cfg.batch_size, info, device)
+    x = x.contiguous(memory_format=memory_format(cfg))
 
     def step(run) -> None:
         run["opt"].zero_grad(set_to_none=True)

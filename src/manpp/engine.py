@@ -14,8 +14,9 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import nn
 
-from .objectives import LocalContext, task_loss
+from .objectives import LocalContext
 from .partition import Partition
+from .tasks import task_of
 
 LossScale = Callable[[torch.Tensor], torch.Tensor]  # or an object with such a ``scale`` method (GradScaler)
 
@@ -93,8 +94,7 @@ class LocalModel(nn.Module):
         if j < self.k - 1:
             aux = self._aux_calls[j]
             return lambda h, ctx: aux(primary(h), ctx)
-        task = getattr(self.backbone, "task", None)
-        return task.loss if task is not None else task_loss
+        return task_of(self.backbone).loss
 
     def compile_parts(self, **options) -> "LocalModel":
         """``torch.compile`` every module and auxiliary network, never the loop that calls backward.
@@ -125,7 +125,8 @@ class LocalModel(nn.Module):
 
 
 def local_step(model: LocalModel, inputs: torch.Tensor, targets: torch.Tensor,
-               scaler: LossScale | None = None) -> StepResult:
+               scaler: LossScale | None = None, *, modules: Sequence[int] | None = None,
+               ctx: LocalContext | None = None) -> StepResult:
     """The whole engine: K local forward/backward passes, gradient-isolated by ``detach``.
 
     With ``scaler`` (fp16: a ``torch.amp.GradScaler``, whose ``scale`` is used, or any callable
@@ -133,13 +134,17 @@ def local_step(model: LocalModel, inputs: torch.Tensor, targets: torch.Tensor,
     share one scale and the caller unscales once (``scaler.step(optimizer)``). The reported losses
     are unscaled, and the MAN/MAN++ EMA hook reads parameters, not gradients, so scaling leaves it
     unchanged.
+
+    ``modules`` runs only those consecutive modules, ``inputs`` being the first one's input, and
+    ``ctx`` gives the batch's targets and images when ``inputs`` is not the image (a pipeline stage).
     """
     scale = (scaler.scale if hasattr(scaler, "scale") else scaler) if scaler is not None else None
-    ctx = LocalContext(inputs, targets, model.denormalize)
+    ctx = ctx or LocalContext(inputs, targets, model.denormalize)
     losses = []
     x = inputs
     amp = torch.autocast(inputs.device.type, dtype=model.amp_dtype, enabled=model.amp_dtype is not None)
-    for j, stage in enumerate(model.stages):
+    for j in modules if modules is not None else range(model.k):
+        stage = model.stages[j]
         with amp:
             h = stage(x)
             loss = model.local_loss(j)(h, ctx)

@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 from . import config as C
 from . import distributed as D
-from .engine import LocalContext, detach
+from .engine import LocalContext, local_step
 from .errors import ManppError
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.float64]
@@ -156,6 +156,16 @@ def train_pipelined(cfg: C.TrainConfig, device: torch.device, verbose: bool = Tr
                   f"({', '.join(f'{r.start}-{r.stop - 1}' for r in stage_modules(model.k, stages))}), peak "
                   f"activation per stage {', '.join(format_bytes(b) for b in memory['stage_peak_bytes'])} at batch "
                   f"{cfg.batch_size}, EMA sync every {cfg.ema_sync_every} step(s), run folder {out}", flush=True)
+    if ema_source is not None:  # the next stage's first unit, as it is at this step, just before the EMA update
+        aux, update = model.aux[mine[-1]], model.aux[mine[-1]].after_backward
+
+        def receive_then_update() -> None:
+            if step % cfg.ema_sync_every == 0:
+                with torch.no_grad():
+                    torch._foreach_copy_([p.data for p in ema_source], _recv(rank + 1, device))
+            update()
+
+        aux.after_backward = receive_then_update  # the engine calls it after the module's backward
     seed_everything(cfg.seed + 1)
     history, step, epoch = [], 0, 0
     pending: list = []
@@ -180,25 +190,14 @@ def train_pipelined(cfg: C.TrainConfig, device: torch.device, verbose: bool = Tr
             for group in optimizer.param_groups:
                 group["lr"] = lr_at(step, cfg, steps_per_epoch)
             optimizer.zero_grad(set_to_none=True)
-            ctx = LocalContext(image, y, model.denormalize)
-            amp = torch.autocast(device.type, dtype=model.amp_dtype, enabled=model.amp_dtype is not None)
-            for j in mine:
-                with amp:
-                    h = model.stages[j](x)
-                    loss = model.local_loss(j)(h, ctx)
-                if loss.requires_grad:
-                    loss.backward()
-                if j < model.k - 1 and hasattr(model.aux[j], "after_backward"):
-                    if j == mine[-1] and ema_source is not None and step % cfg.ema_sync_every == 0:
-                        received = _recv(rank + 1, device)  # the next stage's unit at this step
-                        with torch.no_grad():
-                            torch._foreach_copy_([p.data for p in ema_source], received)
-                    model.aux[j].after_backward()
-                if not torch.isfinite(loss.detach()):
-                    raise ManppError(f"training diverged at step {step} in module {j} (stage {rank}): its local "
-                                     f"loss is not finite; lower the learning rate (lr={cfg.lr})")
-                sums[j] += float(loss.detach())
-                x = detach(h)
+            result = local_step(model, x, y, modules=mine, ctx=LocalContext(image, y, model.denormalize))
+            losses = torch.stack(result.losses).double().cpu()
+            if not torch.isfinite(losses).all():
+                raise ManppError(f"training diverged at step {step} in stage {rank} (modules {mine.start}-"
+                                 f"{mine.stop - 1}): a local loss is not finite ({losses.tolist()}); lower the "
+                                 f"learning rate (lr={cfg.lr})")
+            sums[list(mine)] += losses
+            x = result.logits
             optimizer.step()  # update-unlocked: this stage steps as soon as its own losses are known
             if rank < stages - 1:
                 _wait(pending)

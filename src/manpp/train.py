@@ -40,13 +40,8 @@ RANK_SEED = 1_000_003  # process r > 0 draws its random numbers (augmentation, d
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name not in ("cpu", "cuda") and not name.startswith("cuda:"):
-        raise ManppError(f"unknown device '{name}': accepted are 'auto', 'cpu' or 'cuda'")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ManppError(f"device '{name}' was asked for but CUDA is not available here; use --device cpu")
-    return torch.device(name)
+    """``--device`` for a single process (``auto``: CUDA when there is one); clear errors otherwise."""
+    return D.process_device(name, None)
 
 
 def seed_everything(seed: int) -> None:
