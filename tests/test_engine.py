@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 import manpp
+from manpp.errors import ManppError
 from manpp.momentum import MomentumAux
 
 
@@ -223,6 +224,43 @@ def test_recomputing_the_ema_branch_lowers_the_activation_peak():
         model = manpp.local_model(manpp.build_backbone("resnet32"), "manpp", 16, recompute_ema=recompute)
         peaks.append(measure_step(model, x, y).peak_activation_bytes)
     assert peaks[1] < 0.85 * peaks[0]
+
+
+def test_auto_recompute_keeps_the_peak_and_skips_modules_that_do_not_set_it():
+    from manpp.memory import measure_step
+
+    x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    torch.manual_seed(0)
+    always = manpp.local_model(manpp.build_backbone("resnet32"), "manpp", 16, recompute_ema=True)
+    auto = copy.deepcopy(always)
+    for a in auto.aux:
+        a.recompute_ema = "auto"
+    chosen = auto.choose_recompute(x, y)
+    # the full-resolution modules set the peak and recompute; the later, smaller ones keep the branch
+    assert chosen and chosen[0] == 0 and len(chosen) < len(auto.aux)
+    assert all(a.recompute_ema is (j in chosen) for j, a in enumerate(auto.aux))
+    assert measure_step(auto, x, y).peak_activation_bytes == measure_step(always, x, y).peak_activation_bytes
+    r1, r2 = always.train_step(x, y), auto.train_step(x, y)
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=1e-6) for a, b in zip(r1.losses, r2.losses))
+    for p, q in zip(always.parameters(), auto.parameters()):
+        assert (p.grad is None) == (q.grad is None)
+        assert p.grad is None or torch.allclose(p.grad, q.grad, rtol=1e-5, atol=1e-7)
+
+
+def test_auto_recompute_is_decided_at_the_first_step_and_bad_values_are_refused(batch):
+    x, y = batch
+    model = make("manpp", 4, objective="dgl", depth=8)
+    assert all(a.recompute_ema == "auto" for a in model.aux)  # the default
+    state = copy.deepcopy(model.state_dict())
+    model.train_step(x, y)
+    assert all(isinstance(a.recompute_ema, bool) for a in model.aux)
+    # deciding measured two steps but restored the model: the step's EMA update happened once
+    fresh = make("manpp", 4, objective="dgl", depth=8, recompute_ema=True)
+    fresh.load_state_dict(state)
+    fresh.train_step(x, y)
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), fresh.state_dict().values()))
+    with pytest.raises(ManppError, match="recompute_ema"):
+        make("manpp", 4, objective="dgl", depth=8, recompute_ema="sometimes")
 
 
 def test_compiled_parts_match_eager(batch):

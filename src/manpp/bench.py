@@ -50,6 +50,7 @@ def bench(cfg: C.TrainConfig, methods: list[str], *, steps: int = 20, warmup: in
         for _ in range(warmup):
             step(run)
         run["memory"] = measure_step(run["model"], x, y)
+        run["recompute"] = [j for j, a in enumerate(run["model"].aux) if getattr(a, "recompute_ema", None) is True]
     for _ in range(steps):
         for run in runs:  # interleaved: every method sees the same machine state
             _sync(device)
@@ -71,6 +72,7 @@ def bench(cfg: C.TrainConfig, methods: list[str], *, steps: int = 20, warmup: in
             "peak_activation_bytes": mem.peak_activation_bytes, "peak_allocated_bytes": mem.peak_allocated_bytes,
             "params": sum(p.numel() for p in model.backbone.parameters()),
             "aux_params": sum(model.aux_parameter_count()), "torch_version": torch.__version__,
+            "ema_recomputed_in_modules": run["recompute"] if run["method"] in ("man", "manpp") else None,
         })
     base = records[0]
     for r in records:

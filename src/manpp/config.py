@@ -54,7 +54,7 @@ class TrainConfig:
     # MAN / MAN++
     ema_momentum: float = 0.995
     copy_init: str = "copy"  # 'copy' (ours) or 'random' (the release)
-    recompute_ema: bool = True  # recompute the EMA branch in backward instead of keeping it (less memory)
+    recompute_ema: Any = "auto"  # true / false / 'auto': recompute the EMA branch in backward where it lowers the peak
     # local heads (ObjectiveConfig)
     aux_config: str = "2c2f"
     aux_loss: str = "cross_entropy"

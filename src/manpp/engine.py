@@ -114,7 +114,43 @@ class LocalModel(nn.Module):
 
         ``scaler`` (a ``torch.amp.GradScaler`` or a callable) scales each local loss before its backward.
         """
+        if any(getattr(a, "recompute_ema", None) == "auto" for a in self.aux):
+            self.choose_recompute(inputs, targets)
         return local_step(self, inputs, targets, scaler)
+
+    def choose_recompute(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[int]:
+        """Settle ``recompute_ema='auto'``: recompute the EMA branch only where keeping it would
+        raise the step's activation peak, and return the modules that recompute.
+
+        Modules run one at a time, so the step's peak is the largest module's. Two measured steps
+        (the model is restored after each) give every module's peak with and without the
+        recomputation; a module keeps its EMA activations when even then it stays at or below
+        the peak of the all-recompute step. Memory is therefore that of ``recompute_ema=true``,
+        and the modules that do not set the peak save one EMA forward pass each per step.
+        """
+        from .memory import measure_step
+
+        auto = [a for a in self.aux if getattr(a, "recompute_ema", None) == "auto"]
+        for a in auto:
+            a.recompute_ema = True
+        if auto:
+            compiled = self.stages, self._aux_calls
+            # measured on the plain modules: compiling the memory hooks would measure nothing useful
+            object.__setattr__(self, "stages", [getattr(s, "_orig_mod", s) for s in compiled[0]])
+            object.__setattr__(self, "_aux_calls", [getattr(a, "_orig_mod", a) for a in compiled[1]])
+            try:
+                with_recompute = measure_step(self, inputs, targets).module_peak_bytes
+                for a in auto:
+                    a.recompute_ema = False
+                without = measure_step(self, inputs, targets).module_peak_bytes
+            finally:
+                object.__setattr__(self, "stages", compiled[0])
+                object.__setattr__(self, "_aux_calls", compiled[1])
+            limit = max(with_recompute)
+            for j, a in enumerate(self.aux):
+                if any(a is b for b in auto):
+                    a.recompute_ema = without[j] > limit
+        return [j for j, a in enumerate(self.aux) if getattr(a, "recompute_ema", False) is True]
 
     def parameters_to_optimize(self) -> list[nn.Parameter]:
         """Backbone, learnable copies, scales and heads; not the frozen EMA copies."""

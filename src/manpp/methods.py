@@ -57,7 +57,7 @@ class LocalSettings:
     objective: str = "infopro"
     ema_momentum: float = 0.995
     copy_init: str = "copy"
-    recompute_ema: bool = True  # keep no EMA-branch activations; recompute them in backward
+    recompute_ema: bool | str = "auto"  # recompute the EMA branch in backward: true, false, or 'auto' (where it lowers the peak)
     heads: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
 

@@ -18,6 +18,8 @@ import copy
 import torch
 from torch import nn
 
+from .errors import ManppError
+
 INITS = ("copy", "random")
 
 
@@ -67,12 +69,14 @@ class MomentumAux(nn.Module):
     """
 
     def __init__(self, unit: nn.Module, head: nn.Module, *, momentum: float = 0.995,
-                 learnable_scale: bool = True, init: str = "copy", reinit=None, recompute_ema: bool = True):
+                 learnable_scale: bool = True, init: str = "copy", reinit=None, recompute_ema: bool | str = "auto"):
         super().__init__()
         if not 0.0 <= momentum <= 1.0:
             raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
         if init not in INITS:
             raise ValueError(f"copy init must be one of {INITS}, got {init!r}")
+        if not (isinstance(recompute_ema, bool) or recompute_ema == "auto"):
+            raise ManppError(f"bad recompute_ema {recompute_ema!r}: accepted are true, false or 'auto'")
         self.lb = copy.deepcopy(unit)
         self.ema = copy.deepcopy(unit)
         if init == "random":
@@ -91,6 +95,8 @@ class MomentumAux(nn.Module):
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.track_running_stats = False
                 m.running_mean = m.running_var = m.num_batches_tracked = None
+        # 'auto': decided per module at the first training step (LocalModel.choose_recompute);
+        # until then (e.g. a pipeline stage, which never decides) it recomputes
         self.recompute_ema = recompute_ema
         self.head = head
         self.momentum = momentum

@@ -377,6 +377,11 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
               f"device {device}, run folder {out}")
         if model.k > 1:
             print("  modules: " + ", ".join(names))
+        recompute = [getattr(a, "recompute_ema", None) for a in model.aux]
+        if cfg.recompute_ema == "auto" and recompute and all(isinstance(r, bool) for r in recompute):
+            chosen = [str(j) for j, r in enumerate(recompute) if r]
+            print(f"  EMA branch recomputed in backward in module{'s' if len(chosen) != 1 else ''} "
+                  f"{', '.join(chosen) or 'none'} (recompute_ema=auto: where it sets the activation peak)")
 
     max_steps = cfg.max_steps
     fmt = memory_format(cfg)
