@@ -25,12 +25,24 @@ from manpp.memory import format_bytes
 
 HERE = Path(__file__).resolve().parent
 
+
+def plain_decoders(model) -> None:
+    """The InfoPro decoders as first written: resize to the image size, then the 3x3 conv."""
+    for m in model.modules():
+        if hasattr(m, "factored"):
+            m.factored = False
+
+
 CIFAR = [
-    # name, config overrides, methods, steps factor
+    # name, config overrides, methods, steps factor[, prepare]
     ("ResNet-32, K=16", {"model": "resnet32", "k": 16},
      ["e2e", "manpp:infopro", "manpp:dgl", "man:infopro", "infopro", "dgl"], 1.0),
+    ("ResNet-32, K=16, EMA branch recomputed everywhere (recompute_ema=true)",
+     {"model": "resnet32", "k": 16, "recompute_ema": True}, ["e2e", "manpp:infopro", "manpp:dgl"], 1.0),
     ("ResNet-32, K=16, EMA branch kept (recompute_ema=false)", {"model": "resnet32", "k": 16, "recompute_ema": False},
      ["e2e", "manpp:infopro", "manpp:dgl"], 1.0),
+    ("ResNet-32, K=16, decoders resize then convolve (before the factored decoder)", {"model": "resnet32", "k": 16},
+     ["e2e", "manpp:infopro", "infopro"], 1.0, plain_decoders),
     ("ResNet-32, K=8", {"model": "resnet32", "k": 8}, ["e2e", "manpp:infopro", "manpp:dgl"], 1.0),
     ("ResNet-110, K=55", {"model": "resnet110", "k": 55}, ["e2e", "manpp:infopro", "manpp:dgl"], 0.3),
 ]
@@ -64,12 +76,12 @@ def main(argv=None) -> int:
         "python": platform.python_version(), "torch": torch.__version__, "date": datetime.date.today().isoformat(),
         "batch_size": args.batch_size, "input": shape, "setups": [],
     }
-    for setup, overrides, methods, factor in setups:
+    for setup, overrides, methods, factor, *prepare in setups:
         cfg = C.apply(C.TrainConfig(), {"dataset": dataset, "batch_size": args.batch_size, "device": args.device,
                                         **overrides})
         steps = max(2, round(args.steps * factor))
         print(f"== {setup} ({steps} steps)", flush=True)
-        records = bench(cfg, methods, steps=steps, warmup=2 if factor == 1.0 else 1)
+        records = bench(cfg, methods, steps=steps, warmup=2 if factor == 1.0 else 1, prepare=prepare[0] if prepare else None)
         doc["setups"].append({"name": setup, "overrides": overrides, "steps": steps, "records": records})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -81,16 +93,31 @@ def main(argv=None) -> int:
     return 0
 
 
+def _modules_text(modules: list[int] | None) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'; None (no EMA branch) -> '-'."""
+    if modules is None:
+        return "-"
+    if not modules:
+        return "none"
+    runs, start = [], modules[0]
+    for prev, cur in zip(modules, modules[1:] + [None]):
+        if cur != prev + 1:
+            runs.append(str(start) if start == prev else f"{start}-{prev}")
+            start = cur
+    return ", ".join(runs)
+
+
 def to_markdown(doc: dict) -> str:
     lines = [f"{doc['machine']}; torch {doc['torch']}; {doc['date']}; batch {doc['batch_size']}, {doc['input']}; "
              f"median step time over the timed steps; ratios to E2E measured in the same process.", "",
              f"Command: `{doc['command']}`", "",
-             "| setup | method | objective | modules | activation peak | vs E2E | step time | vs E2E | images/s |"
-             " allocator peak |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "| setup | method | objective | modules | EMA recomputed in | activation peak | vs E2E | step time | vs E2E "
+             "| images/s | allocator peak |",
+             "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for setup in doc["setups"]:
         for r in setup["records"]:
             lines.append(f"| {setup['name']} | {r['method']} | {r['objective'] or '-'} | {r['modules']} "
+                         f"| {_modules_text(r.get('ema_recomputed_in_modules'))} "
                          f"| {format_bytes(r['peak_activation_bytes'])} | {r['activation_ratio']:.2f} "
                          f"| {r['step_time_s'] * 1000:.0f} ms | {r['step_time_ratio']:.2f} | {r['images_per_s']:.0f} "
                          f"| {format_bytes(r['peak_allocated_bytes'])} |")

@@ -21,8 +21,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench(cfg: C.TrainConfig, methods: list[str], *, steps: int = 20, warmup: int = 3) -> list[dict]:
-    """One record per method: median step time, images/s, activation and allocator peaks, sizes."""
+def bench(cfg: C.TrainConfig, methods: list[str], *, steps: int = 20, warmup: int = 3, prepare=None) -> list[dict]:
+    """One record per method: median step time, images/s, activation and allocator peaks, sizes.
+
+    ``prepare(model)``, if given, is applied to every model once it is built (benchmarks use it to
+    switch an implementation detail, e.g. the InfoPro decoders' plain resize-then-conv).
+    """
     from .tasks import task_of
     from .train import build_model, data_info, memory_format, resolve_device
 
@@ -35,6 +39,8 @@ def bench(cfg: C.TrainConfig, methods: list[str], *, steps: int = 20, warmup: in
         run_cfg = dataclasses.replace(cfg, method=method, k=None if method == "e2e" else cfg.k,
                                       objective=objective or cfg.objective)
         model = build_model(run_cfg, info, device)
+        if prepare is not None:
+            prepare(model)
         opt = torch.optim.SGD(model.parameters_to_optimize(), lr=1e-3, momentum=0.9, nesterov=True)
         runs.append({"method": method, "label": label, "objective": run_cfg.objective, "model": model, "opt": opt,
                      "times": []})
