@@ -114,9 +114,14 @@ class LocalModel(nn.Module):
 
         ``scaler`` (a ``torch.amp.GradScaler`` or a callable) scales each local loss before its backward.
         """
-        if any(getattr(a, "recompute_ema", None) == "auto" for a in self.aux):
+        if self.recompute_pending:
             self.choose_recompute(inputs, targets)
         return local_step(self, inputs, targets, scaler)
+
+    @property
+    def recompute_pending(self) -> bool:
+        """True until ``recompute_ema='auto'`` is settled (at the first training step)."""
+        return any(getattr(a, "recompute_ema", None) == "auto" for a in self.aux)
 
     def choose_recompute(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[int]:
         """Settle ``recompute_ema='auto'``: recompute the EMA branch only where keeping it would
