@@ -81,7 +81,8 @@ def main(argv=None) -> int:
                                         **overrides})
         steps = max(2, round(args.steps * factor))
         print(f"== {setup} ({steps} steps)", flush=True)
-        records = bench(cfg, methods, steps=steps, warmup=2 if factor == 1.0 else 1, prepare=prepare[0] if prepare else None)
+        records = bench(cfg, methods, steps=steps, warmup=2 if factor == 1.0 else 1,
+                        prepare=prepare[0] if prepare else None)
         doc["setups"].append({"name": setup, "overrides": overrides, "steps": steps, "records": records})
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -111,8 +112,8 @@ def to_markdown(doc: dict) -> str:
     lines = [f"{doc['machine']}; torch {doc['torch']}; {doc['date']}; batch {doc['batch_size']}, {doc['input']}; "
              f"median step time over the timed steps; ratios to E2E measured in the same process.", "",
              f"Command: `{doc['command']}`", "",
-             "| setup | method | objective | modules | EMA recomputed in | activation peak | vs E2E | step time | vs E2E "
-             "| images/s | allocator peak |",
+             "| setup | method | objective | modules | EMA recomputed in | activation peak | vs E2E | step time "
+             "| vs E2E | images/s | allocator peak |",
              "|---|---|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for setup in doc["setups"]:
         for r in setup["records"]:

@@ -31,9 +31,9 @@ __all__ = [
 
 
 def local_model(backbone, method: str = "manpp", k: int | None = None, *, split="even", objective: str = "infopro",
-                ema_momentum: float = 0.995, copy_init: str = "copy", recompute_ema: bool | str = "auto", image_size: int | None = None,
-                image_channels: int | None = None, num_classes: int | None = None, denormalize=None,
-                **head_options) -> LocalModel:
+                ema_momentum: float = 0.995, copy_init: str = "copy", recompute_ema: bool | str = "auto",
+                image_size: int | None = None, image_channels: int | None = None, num_classes: int | None = None,
+                denormalize=None, **head_options) -> LocalModel:
     """Cut ``backbone`` into ``k`` modules and attach the local objectives of ``method``.
 
     ``head_options`` are :class:`ObjectiveConfig` fields (``aux_config``, ``ixx_1``, ...).

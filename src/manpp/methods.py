@@ -57,7 +57,8 @@ class LocalSettings:
     objective: str = "infopro"
     ema_momentum: float = 0.995
     copy_init: str = "copy"
-    recompute_ema: bool | str = "auto"  # recompute the EMA branch in backward: true, false, or 'auto' (where it lowers the peak)
+    # recompute the EMA branch in backward: true, false, or 'auto' (only where it lowers the peak)
+    recompute_ema: bool | str = "auto"
     heads: ObjectiveConfig = field(default_factory=ObjectiveConfig)
 
 

@@ -95,6 +95,7 @@ def resized_conv(x: torch.Tensor, conv: nn.Conv2d, size: tuple[int, int], factor
         out = out.contiguous(memory_format=torch.channels_last)
     return out
 
+
 def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
