@@ -85,7 +85,7 @@ def main(argv=None) -> int:
                                   "history": [{"epoch": h["epoch"], "test_score": h["test_score"]} for h in s["history"]],
                                   "step_time_s": s["step_time_s"], "peak_activation_bytes": s["peak_activation_bytes"]})
         if task == "segmentation":
-            from manpp.train import load_data
+            from manpp.build import load_data
 
             entry["chance"] = background_miou(load_data(base)[1])
         else:

@@ -26,9 +26,9 @@ from torch.utils.checkpoint import checkpoint
 
 from manpp import config as C
 from manpp.memory import ActivationTracker, format_bytes, measure_step
-from manpp.plan import balanced_ends, unit_activation_bytes
+from manpp.partition import balanced_ends, unit_activation_bytes
 from manpp.tasks import task_of
-from manpp.train import build_model, data_info
+from manpp.build import build_model, data_info
 
 HERE = Path(__file__).resolve().parent
 

@@ -164,7 +164,7 @@ def test_module_entry_point_exits_nonzero_without_traceback():
                          ids=lambda p: p.stem)
 def test_paper_configs_load_and_build(path):
     from manpp.data import dataset_info
-    from manpp.train import build_model
+    from manpp.build import build_model
 
     cfg = C.from_dict(C.load_yaml(path))
     assert cfg.split == "paper" and cfg.method == "manpp" and cfg.epochs == 400 and cfg.lr == 0.8

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 
 from manpp.data import (
     DATASETS,
+    FASHION_SYSTEM_DIR,
     RandomCropFlip,
     TensorImageDataset,
     build_datasets,
@@ -19,7 +20,6 @@ from manpp.data import (
     read_idx_labels,
     torchvision_transforms,
 )
-from manpp.data.datasets import FASHION_SYSTEM_DIR
 from manpp.errors import ManppError
 
 

@@ -9,8 +9,7 @@ import torch
 import manpp
 from manpp import config as C
 from manpp.cli import main
-from manpp.data.datasets import dataset_info
-from manpp.data.dense import ShapesDetection
+from manpp.data import ShapesDetection, dataset_info
 from manpp.errors import ManppError
 from manpp.models import build_backbone
 from manpp.tasks import coco_map, confusion_matrix, segmentation_metrics, task_of

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.io import write_png
 
-from manpp.data.dense import (
+from manpp.data import (
     SHAPE_CLASSES,
     CityscapesSegmentation,
     CocoDetection,

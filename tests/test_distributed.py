@@ -13,7 +13,8 @@ import manpp
 from manpp import config as C
 from manpp import distributed as D
 from manpp.errors import ManppError
-from manpp.train import EpochBatches, build_model, build_optimizer, load_data, lr_at, seed_everything, train
+from manpp.build import EpochBatches, build_model, build_optimizer, load_data, lr_at, seed_everything
+from manpp.train import train
 
 
 def test_shards_of_a_step_are_the_single_process_batch():
@@ -49,7 +50,7 @@ def test_without_a_group_helpers_are_single_process(monkeypatch):
 
 
 def test_bad_backend_and_optimizer_are_clear_errors(tmp_path):
-    from manpp.train import check_options
+    from manpp.build import check_options
 
     with pytest.raises(ManppError, match="unknown dist_backend 'mpi'"):
         check_options(C.TrainConfig(dist_backend="mpi"))

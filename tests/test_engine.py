@@ -50,7 +50,7 @@ def test_gradients_do_not_cross_module_boundaries(batch):
     grads0 = [g.clone() for g in module_grads(model, 0)]
     model.zero_grad(set_to_none=True)
     # the same step but with the last module's loss scaled: earlier modules must not notice
-    ctx = manpp.objectives.LocalContext(x, y)
+    ctx = manpp.LocalContext(x, y)
     h = x
     for j, stage in enumerate(model.stages):
         out = stage(h)
@@ -235,7 +235,9 @@ def test_auto_recompute_keeps_the_peak_and_skips_modules_that_do_not_set_it():
     auto = copy.deepcopy(always)
     for a in auto.aux:
         a.recompute_ema = "auto"
-    chosen = auto.choose_recompute(x, y)
+    from manpp.momentum import settle_recompute
+
+    chosen = settle_recompute(auto, x, y)
     # the full-resolution modules set the peak and recompute; the later, smaller ones keep the branch
     assert chosen and chosen[0] == 0 and len(chosen) < len(auto.aux)
     assert all(a.recompute_ema is (j in chosen) for j, a in enumerate(auto.aux))

@@ -175,7 +175,7 @@ IMAGENET_CONFIGS = sorted(ROOT.glob("configs/imagenet_*.yaml"))
 @pytest.mark.parametrize("path", IMAGENET_CONFIGS, ids=lambda p: p.stem)
 def test_imagenet_paper_configs_load_and_build(path):
     from manpp.data import dataset_info
-    from manpp.train import build_model
+    from manpp.build import build_model
 
     cfg = C.from_dict(C.load_yaml(path))
     assert cfg.dataset == "imagenet" and cfg.split == "paper" and cfg.epochs == 90 and cfg.batch_size == 1024

@@ -12,7 +12,7 @@ import torch
 from manpp import config as C
 from manpp.errors import ManppError
 from manpp.pipeline import stage_modules
-from manpp.train import check_options
+from manpp.build import check_options
 
 RUN = ["model=resnet8", "dataset=synthetic", "method=manpp", "objective=dgl", "k=3", "batch_size=8", "epochs=1",
        "max_steps=4", "device=cpu", "seed=5", "lr=0.05", "warmup_epochs=0", "copy_init=random", "eval_batch_size=64"]

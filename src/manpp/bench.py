@@ -13,7 +13,10 @@ import time
 import torch
 
 from . import config as C
+from .build import build_model, data_info, memory_format, resolve_device
 from .memory import format_bytes, measure_step
+from .registry import METHODS
+from .tasks import task_of
 
 
 def _sync(device: torch.device) -> None:
@@ -27,9 +30,6 @@ def bench(cfg: C.TrainConfig, methods: list[str], *, steps: int = 20, warmup: in
     ``prepare(model)``, if given, is applied to every model once it is built (benchmarks use it to
     switch an implementation detail, e.g. the InfoPro decoders' plain resize-then-conv).
     """
-    from .tasks import task_of
-    from .train import build_model, data_info, memory_format, resolve_device
-
     info = data_info(cfg)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -70,7 +70,7 @@ def bench(cfg: C.TrainConfig, methods: list[str], *, steps: int = 20, warmup: in
         median = statistics.median(run["times"])
         records.append({
             "model": cfg.model, "method": run["method"], "label": run["label"],
-            "objective": run["objective"] if run["method"] in ("man", "manpp") else None,
+            "objective": model.objective if METHODS.get(run["method"]).takes_objective else None,
             "modules": model.k, "partition": model.partition.label, "dataset_shape": cfg.dataset,
             "batch_size": cfg.batch_size, "device": str(device), "steps": steps,
             "channels_last": cfg.channels_last, "amp": cfg.amp, "threads": torch.get_num_threads(),
@@ -78,7 +78,7 @@ def bench(cfg: C.TrainConfig, methods: list[str], *, steps: int = 20, warmup: in
             "peak_activation_bytes": mem.peak_activation_bytes, "peak_allocated_bytes": mem.peak_allocated_bytes,
             "params": sum(p.numel() for p in model.backbone.parameters()),
             "aux_params": sum(model.aux_parameter_count()), "torch_version": torch.__version__,
-            "ema_recomputed_in_modules": run["recompute"] if run["method"] in ("man", "manpp") else None,
+            "ema_recomputed_in_modules": run["recompute"] if METHODS.get(run["method"]).momentum else None,
         })
     base = records[0]
     for r in records:

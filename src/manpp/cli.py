@@ -11,8 +11,10 @@ import sys
 import warnings
 
 from . import config as C
+from . import methods as _methods  # noqa: F401  (registers every method and objective)
 from .distributed import is_main, rank
 from .errors import ManppError
+from .registry import METHODS, OBJECTIVES, method_names
 
 # command-line option -> config field (None values mean "not given")
 COMMON = {"model": "model", "dataset": "dataset", "data_dir": "data_dir", "objective": "objective", "k": "k",
@@ -32,9 +34,14 @@ def _add_common(p: argparse.ArgumentParser, *, method: bool = True) -> None:
     p.add_argument("--image-size", type=int, help="input side in pixels for imagenet and synthetic (default 224 / 32)")
     p.add_argument("--data-dir", help="where the dataset lives (or is downloaded to)")
     if method:
-        p.add_argument("--method", help="e2e, dgl, infopro, man, manpp (default manpp)")
-    p.add_argument("--objective", help="base objective of man/manpp: dgl or infopro (default infopro)")
-    p.add_argument("--k", type=int, help="number of gradient-isolated modules (default 16, capped at the units)")
+        p.add_argument("--method", choices=method_names(), metavar="METHOD",
+                       help="; ".join(f"{n}: {METHODS[n].summary}" for n in method_names()) + " (default manpp)")
+    takers = "/".join(n for n in method_names() if METHODS[n].takes_objective)
+    p.add_argument("--objective", choices=OBJECTIVES.names(), metavar="OBJECTIVE",
+                   help=f"base objective of {takers}: {', '.join(OBJECTIVES.names())} (default: the backbone's, "
+                   f"infopro on ResNets, dgl on ViTs and dense models); its settings are heads.<name>=value")
+    p.add_argument("--k", type=int, help="number of gradient-isolated modules (default: 16 on CIFAR ResNets, "
+                   "else 4, capped at the units)")
     p.add_argument("--split", help="even (default), paper, memory (balanced activation memory), or "
                    "comma-separated last units of modules")
     p.add_argument("--epochs", type=int)
@@ -51,7 +58,8 @@ def _add_common(p: argparse.ArgumentParser, *, method: bool = True) -> None:
                    "(update-unlocked); default: data parallel")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile modules and heads")
     p.add_argument("--out", metavar="DIR", help="run folder (default runs/<model>-<dataset>-<method>)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="any config field, e.g. ema_momentum=0.99")
+    p.add_argument("overrides", nargs="*", metavar="key=value",
+                   help="any config field, e.g. ema_momentum=0.99, or an objective setting, e.g. heads.ixx_1=5")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,12 +72,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines or progress bar")
     p = sub.add_parser("compare", help="train several methods with the same recipe and compare them")
     _add_common(p, method=False)
-    p.add_argument("--methods", default="e2e,manpp", help="comma-separated methods (default e2e,manpp)")
+    p.add_argument("--methods", default="e2e,manpp",
+                   help=f"comma-separated methods from {', '.join(method_names())} (default e2e,manpp)")
     p.add_argument("--json", metavar="PATH", help="also write the records to this file")
     p.add_argument("--quiet", action="store_true")
     p = sub.add_parser("bench", help="time training steps and measure memory on synthetic data")
     _add_common(p)
-    p.add_argument("--methods", help="several methods, interleaved in one process; ratios are to the first")
+    p.add_argument("--methods", help="several methods, interleaved in one process; ratios are to the first; "
+                   "method:objective picks the objective of man/manpp (e.g. manpp:dgl)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per method (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--json", action="store_true", help="write one JSON object to stdout")
@@ -99,7 +109,8 @@ def resolve_config(args: argparse.Namespace, base: C.TrainConfig | None = None) 
 
 
 def cmd_train(args) -> int:
-    from .train import load_checkpoint, train
+    from .rundir import load_checkpoint
+    from .train import train
 
     base = None
     if args.resume:

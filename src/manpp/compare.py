@@ -9,7 +9,8 @@ from pathlib import Path
 from . import config as C
 from .errors import ManppError
 from .memory import format_bytes
-from .methods import get_method
+from .registry import METHODS, OBJECTIVES
+from .train import train
 
 RECORD_KEYS = ("method", "modules", "test_accuracy", "best_test_accuracy", "metric", "test_score", "best_test_score",
                "test_metrics", "peak_activation_bytes",
@@ -19,18 +20,17 @@ RECORD_KEYS = ("method", "modules", "test_accuracy", "best_test_accuracy", "metr
 
 def parse_methods(text: str, *, objectives: bool = False) -> list[str]:
     """``'e2e,manpp'`` -> ``['e2e', 'manpp']``; with ``objectives``, ``'manpp:dgl'`` is accepted too."""
-    from .objectives import OBJECTIVES
-
     methods = [m.strip() for m in text.split(",") if m.strip()]
     if not methods:
         raise ManppError("--methods is empty: give a comma-separated list such as e2e,manpp")
     for m in methods:
         name, colon, objective = m.partition(":")
-        get_method(name)
+        method = METHODS.get(name)
+        takers = [n for n, x in METHODS.items() if x.takes_objective]
         if colon and not objectives:
-            raise ManppError(f"'{m}': choose the objective of man/manpp with --objective here")
-        if colon and (objective not in OBJECTIVES or name not in ("man", "manpp")):
-            raise ManppError(f"bad method '{m}': only man and manpp take an objective, one of "
+            raise ManppError(f"'{m}': choose the objective of {'/'.join(takers)} with --objective here")
+        if colon and (objective not in OBJECTIVES or not method.takes_objective):
+            raise ManppError(f"bad method '{m}': only {' and '.join(takers)} take an objective, one of "
                              f"{', '.join(OBJECTIVES)} (e.g. manpp:dgl)")
     if len(set(methods)) != len(methods):
         raise ManppError(f"--methods lists a method twice: {text}")
@@ -40,8 +40,6 @@ def parse_methods(text: str, *, objectives: bool = False) -> list[str]:
 def run_compare(cfg: C.TrainConfig, methods: list[str], *, json_path: str | None = None,
                 verbose: bool = True) -> list[dict]:
     """Train each method with ``cfg`` (``k`` applies to the local methods) and report side by side."""
-    from .train import train
-
     out = Path(cfg.out or Path("runs") / f"compare-{cfg.model}-{cfg.dataset}")
     records = []
     for method in methods:

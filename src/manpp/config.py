@@ -1,23 +1,31 @@
-"""Typed run configuration: a flat dataclass, loadable from YAML, overridable by ``key=value``.
+"""Typed run configuration: a dataclass, loadable from YAML, overridable by ``key=value``.
 
 Precedence: defaults < ``-c FILE`` < command-line options < ``key=value`` overrides. The
 resolved config is written next to the results (``config.yaml``).
+
+The local objective's own settings live in the nested ``heads`` mapping (each objective declares
+them, :mod:`manpp.registry`): ``heads.ixx_1=5`` on the command line, or ``heads: {ixx_1: 5}`` in
+YAML. The flat keys of earlier versions (``ixx_1=5``, ``aux_config=1c2f``, ...) keep working and
+go to ``heads``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Union
+from typing import Any
 
 import yaml
 
 from .errors import ManppError
 from .methods import LocalSettings
-from .objectives import ObjectiveConfig
+from .momentum import EMA_MOMENTUM
+from .settings import coerce, field_types
+
+# the flat head settings of earlier versions; each now lives in ``heads`` (and in its objective)
+LEGACY_HEAD_KEYS = ("aux_config", "aux_loss", "feature_dim", "widen", "ixx_1", "ixy_1", "ixx_2", "ixy_2",
+                    "lambda_schedule")
 
 
 @dataclass
@@ -31,9 +39,9 @@ class TrainConfig:
     train_subset: int | None = None  # use only this many training images (a fixed random subset)
     test_subset: int | None = None
     method: str = "manpp"
-    objective: str = "infopro"  # base objective of man / manpp: 'dgl' or 'infopro'
-    k: int | None = None  # modules; None: 1 for e2e, else min(16, units)
-    split: Any = "even"  # 'even', 'paper' or a list of module end units
+    objective: str | None = None  # base objective of man / manpp (see --help); None: the backbone's default
+    k: int | None = None  # modules; None: 1 for e2e, else the backbone's default (16 for CIFAR ResNets, else 4)
+    split: Any = "even"  # 'even', 'paper', 'memory' or a list of module end units
     # recipe (METHOD.md section 4 has the paper values; see configs/)
     epochs: int = 8
     batch_size: int = 64
@@ -52,19 +60,11 @@ class TrainConfig:
     optimizer: str = "sgd"  # 'sgd' (SGD with sgd_momentum, nesterov) or 'adamw' (AdamW with adamw_betas, eps 1e-8)
     adamw_betas: Any = (0.9, 0.999)
     # MAN / MAN++
-    ema_momentum: float = 0.995
+    ema_momentum: float = EMA_MOMENTUM
     copy_init: str = "copy"  # 'copy' (ours) or 'random' (the release)
     recompute_ema: Any = "auto"  # true / false / 'auto': recompute the EMA branch in backward where it lowers the peak
-    # local heads (ObjectiveConfig)
-    aux_config: str = "2c2f"
-    aux_loss: str = "cross_entropy"
-    feature_dim: int = 128
-    widen: int = 1
-    ixx_1: float = 5.0
-    ixy_1: float = 0.5
-    ixx_2: float = 0.0
-    ixy_2: float = 0.0
-    lambda_schedule: str = "auto"
+    # the objective's own settings, e.g. {'ixx_1': 5.0} (manpp describe --objective X lists them)
+    heads: dict = field(default_factory=dict)
     # running
     seed: int = 0
     max_steps: int | None = None
@@ -79,10 +79,9 @@ class TrainConfig:
     out: str | None = None
 
     def local_settings(self) -> LocalSettings:
-        heads = ObjectiveConfig(**{f.name: getattr(self, f.name) for f in fields(ObjectiveConfig)})
         return LocalSettings(method=self.method, k=self.k, split=self.split, objective=self.objective,
                              ema_momentum=self.ema_momentum, copy_init=self.copy_init,
-                             recompute_ema=self.recompute_ema, heads=heads)
+                             recompute_ema=self.recompute_ema, heads=dict(self.heads))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -93,57 +92,41 @@ class TrainConfig:
 
 
 # fields that define the model and its training: a checkpoint must agree on them to be resumed
-IDENTITY_FIELDS = ("model", "dataset", "method", "objective", "k", "split", "aux_config", "aux_loss",
-                   "feature_dim", "widen", "copy_init", "batch_size")
-
-
-def _field_types() -> dict[str, Any]:
-    hints = typing.get_type_hints(TrainConfig)
-    return {f.name: hints[f.name] for f in fields(TrainConfig)}
-
-
-def _coerce(name: str, value: Any, hint: Any) -> Any:
-    origin = typing.get_origin(hint)
-    if origin in (Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        if value is None or (isinstance(value, str) and value.lower() in ("none", "null")):
-            return None
-        hint = args[0]
-    if hint is Any:
-        return value
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false", "yes", "no", "1", "0"):
-            return value.lower() in ("true", "yes", "1")
-    elif hint is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            return int(value)
-    elif hint is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            pass
-    elif hint is str:
-        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
-            return str(value)
-    raise ManppError(f"bad value {value!r} for '{name}': expected {getattr(hint, '__name__', hint)}")
+IDENTITY_FIELDS = ("model", "dataset", "method", "objective", "k", "split", "heads", "copy_init", "batch_size")
 
 
 def apply(cfg: TrainConfig, values: dict[str, Any], source: str = "override") -> TrainConfig:
-    """Return ``cfg`` with ``values`` set, each checked against the field's type."""
-    types_ = _field_types()
-    updates = {}
+    """Return ``cfg`` with ``values`` set, each checked against the field's type.
+
+    ``heads.<name>`` (dotted) and the flat legacy head keys set one entry of ``heads``; ``heads``
+    given as a mapping is merged into the current one.
+    """
+    types_ = field_types(TrainConfig)
+    updates: dict[str, Any] = {}
+    heads = dict(cfg.heads)
     for key, value in values.items():
         key = key.replace("-", "_")
-        if key not in types_:
-            raise ManppError(f"unknown setting '{key}' in {source}: accepted are {', '.join(types_)}")
-        updates[key] = _coerce(key, value, types_[key])
-    return dataclasses.replace(cfg, **updates)
+        group, dot, sub = key.partition(".")
+        if dot:
+            if group != "heads" or not sub:
+                raise ManppError(f"unknown setting '{key}' in {source}: only 'heads' has nested settings "
+                                 f"(heads.<name>=value)")
+            heads[sub] = value
+        elif key in LEGACY_HEAD_KEYS:
+            heads[key] = value  # the flat key of earlier versions, same meaning
+        elif key == "heads":
+            if value is None:
+                value = {}
+            if not isinstance(value, dict):
+                raise ManppError(f"bad value {value!r} for 'heads' in {source}: expected a mapping such as "
+                                 f"{{ixx_1: 5.0}}, or heads.<name>=value")
+            heads.update(value)
+        elif key not in types_:
+            raise ManppError(f"unknown setting '{key}' in {source}: accepted are {', '.join(types_)} "
+                             f"(and heads.<name> for the objective's settings)")
+        else:
+            updates[key] = coerce(key, value, types_[key])
+    return dataclasses.replace(cfg, **updates, heads=heads)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -188,5 +171,5 @@ def from_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:
     return apply(TrainConfig(), data, source)
 
 
-__all__ = ["TrainConfig", "IDENTITY_FIELDS", "apply", "from_dict", "load_yaml", "parse_overrides", "save_yaml",
-           "field"]
+__all__ = ["TrainConfig", "IDENTITY_FIELDS", "LEGACY_HEAD_KEYS", "apply", "from_dict", "load_yaml",
+           "parse_overrides", "save_yaml"]

@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from . import config as C
+from .build import build_model, data_info, resolve_device
 from .memory import format_bytes, measure_step
+from .tasks import task_of
 
 
 def describe(cfg: C.TrainConfig) -> tuple[str, dict]:
     """Build the model for ``cfg`` and measure one step on random data of the dataset's shape."""
-    from .tasks import task_of
-    from .train import build_model, data_info, resolve_device
-
     info = data_info(cfg)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
@@ -32,7 +33,8 @@ def describe(cfg: C.TrainConfig) -> tuple[str, dict]:
             span += " + head"
         rows.append({"module": j, "units": span, "n_units": len(units), "params": params,
                      "aux_params": aux_params[j], "activation_bytes": report.module_peak_bytes[j]})
-    lines = [f"{cfg.model} / {cfg.method}" + (f" ({cfg.objective})" if cfg.method in ("man", "manpp") else "")
+    objective = f" ({model.objective})" if model.objective and model.objective != cfg.method else ""
+    lines = [f"{cfg.model} / {cfg.method}{objective}"
              + f": {model.k} module{'s' if model.k > 1 else ''} [{model.partition.label}], input "
              f"{cfg.batch_size}x{info.in_channels}x{info.image_size}x{info.image_size} ({cfg.dataset} shape, "
              f"random data)", "",
@@ -46,6 +48,12 @@ def describe(cfg: C.TrainConfig) -> tuple[str, dict]:
                  f"{total_aux:>10,}  {format_bytes(report.peak_activation_bytes):>12} peak")
     if report.peak_allocated_bytes is not None:
         lines.append(f"CUDA allocator peak during the step: {format_bytes(report.peak_allocated_bytes)}")
+    if model.objective_settings is not None:
+        settings = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(model.objective_settings).items())
+        lines.append(f"objective {model.objective}: heads.{{{settings}}}" if settings else
+                     f"objective {model.objective} (no settings)")
     data = {"modules": rows, "peak_activation_bytes": report.peak_activation_bytes,
-            "peak_allocated_bytes": report.peak_allocated_bytes, "partition": model.partition.label}
+            "peak_allocated_bytes": report.peak_allocated_bytes, "partition": model.partition.label,
+            "objective": model.objective,
+            "heads": dataclasses.asdict(model.objective_settings) if model.objective_settings is not None else None}
     return "\n".join(lines), data

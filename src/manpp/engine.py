@@ -8,17 +8,41 @@ this is plain end-to-end training through the same code.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
 
-from .objectives import LocalContext
 from .partition import Partition
-from .tasks import task_of
 
 LossScale = Callable[[torch.Tensor], torch.Tensor]  # or an object with such a ``scale`` method (GradScaler)
+Backward = Callable[[torch.Tensor], Any]  # runs one local loss's backward (Lightning's ``manual_backward``, ...)
+FirstStepHook = Callable[["LocalModel", Any, Any], None]
+
+
+@dataclass
+class LocalContext:
+    """What a local loss may look at besides the features: the batch's targets and image."""
+
+    inputs: torch.Tensor
+    targets: Any
+    denormalize: Callable[[torch.Tensor], torch.Tensor] | None = None
+    _image01: torch.Tensor | None = None
+
+    @property
+    def image01(self) -> torch.Tensor:
+        """The un-normalised input in [0, 1] (InfoPro's reconstruction target), computed once."""
+        if self._image01 is None:
+            x = self.inputs.detach()
+            self._image01 = (self.denormalize(x) if self.denormalize else x).clamp(0, 1)
+        return self._image01
+
+
+def cross_entropy_loss(logits: torch.Tensor, ctx: LocalContext) -> torch.Tensor:
+    """The default final loss: cross-entropy of the backbone's logits against the targets."""
+    return nn.functional.cross_entropy(logits, ctx.targets)
 
 
 class Stage(nn.Module):
@@ -62,13 +86,23 @@ def primary(h: Any) -> torch.Tensor:
 class LocalModel(nn.Module):
     """A backbone cut into K gradient-isolated modules, each non-final one with an auxiliary net.
 
-    ``aux[j]`` is any module with ``forward(features, ctx) -> loss`` and optionally
-    ``after_backward()``. The backbone and the auxiliary networks are the registered
-    submodules; the stages are views on the backbone's units, so checkpoints do not depend on K.
+    The contract, and all the engine knows:
+
+    - ``backbone`` has ``units`` (an ordered ``nn.ModuleList``) and a ``head``;
+    - ``aux[j]`` (j < K - 1) is any module with ``forward(features, ctx) -> loss`` and optionally
+      ``after_backward()`` (called right after module j's backward);
+    - ``final_loss(output, ctx) -> loss`` trains the last module (default: cross-entropy);
+    - ``first_step_hooks``: callables ``hook(model, inputs, targets)`` run once, before the first
+      training step (a method that must see a real batch before it trains registers one).
+
+    The backbone and the auxiliary networks are the registered submodules; the stages are views on
+    the backbone's units, so checkpoints do not depend on K.
     """
 
     def __init__(self, backbone: nn.Module, partition: Partition, aux: Sequence[nn.Module],
-                 denormalize: Callable[[torch.Tensor], torch.Tensor] | None = None, method: str = "custom"):
+                 denormalize: Callable[[torch.Tensor], torch.Tensor] | None = None, method: str = "custom",
+                 final_loss: Callable[[Any, LocalContext], torch.Tensor] | None = None,
+                 first_step_hooks: Sequence[FirstStepHook] = ()):
         super().__init__()
         if len(aux) != partition.k - 1:
             raise ValueError(f"{partition.k} modules need {partition.k - 1} auxiliary networks, got {len(aux)}")
@@ -76,13 +110,17 @@ class LocalModel(nn.Module):
         self.aux = nn.ModuleList(aux)
         self.partition = partition
         self.method = method
+        self.objective: str | None = None  # the builder records the objective and its settings here
+        self.objective_settings = None
         self.denormalize = denormalize
+        self.final_loss = final_loss or cross_entropy_loss
+        self.first_step_hooks: list[FirstStepHook] = list(first_step_hooks)
         self.amp_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: forward passes under autocast
         units = backbone.units
         stages = [Stage([units[i] for i in partition.units_of(j)]) for j in range(partition.k)]
         stages[-1].head = backbone.head
         object.__setattr__(self, "stages", stages)  # views, not submodules
-        object.__setattr__(self, "_aux_calls", list(self.aux))  # what the step calls (compiled or not)
+        object.__setattr__(self, "aux_calls", list(self.aux))  # what the step calls (compiled or not)
 
     @property
     def k(self) -> int:
@@ -90,11 +128,11 @@ class LocalModel(nn.Module):
 
     def local_loss(self, j: int) -> Callable:
         """Module j's loss: its auxiliary network (reading the module's main feature map), or for
-        the last module the task's loss (the backbone's ``task``; classification by default)."""
+        the last module ``final_loss``."""
         if j < self.k - 1:
-            aux = self._aux_calls[j]
+            aux = self.aux_calls[j]
             return lambda h, ctx: aux(primary(h), ctx)
-        return task_of(self.backbone).loss
+        return self.final_loss
 
     def compile_parts(self, **options) -> "LocalModel":
         """``torch.compile`` every module and auxiliary network, never the loop that calls backward.
@@ -102,60 +140,42 @@ class LocalModel(nn.Module):
         Parameters and checkpoints are unchanged (the compiled wrappers share the modules).
         """
         object.__setattr__(self, "stages", [torch.compile(s, **options) for s in self.stages])
-        object.__setattr__(self, "_aux_calls", [torch.compile(a, **options) for a in self.aux])
+        object.__setattr__(self, "aux_calls", [torch.compile(a, **options) for a in self.aux])
         return self
+
+    @contextlib.contextmanager
+    def uncompiled(self):
+        """Within the block the step runs the plain (not compiled) modules and auxiliary networks."""
+        compiled = self.stages, self.aux_calls
+        object.__setattr__(self, "stages", [getattr(s, "_orig_mod", s) for s in compiled[0]])
+        object.__setattr__(self, "aux_calls", [getattr(a, "_orig_mod", a) for a in compiled[1]])
+        try:
+            yield self
+        finally:
+            object.__setattr__(self, "stages", compiled[0])
+            object.__setattr__(self, "aux_calls", compiled[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Inference: the backbone alone, no auxiliary networks."""
         return self.backbone(x)
 
-    def train_step(self, inputs: torch.Tensor, targets: torch.Tensor, scaler: LossScale | None = None) -> StepResult:
+    def run_first_step_hooks(self, inputs, targets) -> None:
+        """Run (and drop) the pending first-step hooks; the first ``train_step`` does this itself."""
+        hooks, self.first_step_hooks = self.first_step_hooks, []
+        for hook in hooks:
+            hook(self, inputs, targets)
+
+    def train_step(self, inputs: torch.Tensor, targets, scaler: LossScale | None = None, *,
+                   backward: Backward | None = None) -> StepResult:
         """Forward + backward of every module in turn; gradients accumulate in ``.grad``.
 
-        ``scaler`` (a ``torch.amp.GradScaler`` or a callable) scales each local loss before its backward.
+        ``scaler`` (a ``torch.amp.GradScaler`` or a callable) scales each local loss before its
+        backward; ``backward(loss)`` replaces ``loss.backward()`` (for example Lightning's
+        ``manual_backward``, Fabric's or Accelerate's ``backward``), and is called K times.
         """
-        if self.recompute_pending:
-            self.choose_recompute(inputs, targets)
-        return local_step(self, inputs, targets, scaler)
-
-    @property
-    def recompute_pending(self) -> bool:
-        """True until ``recompute_ema='auto'`` is settled (at the first training step)."""
-        return any(getattr(a, "recompute_ema", None) == "auto" for a in self.aux)
-
-    def choose_recompute(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[int]:
-        """Settle ``recompute_ema='auto'``: recompute the EMA branch only where keeping it would
-        raise the step's activation peak, and return the modules that recompute.
-
-        Modules run one at a time, so the step's peak is the largest module's. Two measured steps
-        (the model is restored after each) give every module's peak with and without the
-        recomputation; a module keeps its EMA activations when even then it stays at or below
-        the peak of the all-recompute step. Memory is therefore that of ``recompute_ema=true``,
-        and the modules that do not set the peak save one EMA forward pass each per step.
-        """
-        from .memory import measure_step
-
-        auto = [a for a in self.aux if getattr(a, "recompute_ema", None) == "auto"]
-        for a in auto:
-            a.recompute_ema = True
-        if auto:
-            compiled = self.stages, self._aux_calls
-            # measured on the plain modules: compiling the memory hooks would measure nothing useful
-            object.__setattr__(self, "stages", [getattr(s, "_orig_mod", s) for s in compiled[0]])
-            object.__setattr__(self, "_aux_calls", [getattr(a, "_orig_mod", a) for a in compiled[1]])
-            try:
-                with_recompute = measure_step(self, inputs, targets).module_peak_bytes
-                for a in auto:
-                    a.recompute_ema = False
-                without = measure_step(self, inputs, targets).module_peak_bytes
-            finally:
-                object.__setattr__(self, "stages", compiled[0])
-                object.__setattr__(self, "_aux_calls", compiled[1])
-            limit = max(with_recompute)
-            for j, a in enumerate(self.aux):
-                if any(a is b for b in auto):
-                    a.recompute_ema = without[j] > limit
-        return [j for j, a in enumerate(self.aux) if getattr(a, "recompute_ema", False) is True]
+        if self.first_step_hooks:
+            self.run_first_step_hooks(inputs, targets)
+        return local_step(self, inputs, targets, scaler, backward=backward)
 
     def parameters_to_optimize(self) -> list[nn.Parameter]:
         """Backbone, learnable copies, scales and heads; not the frozen EMA copies."""
@@ -164,22 +184,31 @@ class LocalModel(nn.Module):
     def aux_parameter_count(self) -> list[int]:
         return [sum(p.numel() for p in a.parameters()) for a in self.aux]
 
+    def export_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained network without its auxiliary networks, under the plain model's names where
+        the backbone knows them (``backbone.export_state_dict()``), else the backbone's own."""
+        export = getattr(self.backbone, "export_state_dict", None)
+        if export is not None:
+            return export()
+        return {k: v.detach().clone() for k, v in self.backbone.state_dict().items()}
 
-def local_step(model: LocalModel, inputs: torch.Tensor, targets: torch.Tensor,
-               scaler: LossScale | None = None, *, modules: Sequence[int] | None = None,
-               ctx: LocalContext | None = None) -> StepResult:
+
+def local_step(model: LocalModel, inputs: torch.Tensor, targets, scaler: LossScale | None = None, *,
+               modules: Sequence[int] | None = None, ctx: LocalContext | None = None,
+               backward: Backward | None = None) -> StepResult:
     """The whole engine: K local forward/backward passes, gradient-isolated by ``detach``.
 
     With ``scaler`` (fp16: a ``torch.amp.GradScaler``, whose ``scale`` is used, or any callable
     ``loss -> scaled loss``) every module's loss is scaled before its backward, so all K modules
     share one scale and the caller unscales once (``scaler.step(optimizer)``). The reported losses
     are unscaled, and the MAN/MAN++ EMA hook reads parameters, not gradients, so scaling leaves it
-    unchanged.
+    unchanged. ``backward(loss)``, if given, runs each backward instead of ``loss.backward()``.
 
     ``modules`` runs only those consecutive modules, ``inputs`` being the first one's input, and
     ``ctx`` gives the batch's targets and images when ``inputs`` is not the image (a pipeline stage).
     """
     scale = (scaler.scale if hasattr(scaler, "scale") else scaler) if scaler is not None else None
+    run_backward = backward or torch.Tensor.backward
     ctx = ctx or LocalContext(inputs, targets, model.denormalize)
     losses = []
     x = inputs
@@ -190,7 +219,7 @@ def local_step(model: LocalModel, inputs: torch.Tensor, targets: torch.Tensor,
             h = stage(x)
             loss = model.local_loss(j)(h, ctx)
         if loss.requires_grad:
-            (loss if scale is None else scale(loss)).backward()  # frees module j's graph before module j+1 runs
+            run_backward(loss if scale is None else scale(loss))  # frees module j's graph before module j+1 runs
         if j < model.k - 1:
             hook = getattr(model.aux[j], "after_backward", None)
             if hook is not None:

@@ -13,14 +13,14 @@ from pathlib import Path
 import torch
 
 from . import config as C
+from .build import data_info
 from .errors import ManppError
+from .models import build_backbone
+from .rundir import load_checkpoint
 
 
 def export_backbone(checkpoint: str | Path, out: str | Path) -> dict:
     """Write the backbone of a run's checkpoint to ``out``; returns what was written."""
-    from .models import build_backbone
-    from .train import data_info, load_checkpoint
-
     ckpt = load_checkpoint(checkpoint)
     cfg = C.from_dict(ckpt["config"], source=f"checkpoint '{checkpoint}'")
     state = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}

@@ -106,8 +106,8 @@ def measure_step(model, inputs: torch.Tensor, targets: torch.Tensor, *, restore:
     With ``restore`` (the default) the model's parameters, buffers and gradients are put back
     afterwards, so measuring has no effect on training.
     """
-    if getattr(model, "recompute_pending", False):
-        model.choose_recompute(inputs, targets)  # settled first: its own measured steps are not counted here
+    if getattr(model, "first_step_hooks", None):
+        model.run_first_step_hooks(inputs, targets)  # settled first: their own measured steps are not counted here
     saved = copy.deepcopy(model.state_dict()) if restore else None
     grads = {p: (None if p.grad is None else p.grad.clone()) for p in model.parameters()} if restore else None
     was_training = model.training

@@ -21,6 +21,8 @@ from torch import nn
 from .errors import ManppError
 
 INITS = ("copy", "random")
+EMA_MOMENTUM = 0.995  # the paper's m
+RECOMPUTE_CHOICES = (True, False, "auto")
 
 
 class _RecomputedMix(torch.autograd.Function):
@@ -68,15 +70,10 @@ class MomentumAux(nn.Module):
     release ends up doing).
     """
 
-    def __init__(self, unit: nn.Module, head: nn.Module, *, momentum: float = 0.995,
+    def __init__(self, unit: nn.Module, head: nn.Module, *, momentum: float = EMA_MOMENTUM,
                  learnable_scale: bool = True, init: str = "copy", reinit=None, recompute_ema: bool | str = "auto"):
         super().__init__()
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"EMA momentum must be in [0, 1], got {momentum}")
-        if init not in INITS:
-            raise ValueError(f"copy init must be one of {INITS}, got {init!r}")
-        if not (isinstance(recompute_ema, bool) or recompute_ema == "auto"):
-            raise ManppError(f"bad recompute_ema {recompute_ema!r}: accepted are true, false or 'auto'")
+        check_settings(momentum, init, recompute_ema)
         self.lb = copy.deepcopy(unit)
         self.ema = copy.deepcopy(unit)
         if init == "random":
@@ -95,8 +92,8 @@ class MomentumAux(nn.Module):
             if isinstance(m, nn.modules.batchnorm._BatchNorm):
                 m.track_running_stats = False
                 m.running_mean = m.running_var = m.num_batches_tracked = None
-        # 'auto': decided per module at the first training step (LocalModel.choose_recompute);
-        # until then (e.g. a pipeline stage, which never decides) it recomputes
+        # 'auto': decided per module at the first training step (settle_recompute, a first-step
+        # hook of the local model); until then (e.g. a pipeline stage, which never decides) it recomputes
         self.recompute_ema = recompute_ema
         self.head = head
         self.momentum = momentum
@@ -105,10 +102,19 @@ class MomentumAux(nn.Module):
         else:
             self.register_buffer("scale", torch.ones(()), persistent=False)
         object.__setattr__(self, "_source", unit)  # not a submodule
+        # where the EMA update reads the unit's current parameters from: the unit itself, or (a
+        # pipeline stage whose next unit lives in another process) a callback that receives them
+        self.source_callback = None
 
     @property
     def source(self) -> nn.Module:
         return self._source
+
+    def source_parameters(self) -> list[torch.Tensor]:
+        """The parameters the EMA copy moves towards: ``source_callback()`` if set, else the unit's."""
+        if self.source_callback is not None:
+            return list(self.source_callback())
+        return [p.detach() for p in self._source.parameters()]
 
     def mix(self, h: torch.Tensor) -> torch.Tensor:
         """a = s * LB(h) + (2 - s) * EMA(h); with s fixed at 1 this is MAN's LB(h) + EMA(h)."""
@@ -123,9 +129,7 @@ class MomentumAux(nn.Module):
     @torch.no_grad()
     def after_backward(self) -> None:
         """The EMA step over parameters (not BN buffers), one fused multi-tensor lerp."""
-        ema = list(self.ema.parameters())
-        src = [p.detach() for p in self._source.parameters()]
-        torch._foreach_lerp_(ema, src, 1.0 - self.momentum)
+        torch._foreach_lerp_(list(self.ema.parameters()), self.source_parameters(), 1.0 - self.momentum)
 
     def ema_distance(self) -> float:
         """||theta_EMA - theta_U||, for logging how closely the copy follows its unit."""
@@ -133,3 +137,41 @@ class MomentumAux(nn.Module):
             diffs = torch._foreach_sub([p.detach() for p in self.ema.parameters()],
                                        [p.detach() for p in self._source.parameters()])
             return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(diffs))))
+
+
+def check_settings(momentum: float, init: str, recompute_ema) -> None:
+    """One clear error for a bad MAN/MAN++ setting."""
+    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+        raise ManppError(f"ema_momentum must be a number between 0 and 1, got {momentum!r}")
+    if init not in INITS:
+        raise ManppError(f"unknown copy_init {init!r}: accepted are {', '.join(map(repr, INITS))}")
+    if not any(recompute_ema is c or (isinstance(c, str) and recompute_ema == c) for c in RECOMPUTE_CHOICES):
+        raise ManppError(f"bad recompute_ema {recompute_ema!r}: accepted are true, false or 'auto'")
+
+
+def settle_recompute(model, inputs, targets) -> list[int]:
+    """Settle ``recompute_ema='auto'``: recompute the EMA branch only where keeping it would raise
+    the step's activation peak; returns the modules that recompute. A first-step hook.
+
+    Modules run one at a time, so the step's peak is the largest module's. Two measured steps
+    (the model is restored after each) give every module's peak with and without the
+    recomputation; a module keeps its EMA activations when even then it stays at or below the
+    peak of the all-recompute step. Memory is therefore that of ``recompute_ema=true``, and the
+    modules that do not set the peak save one EMA forward pass each per step.
+    """
+    from .memory import measure_step
+
+    auto = [a for a in model.aux if isinstance(a, MomentumAux) and a.recompute_ema == "auto"]
+    if auto:
+        for a in auto:
+            a.recompute_ema = True
+        with model.uncompiled():  # compiling the memory hooks would measure nothing useful
+            with_recompute = measure_step(model, inputs, targets).module_peak_bytes
+            for a in auto:
+                a.recompute_ema = False
+            without = measure_step(model, inputs, targets).module_peak_bytes
+        limit = max(with_recompute)
+        for j, a in enumerate(model.aux):
+            if any(a is b for b in auto):
+                a.recompute_ema = without[j] > limit
+    return [j for j, a in enumerate(model.aux) if getattr(a, "recompute_ema", False) is True]

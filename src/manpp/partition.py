@@ -16,7 +16,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Sequence
 
+import torch
+
 from .errors import ManppError, choices
+from .memory import ActivationTracker
 
 # Release tables: the last unit of each module as (stage, unit), stage 1-based, unit 0-based, final
 # module included. CIFAR: the stem (unit 0) is always an extra module of its own (the release adds
@@ -65,7 +68,8 @@ PAPER_PRESETS: dict[str, dict[int, Preset]] = {
        for size in ("tiny", "small", "base")},
 }
 
-SPLITS = ("even", "paper")
+SPLITS = ("even", "paper", "memory")
+DEFAULT_K = 4  # the paper's K for ImageNet ResNets, ViTs and COCO; CIFAR ResNets declare 16 (``default_k``)
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,11 @@ def _resolve_unit(backbone, ref, n_units: int) -> int:
     return idx
 
 
+def default_k(backbone) -> int:
+    """K when none is given: the backbone's ``default_k`` (else :data:`DEFAULT_K`), at most its unit count."""
+    return max(1, min(int(getattr(backbone, "default_k", DEFAULT_K)), len(backbone.units)))
+
+
 def make_partition(backbone, k: int | None = None, split: str | Sequence = "even") -> Partition:
     """Cut ``backbone.units`` into modules. See the module docstring for ``split``."""
     n_units = len(backbone.units)
@@ -185,12 +194,75 @@ def make_partition(backbone, k: int | None = None, split: str | Sequence = "even
         ends = _preset_ends(backbone, k)
         part = _from_ends(ends[:-1], n_units, f"paper K={k}")
         return Partition(part.bounds, f"paper K={k} ({part.k} modules)", nominal=k)
+    if split == "memory":
+        raise ManppError("split 'memory' is measured on the input: use memory_balanced_ends(backbone, k, in_channels, "
+                         "image_size) for the module ends, or manpp.local_model / manpp.wrap, which do it")
     if split != "even":
-        raise ManppError(f"unknown split '{split}': accepted are {choices(SPLITS)}, 'memory' (manpp train, manpp.wrap) "
-                         f"or a list of module end units")
+        raise ManppError(f"unknown split '{split}': accepted are {choices(SPLITS)} or a list of module end units")
     if not isinstance(k, int) or not 1 <= k <= n_units:
         raise ManppError(
             f"K={k} is not possible for {_arch(backbone)} ({n_units} units): choose K from 1 to {n_units} "
             f"for an even split; {_preset_summary(backbone)}"
         )
     return even_split(n_units, k)
+
+
+# --- memory-balanced splits ------------------------------------------------------------------
+
+def unit_activation_bytes(backbone, batch_size: int, in_channels: int, image_size: int,
+                          device: torch.device | str = "cpu") -> list[int]:
+    """Bytes autograd saves during each unit's forward (the head counts with the last unit), for one
+    batch of random images; this is what each unit adds to an end-to-end graph."""
+    p = next(backbone.parameters())
+    x = torch.randn(batch_size, in_channels, image_size, image_size, device=device, dtype=p.dtype)
+    tracker = ActivationTracker(list(backbone.parameters()) + list(backbone.buffers()))
+    marks: list[int] = []
+    handles = [u.register_forward_hook(lambda *_: marks.append(tracker.current)) for u in backbone.units]
+    was_training = backbone.training
+    backbone.train()
+    try:
+        with tracker:
+            out = backbone(x)
+            total = tracker.current
+        del out
+    finally:
+        for h in handles:
+            h.remove()
+        backbone.train(was_training)
+    marks[-1] = total
+    return [b - a for a, b in zip([0] + marks[:-1], marks)]
+
+
+def balanced_ends(costs: Sequence[float], k: int) -> list[int]:
+    """The last unit of each of the first ``k - 1`` modules of the contiguous split of ``costs`` into
+    ``k`` parts whose largest sum is smallest (exact dynamic programme; ties: earlier cuts)."""
+    n = len(costs)
+    if not 1 <= k <= n:
+        raise ManppError(f"K={k} is not possible for {n} units: choose K from 1 to {n}")
+    prefix = [0.0]
+    for c in costs:
+        prefix.append(prefix[-1] + float(c))
+    inf = float("inf")
+    best = [[inf] * (n + 1) for _ in range(k + 1)]  # best[j][i]: first i units in j modules
+    cut = [[0] * (n + 1) for _ in range(k + 1)]
+    best[0][0] = 0.0
+    for j in range(1, k + 1):
+        for i in range(j, n - (k - j) + 1):
+            for s in range(j - 1, i):
+                value = max(best[j - 1][s], prefix[i] - prefix[s])
+                if value < best[j][i]:
+                    best[j][i], cut[j][i] = value, s
+    ends, i = [], n
+    for j in range(k, 0, -1):
+        s = cut[j][i]
+        if j > 1:
+            ends.append(s - 1)
+        i = s
+    return sorted(ends)
+
+
+def memory_balanced_ends(backbone, k: int, in_channels: int, image_size: int, batch_size: int = 2) -> list[int]:
+    """``split="memory"``: the module ends whose largest activation sum is smallest, from each unit's
+    activation bytes measured on one batch of random images."""
+    per_unit = unit_activation_bytes(backbone, batch_size, in_channels, image_size)
+    return balanced_ends(per_unit, k)

@@ -32,8 +32,13 @@ import torch.distributed as dist
 
 from . import config as C
 from . import distributed as D
+from .build import build_model, build_optimizer, data_info, epoch_loader, load_data, lr_at, resolved, seed_everything
 from .engine import LocalContext, local_step
 from .errors import ManppError
+from .memory import format_bytes, measure_step
+from .models import model_task
+from .rundir import CHECKPOINT, LOG, SUMMARY, RunResult, append_csv, atomic_save, loss_text, summary
+from .tasks import task_of
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.float64]
 
@@ -101,12 +106,6 @@ def _owned_keys(model, modules: range) -> set[str]:
 
 def train_pipelined(cfg: C.TrainConfig, device: torch.device, verbose: bool = True):
     """One stage of the pipeline (see the module docstring); returns the run's result on every rank."""
-    from .memory import format_bytes, measure_step
-    from .models import model_task
-    from .tasks import task_of
-    from .train import (RunResult, EpochBatches, _append_csv, _atomic_save, _loss_text, _summary, build_model,
-                        build_optimizer, data_info, load_data, lr_at, seed_everything)
-
     if model_task(cfg.model) != "classification":
         raise ManppError(f"parallel modules supports classification backbones; '{cfg.model}' is a "
                          f"{model_task(cfg.model)} model")
@@ -124,6 +123,7 @@ def train_pipelined(cfg: C.TrainConfig, device: torch.device, verbose: bool = Tr
         train_set, test_set, info = None, None, data_info(cfg)
     n_train = D.broadcast_object(len(train_set) if main else None)
     model = build_model(cfg, info, device)  # the same seed: the same initial weights on every stage
+    cfg = resolved(cfg, model)
     task = task_of(model.backbone)
     mine = stage_modules(model.k, stages)[rank]
     owned = _owned_keys(model, mine)
@@ -157,22 +157,18 @@ def train_pipelined(cfg: C.TrainConfig, device: torch.device, verbose: bool = Tr
                   f"activation per stage {', '.join(format_bytes(b) for b in memory['stage_peak_bytes'])} at batch "
                   f"{cfg.batch_size}, EMA sync every {cfg.ema_sync_every} step(s), run folder {out}", flush=True)
     if ema_source is not None:  # the next stage's first unit, as it is at this step, just before the EMA update
-        aux, update = model.aux[mine[-1]], model.aux[mine[-1]].after_backward
-
-        def receive_then_update() -> None:
+        def receive_source() -> list[torch.Tensor]:
             if step % cfg.ema_sync_every == 0:
                 with torch.no_grad():
                     torch._foreach_copy_([p.data for p in ema_source], _recv(rank + 1, device))
-            update()
+            return [p.detach() for p in ema_source]
 
-        aux.after_backward = receive_then_update  # the engine calls it after the module's backward
+        model.aux[mine[-1]].source_callback = receive_source  # read by the EMA update after the module's backward
     seed_everything(cfg.seed + 1)
     history, step, epoch = [], 0, 0
     pending: list = []
     while epoch < cfg.epochs and (cfg.max_steps is None or step < cfg.max_steps):
-        batches = iter(torch.utils.data.DataLoader(
-            train_set, batch_sampler=EpochBatches(n_train, cfg.batch_size, cfg.seed, epoch),
-            generator=torch.Generator().manual_seed(cfg.seed * 100_003 + epoch + 1))) if main else None
+        batches = iter(epoch_loader(train_set, cfg, epoch)) if main else None
         sums = torch.zeros(model.k, dtype=torch.float64)
         n_batches = 0
         model.train()
@@ -224,19 +220,19 @@ def train_pipelined(cfg: C.TrainConfig, device: torch.device, verbose: bool = Tr
                    "images_per_s": n_batches * cfg.batch_size / max(epoch_time, 1e-9), "steps": n_batches,
                    "steps_per_epoch": steps_per_epoch, **{f"loss_{j}": m for j, m in enumerate(means)}}
             history.append(row)
-            _append_csv(out / "log.csv", row)
+            append_csv(out / LOG, row)
             if verbose:
-                print(f"epoch {epoch + 1}/{cfg.epochs}  loss {_loss_text(means)}  test acc "
+                print(f"epoch {epoch + 1}/{cfg.epochs}  loss {loss_text(means)}  test acc "
                       f"{metrics['accuracy']:.2%}  ({epoch_time:.1f} s, {row['images_per_s']:.0f} img/s)", flush=True)
-            _atomic_save({"model": model.state_dict(), "config": cfg.to_dict(), "epoch": epoch + int(finished),
+            atomic_save({"model": model.state_dict(), "config": cfg.to_dict(), "epoch": epoch + int(finished),
                           "step": step, "history": history, "memory": memory, "parallel_stages": stages,
-                          "version": 1}, out / "checkpoint.pt")
+                          "version": 1}, out / CHECKPOINT)
         if finished:
             epoch += 1
-    summary = None
+    result = None
     if main:
-        summary = _summary(cfg, model, history, memory, device)
-        summary.update(world_size=stages, parallel="modules", stage_modules=[[r.start, r.stop - 1] for r in
-                                                                             stage_modules(model.k, stages)])
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
-    return RunResult(summary, model, out)
+        result = summary(cfg, model, history, memory, device, task.metric)
+        result.update(world_size=stages, parallel="modules", stage_modules=[[r.start, r.stop - 1] for r in
+                                                                            stage_modules(model.k, stages)])
+        (out / SUMMARY).write_text(json.dumps(result, indent=2))
+    return RunResult(result, model, out)

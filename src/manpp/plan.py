@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import dataclasses
 import re
-from typing import Sequence
-
 import torch
 
 from . import config as C
+from .build import build_model, data_info, resolve_device
 from .errors import ManppError
-from .memory import ActivationTracker, format_bytes, measure_step
+from .memory import format_bytes, measure_step
+from .models import build_backbone
+from .partition import balanced_ends, unit_activation_bytes
+from .tasks import task_of
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
           "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
@@ -41,58 +43,6 @@ def parse_bytes(text: str | int | float) -> int:
     return int(value * _UNITS[unit])
 
 
-def unit_activation_bytes(backbone, batch_size: int, in_channels: int, image_size: int,
-                          device: torch.device | str = "cpu") -> list[int]:
-    """Bytes autograd saves during each unit's forward (the head counts with the last unit), for one
-    batch of random images; this is what each unit adds to an end-to-end graph."""
-    p = next(backbone.parameters())
-    x = torch.randn(batch_size, in_channels, image_size, image_size, device=device, dtype=p.dtype)
-    tracker = ActivationTracker(list(backbone.parameters()) + list(backbone.buffers()))
-    marks: list[int] = []
-    handles = [u.register_forward_hook(lambda *_: marks.append(tracker.current)) for u in backbone.units]
-    was_training = backbone.training
-    backbone.train()
-    try:
-        with tracker:
-            out = backbone(x)
-            total = tracker.current
-        del out
-    finally:
-        for h in handles:
-            h.remove()
-        backbone.train(was_training)
-    marks[-1] = total
-    return [b - a for a, b in zip([0] + marks[:-1], marks)]
-
-
-def balanced_ends(costs: Sequence[float], k: int) -> list[int]:
-    """The last unit of each of the first ``k - 1`` modules of the contiguous split of ``costs`` into
-    ``k`` parts whose largest sum is smallest (exact dynamic programme; ties: earlier cuts)."""
-    n = len(costs)
-    if not 1 <= k <= n:
-        raise ManppError(f"K={k} is not possible for {n} units: choose K from 1 to {n}")
-    prefix = [0.0]
-    for c in costs:
-        prefix.append(prefix[-1] + float(c))
-    inf = float("inf")
-    best = [[inf] * (n + 1) for _ in range(k + 1)]  # best[j][i]: first i units in j modules
-    cut = [[0] * (n + 1) for _ in range(k + 1)]
-    best[0][0] = 0.0
-    for j in range(1, k + 1):
-        for i in range(j, n - (k - j) + 1):
-            for s in range(j - 1, i):
-                value = max(best[j - 1][s], prefix[i] - prefix[s])
-                if value < best[j][i]:
-                    best[j][i], cut[j][i] = value, s
-    ends, i = [], n
-    for j in range(k, 0, -1):
-        s = cut[j][i]
-        if j > 1:
-            ends.append(s - 1)
-        i = s
-    return sorted(ends)
-
-
 @dataclasses.dataclass
 class PlanRow:
     k: int
@@ -107,10 +57,6 @@ class PlanRow:
 
 def plan(cfg: C.TrainConfig, budget: int, *, max_k: int | None = None, verbose: bool = True) -> dict:
     """Measure K = 1, 2, ... with memory-balanced splits until one fits ``budget`` bytes."""
-    from .models import build_backbone
-    from .tasks import task_of
-    from .train import build_model, data_info, resolve_device
-
     info = data_info(cfg)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)

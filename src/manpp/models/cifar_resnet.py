@@ -74,6 +74,7 @@ class CifarResNet(nn.Module):
     """ResNet-(6n+2) for 32x32 inputs, exposed as ``units`` = [stem, layer1.0, ..., layer3.(n-1)]."""
 
     widths = (16, 16, 32, 64)
+    default_k = 16  # the paper's CIFAR setting (every unit its own module on ResNet-32)
 
     def __init__(self, depth: int = 32, num_classes: int = 10, in_channels: int = 3):
         super().__init__()

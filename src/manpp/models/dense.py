@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .imagenet import TorchvisionResNet, _PlainStateDict
+from .imagenet import TorchvisionResNet, PlainStateDict
 
 DETECTORS = ("retinanet_resnet18", "retinanet_resnet34", "retinanet_resnet50", "retinanet_resnet101",
              "retinanet_resnet152")
@@ -57,7 +57,7 @@ def retinanet_parts(head: nn.Module, num_classes: int, sizes, image_size: int | 
     return detector
 
 
-def _subnets(num_classes: int, convs: int = 4) -> nn.Module:
+def retinanet_subnets(num_classes: int, convs: int = 4) -> nn.Module:
     from torchvision.models.detection.retinanet import RetinaNetHead
 
     head = RetinaNetHead(FPN_CHANNELS, len(ANCHOR_RATIOS) * len(ANCHOR_SCALES), num_classes)
@@ -89,7 +89,7 @@ class RetinaTop(nn.Module):
 
         self.fpn = FeaturePyramidNetwork(in_channels, FPN_CHANNELS, extra_blocks=LastLevelP6P7(in_channels[-1],
                                                                                               FPN_CHANNELS))
-        self.head = _subnets(num_classes)
+        self.head = retinanet_subnets(num_classes)
 
     def forward(self, p) -> dict:
         c5, c3, c4 = p
@@ -107,16 +107,15 @@ def _resnet_units(base: TorchvisionResNet):
     return list(base.units), list(base.unit_names), list(base.unit_stages)
 
 
-class RetinaNetBackbone(_PlainStateDict, nn.Module):
+class RetinaNetBackbone(PlainStateDict, nn.Module):
     """RetinaNet with a ResNet + FPN backbone, cut into units (see the module docstring)."""
 
     aux_family = "detection"
+    task_name = "detection"  # the task (manpp.tasks) reads ``detector`` and ``anchor_base`` from here
 
     def __init__(self, arch: str = "retinanet_resnet50", num_classes: int = 80, in_channels: int = 3,
                  image_size: int | None = None, anchor_base: int = 32, max_size: int | None = None):
         super().__init__()
-        from ..tasks import DetectionTask
-
         resnet = arch.split("_", 1)[1]
         base = TorchvisionResNet(resnet, num_classes=1, in_channels=in_channels)
         units, self.unit_names, self.unit_stages = _resnet_units(base)
@@ -130,7 +129,6 @@ class RetinaNetBackbone(_PlainStateDict, nn.Module):
         detector = retinanet_parts(self.head.head, num_classes, anchor_sizes(anchor_base, self.strides),
                                    image_size, max_size)
         object.__setattr__(self, "detector", detector)  # shares the head's modules; not registered twice
-        self.task = DetectionTask(detector, anchor_base)
 
     def reinit_(self, module: nn.Module) -> None:
         TorchvisionResNet.reinit_(self, module)
@@ -160,20 +158,19 @@ class RetinaNetBackbone(_PlainStateDict, nn.Module):
         det = self.detector
         return torchvision.models.detection.RetinaNet(
             fpn, self.num_classes, min_size=det.transform.min_size, max_size=det.transform.max_size,
-            anchor_generator=det.anchor_generator, head=_subnets(self.num_classes))
+            anchor_generator=det.anchor_generator, head=retinanet_subnets(self.num_classes))
 
 
-class DeepLabV3Backbone(_PlainStateDict, nn.Module):
+class DeepLabV3Backbone(PlainStateDict, nn.Module):
     """DeepLabV3 on a dilated ResNet (strides of layer3 and layer4 replaced by dilation)."""
 
     aux_family = "segmentation"
+    task_name = "segmentation"
 
     def __init__(self, arch: str = "deeplabv3_resnet50", num_classes: int = 19, in_channels: int = 3,
                  ignore_index: int = 255):
         super().__init__()
         from torchvision.models.segmentation.deeplabv3 import DeepLabHead
-
-        from ..tasks import SegmentationTask
 
         resnet = arch.split("_", 1)[1]
         base = TorchvisionResNet(resnet, num_classes=1, in_channels=in_channels,
@@ -182,7 +179,7 @@ class DeepLabV3Backbone(_PlainStateDict, nn.Module):
         self.units = nn.ModuleList(units)
         self.head = DeepLabHead(_width(units[-1]), num_classes)
         self.arch, self.resnet, self.num_classes, self.in_channels = arch, resnet, num_classes, in_channels
-        self.task = SegmentationTask(num_classes, ignore_index)
+        self.ignore_index = ignore_index
 
     def reinit_(self, module: nn.Module) -> None:
         TorchvisionResNet.reinit_(self, module)

@@ -26,7 +26,7 @@ VITS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # w
 VIT_PATCH, VIT_DEPTH = 16, 12
 
 
-class _PlainStateDict:
+class PlainStateDict:
     """Name mapping between this backbone's state dict and the plain torchvision model's."""
 
     def _plain_prefixes(self) -> list[tuple[str, str]]:  # (ours, plain), most specific first
@@ -54,7 +54,7 @@ class _PlainStateDict:
         raise KeyError(f"no mapping for state-dict key '{key}'")
 
 
-class TorchvisionResNet(_PlainStateDict, nn.Module):
+class TorchvisionResNet(PlainStateDict, nn.Module):
     """A torchvision ResNet/ResNeXt cut into units: [stem, layer1.0, ..., layer4.(n-1)]."""
 
     aux_family = "imagenet"  # InfoPro heads of the release's ImageNet code
@@ -75,7 +75,7 @@ class TorchvisionResNet(_PlainStateDict, nn.Module):
         units, names, stages = resnet_units(net)
         self.units = nn.ModuleList(units)
         self.unit_names, self.unit_stages = names, stages
-        self.head = _PoolLinear(net.fc)
+        self.head = PoolLinear(net.fc)
 
     def reinit_(self, module: nn.Module) -> None:
         """Re-draw a module's weights as torchvision initialises a ResNet (for random copies)."""
@@ -117,7 +117,7 @@ def resnet_units(net: nn.Module) -> tuple[list[nn.Module], list[str], list[int]]
     return units, names, stages
 
 
-class _PoolLinear(nn.Module):
+class PoolLinear(nn.Module):
     def __init__(self, fc: nn.Linear):
         super().__init__()
         self.fc = fc
@@ -126,7 +126,7 @@ class _PoolLinear(nn.Module):
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
 
-class _ViTEmbed(nn.Module):
+class ViTEmbed(nn.Module):
     """Patch projection, class token and position embedding: (B, C, H, W) -> (B, 1 + N, D)."""
 
     def __init__(self, conv_proj: nn.Conv2d, class_token: nn.Parameter, pos_embedding: nn.Parameter,
@@ -140,7 +140,7 @@ class _ViTEmbed(nn.Module):
         return self.dropout(x + self.pos_embedding)
 
 
-class TokenHead(nn.Module):
+class ClassTokenHead(nn.Module):
     """LayerNorm, class token, Linear: the ViT's classifier (and its auxiliary heads' ending)."""
 
     def __init__(self, ln: nn.LayerNorm, fc: nn.Linear):
@@ -151,7 +151,7 @@ class TokenHead(nn.Module):
         return self.fc(self.ln(x)[:, 0])
 
 
-class TorchvisionViT(_PlainStateDict, nn.Module):
+class TorchvisionViT(PlainStateDict, nn.Module):
     """torchvision's VisionTransformer (patch 16, depth 12) at the Tiny/Small/Base widths, as units."""
 
     aux_family = "vit"  # class-token heads
@@ -168,11 +168,11 @@ class TorchvisionViT(_PlainStateDict, nn.Module):
         if in_channels != 3:
             net.conv_proj = nn.Conv2d(in_channels, width, VIT_PATCH, VIT_PATCH)
         self._plain_args = (image_size, VIT_PATCH, VIT_DEPTH, heads, width, 4 * width)
-        embed = _ViTEmbed(net.conv_proj, net.class_token, net.encoder.pos_embedding, net.encoder.dropout)
+        embed = ViTEmbed(net.conv_proj, net.class_token, net.encoder.pos_embedding, net.encoder.dropout)
         self.units = nn.ModuleList([embed, *net.encoder.layers])
         self.unit_names = ["embed"] + [f"blocks.{i}" for i in range(VIT_DEPTH)]
         self.unit_stages = [0] + [1] * VIT_DEPTH
-        self.head = TokenHead(net.encoder.ln, net.heads.head)
+        self.head = ClassTokenHead(net.encoder.ln, net.heads.head)
         self.width = width
 
     def reinit_(self, module: nn.Module) -> None:

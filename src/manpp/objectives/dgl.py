@@ -1,15 +1,30 @@
-"""DGL's local classifier as configured in the MAN++ release (RELEASE.md section 2.2), and the
-class-token classifier that plays its part on ViTs (RELEASE.md sections 1.3 and 2.4)."""
+"""DGL's local classifier as configured in the MAN++ release (RELEASE.md section 2.2).
+
+On backbones whose features are not plain CIFAR/ImageNet maps the same idea, a small supervised
+head per module, takes the shape the release gives it: the class-token classifier on a ViT
+(:mod:`.vit`), the one-level RetinaNet head on a detector (:mod:`.detection`) and a light
+segmentation head on a segmenter (:mod:`.segmentation`).
+"""
 
 from __future__ import annotations
 
-import copy
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from ..models.cifar_resnet import init_weights
+from ..registry import register_objective
+from .detection import DetectionHead
+from .segmentation import SegmentationHead
+from .spec import FEATURE_DIM
+from .vit import TokenHead
+
+
+@dataclass
+class DGLSettings:
+    feature_dim: int = FEATURE_DIM  # F: width of the 1x1 convs (the MLP is 4F wide)
 
 
 def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
@@ -23,7 +38,7 @@ def _fc_bn_relu(cin: int, cout: int) -> list[nn.Module]:
 class DGLHead(nn.Module):
     """Pool to 8x8, three 1x1 conv-BN-ReLU to F, GAP, three Linear-BN-ReLU of width 4F, Linear."""
 
-    def __init__(self, channels: int, num_classes: int, feature_dim: int = 128):
+    def __init__(self, channels: int, num_classes: int, feature_dim: int = FEATURE_DIM):
         super().__init__()
         f = feature_dim
         self.convs = nn.Sequential(*_conv_bn_relu(channels, f), *_conv_bn_relu(f, f), *_conv_bn_relu(f, f))
@@ -39,25 +54,16 @@ class DGLHead(nn.Module):
         return F.cross_entropy(self.logits(x), ctx.targets)
 
 
-class TokenHead(nn.Module):
-    """ViT auxiliary head: [learnable copy of a block], LayerNorm, class token, Linear, cross-entropy.
-
-    For MAN/MAN++ the release puts a learnable copy of the block after the copied one here (its
-    second LB block); ``block`` is copied, not shared.
-    """
-
-    def __init__(self, width: int, num_classes: int, block: nn.Module | None = None):
-        super().__init__()
-        self.block = copy.deepcopy(block) if block is not None else None
-        self.ln = nn.LayerNorm(width, eps=1e-6)
-        self.fc = nn.Linear(width, num_classes)
-        nn.init.trunc_normal_(self.fc.weight, std=0.02)
-        nn.init.zeros_(self.fc.bias)
-
-    def logits(self, x: torch.Tensor) -> torch.Tensor:
-        if self.block is not None:
-            x = self.block(x)
-        return self.fc(self.ln(x)[:, 0])
-
-    def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
-        return F.cross_entropy(self.logits(x).float(), ctx.targets)
+@register_objective("dgl", settings=DGLSettings, families=("cifar", "imagenet", "vit", "detection", "segmentation"),
+                    default_for=("vit", "detection", "segmentation"),
+                    summary="DGL: a small classifier per module (the task's light head on ViTs and dense models)")
+def build(spec, settings: DGLSettings, *, next_unit=None, task=None, **_) -> nn.Module:
+    if spec.family == "vit":  # MAN/MAN++: ``next_unit`` is the release's second learnable block
+        return TokenHead(spec.channels, spec.num_classes, next_unit)
+    if spec.family == "segmentation":
+        return SegmentationHead(spec.channels, spec.num_classes, ignore_index=task.ignore_index)
+    if spec.family == "detection":
+        stride = max(1, spec.image_size // max(1, spec.size))
+        # the module reading stride-32 features also covers the P6 and P7 anchors (the release's block 2)
+        return DetectionHead(spec.channels, stride, spec.num_classes, task, extra_levels=2 if stride >= 32 else 0)
+    return DGLHead(spec.channels, spec.num_classes, settings.feature_dim)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import math
 import warnings
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -16,10 +17,28 @@ from torch.nn import functional as F
 
 from ..errors import ManppError, choices
 from ..models.cifar_resnet import init_weights
+from ..registry import register_objective
+from .spec import FEATURE_DIM
 
 CLASSIFIER_CONFIGS = ("1c2f", "2c2f")
 CLASSIFIER_LOSSES = ("cross_entropy", "contrast")
 LAMBDA_SCHEDULES = ("auto", "module", "stage", "constant")
+SUPCON_TEMPERATURE = 0.07
+
+
+@dataclass
+class InfoProSettings:
+    """The paper's CIFAR settings (METHOD.md section 2)."""
+
+    aux_config: str = "2c2f"  # classifier: '1c2f' or '2c2f'
+    aux_loss: str = "cross_entropy"  # classifier loss: 'cross_entropy' or 'contrast' (SupCon)
+    feature_dim: int = FEATURE_DIM  # F of the classifier
+    widen: int = 1  # width multiplier of the decoder and classifier
+    ixx_1: float = 5.0  # reconstruction weight at the first module
+    ixy_1: float = 0.5  # classification weight at the first module
+    ixx_2: float = 0.0  # reconstruction weight at module K-2
+    ixy_2: float = 0.0  # classification weight at module K-2
+    lambda_schedule: str = "auto"  # 'module' (InfoPro), 'stage' (MAN/MAN++ release), 'constant' or 'auto'
 
 
 class Decoder(nn.Module):
@@ -143,7 +162,7 @@ class AuxClassifier(nn.Module):
     """
 
     def __init__(self, channels: int, num_classes: int, config: str = "2c2f", loss: str = "cross_entropy",
-                 feature_dim: int = 128, widen: int = 1):
+                 feature_dim: int = FEATURE_DIM, widen: int = 1):
         super().__init__()
         if config not in CLASSIFIER_CONFIGS:
             raise ManppError(f"unknown aux_config '{config}': accepted are {choices(CLASSIFIER_CONFIGS)}")
@@ -176,7 +195,7 @@ class ImageNetAuxClassifier(AuxClassifier):
     The first conv goes to 128 channels (256 above 512 input channels); any number of classes.
     """
 
-    def __init__(self, channels: int, num_classes: int, loss: str = "cross_entropy", feature_dim: int = 128):
+    def __init__(self, channels: int, num_classes: int, loss: str = "cross_entropy", feature_dim: int = FEATURE_DIM):
         nn.Module.__init__(self)  # AuxClassifier's layers are not built; its forward is used
         if loss not in CLASSIFIER_LOSSES:
             raise ManppError(f"unknown aux_loss '{loss}': accepted are {choices(CLASSIFIER_LOSSES)}")
@@ -187,7 +206,7 @@ class ImageNetAuxClassifier(AuxClassifier):
         self.loss = loss
 
 
-def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = 0.07) -> torch.Tensor:
+def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float = SUPCON_TEMPERATURE) -> torch.Tensor:
     """Supervised contrastive loss (Khosla et al. 2020), one view, on L2-normalised features.
 
     For each anchor: minus the mean over its positives (same label, self excluded) of the log
@@ -227,7 +246,7 @@ class InfoProHead(nn.Module):
         self.lambda1, self.lambda2 = float(lambda1), float(lambda2)
 
     @classmethod
-    def from_spec(cls, spec, cfg, momentum: bool = False) -> "InfoProHead":
+    def from_spec(cls, spec, cfg: InfoProSettings, momentum: bool = False) -> "InfoProHead":
         schedule = cfg.lambda_schedule
         if schedule not in LAMBDA_SCHEDULES:
             raise ManppError(f"unknown lambda_schedule '{schedule}': accepted are {choices(LAMBDA_SCHEDULES)}")
@@ -258,3 +277,10 @@ class InfoProHead(nn.Module):
 
     def extra_repr(self) -> str:
         return f"lambda1={self.lambda1:.4g}, lambda2={self.lambda2:.4g}"
+
+
+@register_objective("infopro", settings=InfoProSettings, families=("cifar", "imagenet"),
+                    default_for=("cifar", "imagenet"),
+                    summary="InfoPro: reconstruction + classification per module")
+def build(spec, settings: InfoProSettings, *, momentum: bool = False, **_) -> InfoProHead:
+    return InfoProHead.from_spec(spec, settings, momentum=momentum)

@@ -1,0 +1,68 @@
+"""The two calls most users need: ``local_model`` (a manpp backbone) and ``wrap`` (your own model)."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+from torch import nn
+
+from .engine import LocalModel
+from .methods import LocalSettings, build_local_model
+from .momentum import EMA_MOMENTUM
+
+
+def local_model(backbone: nn.Module, method: str = "manpp", k: int | None = None, *, split="even",
+                objective: str | None = None, ema_momentum: float = EMA_MOMENTUM, copy_init: str = "copy",
+                recompute_ema: bool | str = "auto", image_size: int | None = None, image_channels: int | None = None,
+                num_classes: int | None = None, denormalize: Callable | None = None, task=None,
+                heads: dict[str, Any] | None = None, **head_options) -> LocalModel:
+    """Cut ``backbone`` into ``k`` modules and attach the local objectives of ``method``.
+
+    ``k=None`` and ``objective=None`` take the backbone's defaults (``partition.default_k``; the
+    objective registered as the default for its feature family). ``heads`` (or keyword
+    ``head_options``) are the objective's own settings, e.g. ``ixx_1=5`` for InfoPro. ``split`` is
+    ``"even"``, ``"paper"``, ``"memory"`` (balanced activation memory) or a list of module end units.
+    ``image_size`` is the input side (default: the backbone's own, else 32).
+    """
+    settings = LocalSettings(method=method, k=k, split=split, objective=objective, ema_momentum=ema_momentum,
+                             copy_init=copy_init, recompute_ema=recompute_ema,
+                             heads={**(heads or {}), **head_options})
+    if task is None and getattr(backbone, "task_name", "classification") != "classification":
+        from .tasks import task_of
+
+        task = task_of(backbone)
+    return build_local_model(
+        backbone, settings,
+        num_classes=num_classes or backbone.num_classes,
+        image_channels=image_channels or getattr(backbone, "in_channels", 3),
+        image_size=image_size or getattr(backbone, "image_size", None) or 32, denormalize=denormalize, task=task,
+    )
+
+
+def wrap(model: nn.Module | Sequence[nn.Module], k: int | None = None, method: str = "manpp",
+         objective: str | None = None, split="even", *, units: Sequence[str | nn.Module] | None = None,
+         head: nn.Module | str | None = None, image_size: int | None = None, in_channels: int | None = None,
+         num_classes: int | None = None, **options) -> LocalModel:
+    """A :class:`~manpp.engine.LocalModel` that trains ``model`` itself (its own modules, not copies).
+
+    ``model`` is one of:
+
+    - a torchvision or timm classifier, cut automatically (stem, every block, head);
+    - an ``nn.Sequential``: every child is a unit and the last child the head; ``head="<child>"``
+      makes that child and the ones after it the head, ``head=<module>`` appends a head of yours;
+    - any model with ``units``, the dotted names of its units in forward order, and ``head``, the
+      module (or its dotted name) that turns the last unit's output into the logits;
+    - a list of unit modules, with ``head=<module>``.
+
+    ``image_size`` and ``in_channels`` (default: the model's own, else 224 and the first convolution's
+    input channels) shape the batch the cut is checked on and the auxiliary networks are sized for;
+    ``num_classes`` defaults to the head's output width. ``local.export_state_dict()`` gives the
+    trained weights under ``model``'s own state-dict keys. See :mod:`manpp.models.wrap`. Other
+    ``options`` go to :func:`local_model`.
+    """
+    from .models.wrap import as_backbone
+
+    backbone = as_backbone(model, units=units, head=head, in_channels=in_channels, image_size=image_size,
+                           num_classes=num_classes)
+    return local_model(backbone, method, k, split=split, objective=objective, image_size=backbone.image_size,
+                       image_channels=backbone.in_channels, num_classes=backbone.num_classes, **options)

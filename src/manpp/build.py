@@ -1,0 +1,241 @@
+"""Building a run from its config: the data, the model, the optimizer, the batch order, the lr.
+
+``manpp train``, ``compare``, ``bench``, ``describe``, ``plan`` and the pipelined trainer all
+build through these functions, so a config means the same thing everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import config as C
+from . import distributed as D
+from .engine import LocalModel
+from .errors import ManppError, choices
+from .registry import METHODS
+
+AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
+OPTIMIZERS = ("sgd", "adamw")
+LR_SCHEDULES = ("cosine", "step")
+RANK_SEED = 1_000_003  # process r > 0 draws its random numbers (augmentation, dropout) from seed + r * RANK_SEED
+EPOCH_SEED = 100_003  # the batch order of epoch e comes from the seed seed * EPOCH_SEED + e
+SUBSET_SEED = 20261125  # train_subset / test_subset: the same images for every run and seed
+
+
+def resolve_device(name: str) -> torch.device:
+    """``--device`` for a single process (``auto``: CUDA when there is one); clear errors otherwise."""
+    return D.process_device(name, None)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+# --- data ------------------------------------------------------------------------------------
+
+def data_info(cfg: C.TrainConfig):
+    """The :class:`~manpp.data.DatasetInfo` of a run's dataset, for its model's task (reads no data)."""
+    from .data import dataset_info
+    from .models import model_task
+
+    return dataset_info(cfg.dataset, image_size=cfg.image_size, task=model_task(cfg.model))
+
+
+def load_data(cfg: C.TrainConfig):
+    """``(train, test, info)`` of a run: the dataset, cut to ``train_subset`` / ``test_subset``."""
+    from .data import build_datasets
+    from .models import model_task
+
+    train_set, test_set, info = build_datasets(cfg.dataset, cfg.data_dir, download=cfg.download, seed=cfg.seed,
+                                               image_size=cfg.image_size, task=model_task(cfg.model))
+    return subset(train_set, cfg.train_subset, "train_subset"), subset(test_set, cfg.test_subset, "test_subset"), info
+
+
+def subset(dataset, n: int | None, name: str):
+    """The same ``n`` images for every run and seed (a fixed permutation), or the whole set."""
+    if n is None or n >= len(dataset):
+        return dataset
+    if n < 1:
+        raise ManppError(f"{name} must be a positive number of images, got {n}")
+    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(SUBSET_SEED))[:n]
+    return torch.utils.data.Subset(dataset, keep.sort().values.tolist())
+
+
+class EpochBatches(torch.utils.data.Sampler):
+    """Shuffled index batches for one epoch, fixed by (seed, epoch), optionally from a batch offset.
+
+    The order does not depend on any global RNG, so a resumed run sees the same batches. With
+    ``world`` processes, ``batch_size`` is the global batch and process ``rank`` gets the
+    contiguous slice ``[rank * b, (rank + 1) * b)`` of each one, ``b = batch_size / world``: the
+    shards of one step together are exactly the single-process batch. (The seed and epoch play
+    the part of ``DistributedSampler.set_epoch``.)
+    """
+
+    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0, *, rank: int = 0,
+                 world: int = 1):
+        D.check_batch_size(batch_size, world)
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not one of the {world} processes")
+        self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, epoch, start
+        self.rank, self.world = rank, world
+
+    def __len__(self) -> int:
+        return self.n // self.batch_size - self.start
+
+    def __iter__(self):
+        g = torch.Generator().manual_seed(self.seed * EPOCH_SEED + self.epoch)
+        perm = torch.randperm(self.n, generator=g).tolist()
+        lo, hi = D.shard_bounds(self.batch_size, self.rank, self.world)
+        for b in range(self.start, self.n // self.batch_size):
+            yield perm[b * self.batch_size + lo:b * self.batch_size + hi]
+
+
+def epoch_loader(dataset, cfg: C.TrainConfig, epoch: int, start: int = 0, *, rank: int = 0, world: int = 1,
+                 **loader_kw) -> torch.utils.data.DataLoader:
+    """The training batches of ``epoch`` (from batch ``start``), with worker seeds of their own:
+    making the iterator draws nothing from the global RNG, so a resumed run continues exactly."""
+    sampler = EpochBatches(len(dataset), cfg.batch_size, cfg.seed, epoch, start, rank=rank, world=world)
+    worker_seed = torch.Generator().manual_seed(cfg.seed * EPOCH_SEED + epoch + 1 + rank * RANK_SEED)
+    return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, generator=worker_seed, **loader_kw)
+
+
+# --- model -----------------------------------------------------------------------------------
+
+def build_model(cfg: C.TrainConfig, info, device: torch.device | str = "cpu") -> LocalModel:
+    """Backbone + method from a config and a dataset's :class:`~manpp.data.DatasetInfo`."""
+    from .data import denormalize
+    from .methods import build_local_model
+    from .models import build_backbone
+    from .tasks import task_of
+
+    backbone = build_backbone(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
+                              image_size=info.image_size, anchor_base=cfg.anchor_base)
+    if cfg.pretrained:
+        load_pretrained(backbone, cfg)
+    model = build_local_model(backbone, cfg.local_settings(), num_classes=info.num_classes,
+                              image_channels=info.in_channels, image_size=info.image_size,
+                              denormalize=lambda x: denormalize(x, info), task=task_of(backbone))
+    model.amp_dtype = amp_dtype(cfg)
+    model = model.to(device, memory_format=memory_format(cfg))
+    return model.compile_parts() if cfg.compile else model
+
+
+def load_pretrained(backbone, cfg: C.TrainConfig) -> None:
+    """``pretrained``: a plain torchvision ResNet state dict file, loaded into the backbone's ResNet units."""
+    from .models.imagenet import load_resnet_weights
+
+    arch = str(getattr(backbone, "arch", "")).replace("retinanet_", "").replace("deeplabv3_", "")
+    if not hasattr(backbone, "unit_names") or not arch.startswith(("resnet", "resnext", "wide_resnet")):
+        raise ManppError(f"pretrained weights are for torchvision ResNet backbones; model '{cfg.model}' is not one")
+    path = Path(cfg.pretrained)
+    if not path.is_file():
+        raise ManppError(f"pretrained weights file '{path}' does not exist")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input
+        raise ManppError(f"cannot read pretrained weights '{path}': {exc}") from None
+    load_resnet_weights(backbone, state.get("state_dict", state) if isinstance(state, dict) else state)
+
+
+def resolved(cfg: C.TrainConfig, model: LocalModel) -> C.TrainConfig:
+    """``cfg`` with what the builder chose filled in: the objective, its full settings, and K."""
+    k = cfg.k
+    if k is None and isinstance(cfg.split, str) and "," not in cfg.split and model.method != "e2e":
+        k = model.partition.nominal_k
+    settings = getattr(model, "objective_settings", None)
+    heads = dataclasses.asdict(settings) if settings is not None else {}
+    objective = model.objective if METHODS.get(cfg.method).takes_objective else None
+    return dataclasses.replace(cfg, k=k, objective=objective, heads=heads)
+
+
+def memory_format(cfg: C.TrainConfig) -> torch.memory_format:
+    return torch.channels_last if cfg.channels_last else torch.contiguous_format
+
+
+def amp_dtype(cfg: C.TrainConfig) -> torch.dtype | None:
+    """The autocast dtype of ``cfg.amp`` (None: full precision)."""
+    if cfg.amp is None:
+        return None
+    if cfg.amp not in AMP:
+        raise ManppError(f"unknown amp '{cfg.amp}': accepted are {', '.join(map(repr, AMP))} or none")
+    return AMP[cfg.amp]
+
+
+# --- optimizer -------------------------------------------------------------------------------
+
+def adamw_betas(cfg: C.TrainConfig) -> tuple[float, float]:
+    betas = cfg.adamw_betas
+    ok = isinstance(betas, (list, tuple)) and len(betas) == 2 and all(
+        isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas)
+    if not ok:
+        raise ManppError(f"bad adamw_betas {betas!r}: expected two numbers in [0, 1), e.g. [0.9, 0.999]")
+    return float(betas[0]), float(betas[1])
+
+
+def check_options(cfg: C.TrainConfig) -> None:
+    """Names that are only read deep inside a run, checked up front (one clear error, before any work)."""
+    METHODS.get(cfg.method)
+    amp_dtype(cfg)
+    if cfg.optimizer not in OPTIMIZERS:
+        raise ManppError(f"unknown optimizer '{cfg.optimizer}': accepted are {choices(OPTIMIZERS)}")
+    if cfg.optimizer == "adamw":
+        adamw_betas(cfg)
+    if cfg.parallel not in (None, "modules"):
+        raise ManppError(f"unknown parallel mode '{cfg.parallel}': accepted are 'modules' or none")
+    if cfg.lr_schedule not in LR_SCHEDULES:
+        raise ManppError(f"unknown lr_schedule '{cfg.lr_schedule}': accepted are {choices(LR_SCHEDULES)}")
+    if cfg.grad_clip is not None and not cfg.grad_clip > 0:
+        raise ManppError(f"grad_clip must be a positive gradient norm or none, got {cfg.grad_clip!r}")
+    if cfg.dist_backend is not None and cfg.dist_backend not in D.BACKENDS:
+        raise ManppError(f"unknown dist_backend '{cfg.dist_backend}': accepted are "
+                         f"{', '.join(map(repr, D.BACKENDS))} or none (nccl on CUDA, gloo on CPU)")
+
+
+def build_optimizer(cfg: C.TrainConfig, params) -> torch.optim.Optimizer:
+    """SGD (momentum ``sgd_momentum``, ``nesterov``) or AdamW (``adamw_betas``, eps 1e-8); both use
+    ``lr`` (overwritten every step by :func:`lr_at`) and ``weight_decay``."""
+    check_options(cfg)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=adamw_betas(cfg), eps=1e-8, weight_decay=cfg.weight_decay)
+    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.sgd_momentum, nesterov=cfg.nesterov,
+                           weight_decay=cfg.weight_decay)
+
+
+def build_scaler(cfg: C.TrainConfig, device: torch.device) -> "torch.amp.GradScaler | None":
+    """One GradScaler for all K local losses with ``amp: fp16``; None otherwise (bf16 needs none)."""
+    if cfg.amp != "fp16":
+        return None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            with torch.autocast(device.type, dtype=torch.float16):
+                ok = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.float16
+            scaler = torch.amp.GradScaler(device.type)
+        except (RuntimeError, ValueError, AttributeError, TypeError):
+            ok = False
+    if not ok or not scaler.is_enabled():
+        raise ManppError(f"amp 'fp16' is not supported on {device.type} by torch {torch.__version__}: use amp bf16 "
+                         f"or none there")
+    return scaler
+
+
+def lr_at(step: int, cfg: C.TrainConfig, steps_per_epoch: int) -> float:
+    """Linear warm-up from ``warmup_lr`` to ``lr``, then cosine to 0 (or, ``lr_schedule: step``,
+    ``lr`` times 0.1 per milestone passed, as fractions of ``epochs``), evaluated per step."""
+    total = max(1, cfg.epochs * steps_per_epoch)
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    if step < warm:
+        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / warm
+    progress = (step - warm) / max(1, total - warm)
+    if cfg.lr_schedule == "step":
+        return cfg.lr * 0.1 ** sum(step >= m * total for m in cfg.lr_milestones)
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, progress)))

@@ -1,0 +1,177 @@
+"""Registries of local objectives and methods, by name.
+
+An objective registers itself in its own file::
+
+    @register_objective("predsim", settings=PredSimSettings, families=("cifar", "imagenet"))
+    def build(spec, settings, **context):
+        return PredSimHead(...)
+
+and becomes ``--objective predsim`` (the base head of MAN/MAN++) and, unless ``method=False``,
+also ``--method predsim`` (the plain local method). Every list of names (command-line choices and
+help, ``describe``, ``compare``, the checks of ``train``) reads these registries, so a new
+objective or method is one new file plus the line that imports it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Generic, Iterator, TypeVar
+
+from .errors import ManppError, choices
+from .settings import coerce_fields
+
+T = TypeVar("T")
+
+# What an auxiliary network can read, by the backbone's ``aux_family``:
+# 'cifar' and 'imagenet': (B, C, H, W) feature maps (CIFAR-width or ImageNet-width heads);
+# 'vit': (B, tokens, width) with a class token first; 'detection' and 'segmentation': feature maps
+# of a dense backbone, with the task's targets.
+FAMILIES = ("cifar", "imagenet", "vit", "detection", "segmentation")
+
+
+class Registry(Generic[T]):
+    """Named entries of one kind, in registration order; unknown names get one clear error."""
+
+    def __init__(self, kind: str):
+        self.kind = kind
+        self._entries: dict[str, T] = {}
+
+    def add(self, name: str, entry: T) -> T:
+        if name in self._entries:
+            raise ValueError(f"{self.kind} '{name}' is registered twice")
+        self._entries[name] = entry
+        return entry
+
+    def get(self, name: str) -> T:
+        if name not in self._entries:
+            raise ManppError(f"unknown {self.kind} {name!r}: accepted are {choices(self.names())}")
+        return self._entries[name]
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def items(self):
+        return self._entries.items()
+
+    def values(self):
+        return self._entries.values()
+
+    def __getitem__(self, name: str) -> T:
+        return self.get(name)
+
+
+@dataclass(frozen=True)
+class Objective:
+    """A local objective: how to build the auxiliary head of one module, and its settings."""
+
+    name: str
+    build: Callable[..., Any]  # build(spec, settings, *, momentum, next_unit, task) -> nn.Module
+    settings: type  # a dataclass of the objective's own settings (``heads.<field>=value``)
+    families: tuple[str, ...]  # the backbone families whose features it reads
+    default_for: tuple[str, ...] = ()  # families for which it is the default objective
+    summary: str = ""
+
+    def make_settings(self, values: dict[str, Any] | None = None):
+        """The settings dataclass from ``values`` (checked and typed).
+
+        A key that is a setting of another objective only (e.g. InfoPro's ``ixx_1`` in a DGL run of
+        ``manpp compare``) is left out with a warning; a key no objective knows is an error naming
+        the accepted ones.
+        """
+        values = dict(values or {})
+        accepted = [f.name for f in dataclasses.fields(self.settings)]
+        for key in list(values):
+            if key in accepted:
+                continue
+            owners = [o.name for o in OBJECTIVES.values() if key in {f.name for f in dataclasses.fields(o.settings)}]
+            if not owners:
+                listed = ", ".join(f"heads.{a}" for a in accepted) or "none"
+                raise ManppError(f"unknown setting 'heads.{key}' for objective '{self.name}': its settings are {listed}")
+            warnings.warn(f"heads.{key} is a setting of objective {choices(owners)}, not of '{self.name}': "
+                          f"not used here", stacklevel=3)
+            del values[key]
+        return self.settings(**coerce_fields(self.settings, values, prefix="heads."))
+
+    def settings_names(self) -> list[str]:
+        return [f.name for f in dataclasses.fields(self.settings)]
+
+    def check_family(self, family: str) -> None:
+        if family not in self.families:
+            fits = [o.name for o in OBJECTIVES.values() if family in o.families]
+            raise ManppError(f"objective '{self.name}' reads {' or '.join(self.families)} features, but this backbone "
+                             f"gives {family} ones: use objective {choices(fits)}")
+
+
+@dataclass(frozen=True)
+class Method:
+    """A training method: end-to-end, a plain local objective, or a momentum wrapper around one."""
+
+    name: str
+    objective: str | None  # the objective it always uses; None: the user's choice (MAN/MAN++ wrap one)
+    momentum: bool = False  # wrap the head in an EMA + learnable copy of the next unit
+    learnable_scale: bool = False  # MAN++'s s_j (else s = 1, i.e. MAN)
+    local: bool = True  # False: one module, end-to-end
+    summary: str = ""
+
+    @property
+    def takes_objective(self) -> bool:
+        return self.local and self.objective is None
+
+
+OBJECTIVES: Registry[Objective] = Registry("objective")
+METHODS: Registry[Method] = Registry("method")
+
+
+def register_objective(name: str, *, settings: type, families: tuple[str, ...], default_for: tuple[str, ...] = (),
+                       summary: str = "", method: bool = True):
+    """Decorator registering ``build`` as objective ``name`` (and, with ``method``, method ``name``)."""
+    unknown = [f for f in (*families, *default_for) if f not in FAMILIES]
+    if unknown:
+        raise ValueError(f"objective '{name}': unknown families {unknown}; known are {FAMILIES}")
+
+    def decorator(build: Callable[..., Any]) -> Callable[..., Any]:
+        OBJECTIVES.add(name, Objective(name, build, settings, tuple(families), tuple(default_for), summary))
+        if method:
+            METHODS.add(name, Method(name, name, summary=summary))
+        return build
+
+    return decorator
+
+
+def register_method(method: Method) -> Method:
+    return METHODS.add(method.name, method)
+
+
+def default_objective(family: str) -> str:
+    """The objective a backbone of ``family`` gets when none is asked for."""
+    for objective in OBJECTIVES.values():
+        if family in objective.default_for:
+            return objective.name
+    for objective in OBJECTIVES.values():
+        if family in objective.families:
+            return objective.name
+    raise ManppError(f"no registered objective reads {family!r} features")
+
+
+def objective_names(family: str | None = None) -> list[str]:
+    return [o.name for o in OBJECTIVES.values() if family is None or family in o.families]
+
+
+def method_names() -> list[str]:
+    """Every method: end-to-end first, then the plain local ones, then the momentum wrappers."""
+    def rank(name: str) -> tuple[int, int]:
+        m = METHODS[name]
+        return (0 if not m.local else 2 if m.momentum else 1), METHODS.names().index(name)
+
+    return sorted(METHODS.names(), key=rank)
