@@ -1,4 +1,4 @@
-"""Accuracy of E2E, DGL, InfoPro, MAN and MAN++ on a real dataset, over several seeds.
+"""Accuracy of E2E, DGL, InfoPro, PredSim, MAN and MAN++ on a real dataset, over several seeds.
 
 Trains ResNet-32 with every method at each K (E2E once per seed), writes one JSON record per run
 to ``--json`` (re-running skips the runs already there, so an interrupted benchmark continues),
@@ -32,7 +32,7 @@ def parse_args(argv=None):
     p.add_argument("--dataset", default="fashion-mnist")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--model", default="resnet32")
-    p.add_argument("--methods", default="e2e,dgl,infopro,man,manpp",
+    p.add_argument("--methods", default="e2e,dgl,infopro,predsim,man,manpp",
                    help="methods; METHOD:OBJECTIVE picks the local objective of man/manpp (e.g. manpp:dgl)")
     p.add_argument("--ks", default="8,16", help="K values for the local methods (even splits)")
     p.add_argument("--seeds", default="0,1")

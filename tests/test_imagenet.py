@@ -55,7 +55,7 @@ def test_vit_paper_preset_and_release_head():
         assert aux.head.block is not net.units[n + 1]
         for p, q in zip(aux.head.block.parameters(), net.units[n + 1].parameters()):
             assert torch.equal(p, q) and p.data_ptr() != q.data_ptr()
-    with pytest.raises(ManppError, match="on a ViT use objective 'dgl'"):
+    with pytest.raises(ManppError, match="but this backbone gives vit ones: use objective 'dgl'"):
         manpp.local_model(net, "manpp", 4, objective="infopro")
 
 

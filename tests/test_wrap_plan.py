@@ -1,76 +1,18 @@
-"""manpp.wrap on torchvision classifiers, memory-balanced splits and the memory planner."""
+"""Memory-balanced splits and the memory planner (manpp.wrap's own tests are in test_wrap.py)."""
 
-import copy
 import itertools
 import json
 import random
 
 import pytest
 import torch
-import torchvision
-from torch import nn
 
 import manpp
 from manpp.cli import main
 from manpp.errors import ManppError
 from manpp.memory import measure_step
-from manpp.plan import balanced_ends, parse_bytes, unit_activation_bytes
-
-
-def _vit():
-    return torchvision.models.vision_transformer.VisionTransformer(32, 16, 4, 2, 32, 64, num_classes=10)
-
-
-MODELS = {
-    "resnet18": lambda: torchvision.models.resnet18(num_classes=10),
-    "vgg11": lambda: torchvision.models.vgg11(num_classes=10),
-    "mobilenet_v2": lambda: torchvision.models.mobilenet_v2(num_classes=10),
-    "convnext_tiny": lambda: torchvision.models.convnext_tiny(num_classes=10),
-    "vit": _vit,
-}
-
-
-@pytest.mark.parametrize("name", list(MODELS))
-def test_wrap_cuts_torchvision_models_and_trains_them(name):
-    torch.manual_seed(0)
-    model = MODELS[name]()
-    local = manpp.wrap(model, k=3, method="manpp", objective="dgl", image_size=32)
-    assert local.k == 3 and len(local.backbone.units) >= 3
-    x, y = torch.randn(2, 3, 32, 32), torch.tensor([1, 2])
-    model.eval()
-    local.eval()
-    with torch.no_grad():
-        assert torch.allclose(local(x), model(x), atol=1e-5)  # the same network, cut into units
-    local.train()
-    before = [p.detach().clone() for p in model.parameters()]
-    opt = torch.optim.SGD(local.parameters_to_optimize(), lr=0.1)
-    result = local.train_step(x, y)
-    opt.step()
-    assert len(result.losses) == 3 and all(torch.isfinite(v) for v in result.losses)
-    changed = sum(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
-    assert changed > len(before) // 2  # the user's model itself was trained
-
-
-def test_wrapped_modules_are_gradient_isolated():
-    torch.manual_seed(0)
-    a = manpp.wrap(torchvision.models.resnet18(num_classes=10), k=3, image_size=32)
-    b = copy.deepcopy(a)
-    with torch.no_grad():
-        for p in b.backbone.head.parameters():
-            p.mul_(3.0)
-    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
-    a.train_step(x, y)
-    b.train_step(x, y)
-    for i in a.partition.units_of(0):
-        for pa, pb in zip(a.backbone.units[i].parameters(), b.backbone.units[i].parameters()):
-            assert torch.equal(pa.grad, pb.grad)
-
-
-def test_wrap_names_what_it_cannot_cut():
-    with pytest.raises(ManppError, match="cannot cut Sequential into units: none of its modules \\(0, 1\\)"):
-        manpp.wrap(nn.Sequential(nn.Flatten(), nn.Linear(4, 2)), k=2)
-    with pytest.raises(ManppError, match="channels-last"):
-        manpp.wrap(torchvision.models.swin_t(num_classes=10), k=2)
+from manpp.partition import balanced_ends, unit_activation_bytes
+from manpp.plan import parse_bytes
 
 
 def test_balanced_ends_is_the_best_contiguous_split():

@@ -34,10 +34,10 @@ def _add_common(p: argparse.ArgumentParser, *, method: bool = True) -> None:
     p.add_argument("--image-size", type=int, help="input side in pixels for imagenet and synthetic (default 224 / 32)")
     p.add_argument("--data-dir", help="where the dataset lives (or is downloaded to)")
     if method:
-        p.add_argument("--method", choices=method_names(), metavar="METHOD",
+        p.add_argument("--method", metavar="METHOD",
                        help="; ".join(f"{n}: {METHODS[n].summary}" for n in method_names()) + " (default manpp)")
     takers = "/".join(n for n in method_names() if METHODS[n].takes_objective)
-    p.add_argument("--objective", choices=OBJECTIVES.names(), metavar="OBJECTIVE",
+    p.add_argument("--objective", metavar="OBJECTIVE",
                    help=f"base objective of {takers}: {', '.join(OBJECTIVES.names())} (default: the backbone's, "
                    f"infopro on ResNets, dgl on ViTs and dense models); its settings are heads.<name>=value")
     p.add_argument("--k", type=int, help="number of gradient-isolated modules (default: 16 on CIFAR ResNets, "
@@ -105,7 +105,11 @@ def resolve_config(args: argparse.Namespace, base: C.TrainConfig | None = None) 
     if getattr(args, "method", None) is not None:
         given["method"] = args.method
     cfg = C.apply(cfg, given, source="command line")
-    return C.apply(cfg, C.parse_overrides(args.overrides or []), source="overrides")
+    cfg = C.apply(cfg, C.parse_overrides(args.overrides or []), source="overrides")
+    METHODS.get(cfg.method)  # names checked against the registries before any work
+    if cfg.objective is not None:
+        OBJECTIVES.get(cfg.objective)
+    return cfg
 
 
 def cmd_train(args) -> int:

@@ -34,9 +34,10 @@ FAMILIES = ("cifar", "imagenet", "vit", "detection", "segmentation")
 class Registry(Generic[T]):
     """Named entries of one kind, in registration order; unknown names get one clear error."""
 
-    def __init__(self, kind: str):
+    def __init__(self, kind: str, order: Callable[[T], Any] | None = None):
         self.kind = kind
         self._entries: dict[str, T] = {}
+        self._order = order  # sort key of names(); None: registration order
 
     def add(self, name: str, entry: T) -> T:
         if name in self._entries:
@@ -50,22 +51,24 @@ class Registry(Generic[T]):
         return self._entries[name]
 
     def names(self) -> list[str]:
-        return list(self._entries)
+        if self._order is None:
+            return list(self._entries)
+        return sorted(self._entries, key=lambda n: self._order(self._entries[n]))  # stable: ties keep their order
 
     def __contains__(self, name: object) -> bool:
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
+        return iter(self.names())
 
     def __len__(self) -> int:
         return len(self._entries)
 
     def items(self):
-        return self._entries.items()
+        return [(n, self._entries[n]) for n in self.names()]
 
     def values(self):
-        return self._entries.values()
+        return [self._entries[n] for n in self.names()]
 
     def __getitem__(self, name: str) -> T:
         return self.get(name)
@@ -130,7 +133,8 @@ class Method:
 
 
 OBJECTIVES: Registry[Objective] = Registry("objective")
-METHODS: Registry[Method] = Registry("method")
+# end-to-end first, then the plain local methods, then the momentum wrappers
+METHODS: Registry[Method] = Registry("method", order=lambda m: 0 if not m.local else 2 if m.momentum else 1)
 
 
 def register_objective(name: str, *, settings: type, families: tuple[str, ...], default_for: tuple[str, ...] = (),
@@ -170,8 +174,4 @@ def objective_names(family: str | None = None) -> list[str]:
 
 def method_names() -> list[str]:
     """Every method: end-to-end first, then the plain local ones, then the momentum wrappers."""
-    def rank(name: str) -> tuple[int, int]:
-        m = METHODS[name]
-        return (0 if not m.local else 2 if m.momentum else 1), METHODS.names().index(name)
-
-    return sorted(METHODS.names(), key=rank)
+    return METHODS.names()

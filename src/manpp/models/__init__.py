@@ -59,8 +59,6 @@ def build_backbone(name: str, *, num_classes: int = 10, in_channels: int = 3, im
     if key in RESNETS:
         return TorchvisionResNet(key, num_classes=num_classes, in_channels=in_channels)
     if key in VITS:
-        if image_size % 16:
-            raise ManppError(f"model '{key}' needs an image size divisible by its patch size 16, got {image_size}")
         return TorchvisionViT(key, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
     cifar = key[len("cifar_"):] if key.startswith("cifar_") else key
     if cifar.startswith("resnet") and cifar[6:].isdigit():

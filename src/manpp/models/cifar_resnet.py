@@ -12,6 +12,7 @@ import math
 import torch
 from torch import nn
 
+from ..errors import ManppError
 from .imagenet import RESNETS
 
 
@@ -79,7 +80,7 @@ class CifarResNet(nn.Module):
     def __init__(self, depth: int = 32, num_classes: int = 10, in_channels: int = 3):
         super().__init__()
         if depth < 8 or (depth - 2) % 6:
-            raise ValueError(f"CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, 110, ...), got {depth}")
+            raise ManppError(f"CIFAR ResNet depth must be 6n+2 (8, 14, 20, 32, 110, ...), got {depth}")
         n = (depth - 2) // 6
         self.depth, self.blocks_per_stage = depth, n
         # 'resnet50' and 'resnet152' are also torchvision's ImageNet names: keep the presets apart

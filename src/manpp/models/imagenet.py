@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ManppError
+
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
            "resnext101_32x8d", "wide_resnet50_2")
 VITS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # width, heads
@@ -161,7 +163,8 @@ class TorchvisionViT(PlainStateDict, nn.Module):
         from torchvision.models.vision_transformer import VisionTransformer
 
         if image_size % VIT_PATCH:
-            raise ValueError(f"ViT image size must be a multiple of the patch size {VIT_PATCH}, got {image_size}")
+            raise ManppError(f"model '{arch}' needs an image size divisible by its patch size {VIT_PATCH}, "
+                             f"got {image_size}")
         width, heads = VITS[arch]
         self.arch, self.num_classes, self.in_channels, self.image_size = arch, num_classes, in_channels, image_size
         net = VisionTransformer(image_size, VIT_PATCH, VIT_DEPTH, heads, width, 4 * width, num_classes=num_classes)
@@ -211,8 +214,6 @@ def load_resnet_weights(backbone: nn.Module, state: dict[str, torch.Tensor]) -> 
 
     Returns the number of tensors loaded; a clear error when the weights do not fit.
     """
-    from ..errors import ManppError
-
     inner = "block." if getattr(backbone, "aux_family", "") == "detection" else ""
     prefixes = [("conv1.", f"units.0.{inner}0."), ("bn1.", f"units.0.{inner}1.")]
     prefixes += [(f"{name}.", f"units.{i}.{inner}") for i, name in enumerate(backbone.unit_names) if i > 0]

@@ -11,8 +11,8 @@ modules, so training it trains the model. What can be wrapped:
   own structure: the stages named by ``feature_info`` (``layer1..4``, ``stages``, ``blocks``,
   ``layers``) opened into their blocks, the stem being what ``forward_features`` runs before them
   (for ViTs: ``patch_embed``, ``_pos_embed`` with the class token, ``norm_pre``), the head being
-  what it runs after them followed by the model's own ``forward_head``. Tested: ResNet, ConvNeXt,
-  EfficientNet, MobileNetV3, RegNet, ViT / DeiT at any ``img_size``, Swin.
+  what it runs after them followed by the model's own ``forward_head``: ResNet / ResNeXt,
+  ConvNeXt, EfficientNet, MobileNetV3, RegNet, ViT / DeiT at any ``img_size``, Swin, ...
 - **channels-last** models (timm Swin, torchvision Swin: stages give (B, H, W, C)): every unit is
   wrapped in permutations so that between units the features are (B, C, H, W) maps, which the
   auxiliary networks read; the head permutes back.
@@ -211,6 +211,10 @@ class Cut:
     reference: nn.Module | None  # the model whose state-dict keys are exported (None: the backbone's own)
     check: str | None  # compare the cut network with reference(x): 'error', 'warn' or None
     sequential: bool = False  # an nn.Sequential cut by children (the error advice names head='<child>')
+    label: str = ""  # how error messages name the model (default: ``arch``)
+
+    def __post_init__(self):
+        self.label = self.label or self.arch
 
 
 def kind_of(model) -> str:
@@ -385,14 +389,15 @@ def cut_resnet(model: nn.Module, x: torch.Tensor) -> Cut:
     units: list[tuple[str, nn.Module, int | None]] = [("stem", nn.Sequential(*[children[n] for n in before]), 0)]
     for s, name in enumerate(layers, 1):
         units += [(f"{name}.{i}", block, s) for i, block in enumerate(children[name])]
-    return Cut(units, PoolLinear(model.fc), kind_of(model).lower(), model, "error")
+    return Cut(units, PoolLinear(model.fc), kind_of(model).lower(), model, "error", label=kind_of(model))
 
 
 def cut_torchvision_vit(model: nn.Module) -> Cut:
     embed = ViTEmbed(model.conv_proj, model.class_token, model.encoder.pos_embedding, model.encoder.dropout)
     layers = list(model.encoder.layers)
     units = [("embed", embed, 0)] + [(f"encoder.layers.{i}", layer, 1) for i, layer in enumerate(layers)]
-    return Cut(units, ClassTokenHead(model.encoder.ln, model.heads), kind_of(model).lower(), model, "error")
+    head = ClassTokenHead(model.encoder.ln, model.heads)
+    return Cut(units, head, kind_of(model).lower(), model, "error", label=kind_of(model))
 
 
 def cut_torchvision_swin(model: nn.Module) -> Cut:
@@ -409,25 +414,26 @@ def cut_torchvision_swin(model: nn.Module) -> Cut:
             continue
         stage += 1
         for i, block in layer.named_children():
-            units.append((f"features.{name}.{i}", channels_first(nn.Sequential(*pending, block) if pending else block),
-                          stage))
+            unit = nn.Sequential(*pending, block) if pending else block
+            units.append((f"features.{name}.{i}", channels_first(unit), stage))
             pending = []
     if pending:
         raise ManppError(f"cannot cut {kind_of(model)}: its features end with a layer that is not a stage; {HOW_TO}")
     head = nn.Sequential(Permute(TO_NHWC), model.norm, model.permute, model.avgpool, model.flatten, model.head)
-    return Cut(units, head, kind_of(model).lower(), model, "error")
+    return Cut(units, head, kind_of(model).lower(), model, "error", label=kind_of(model))
 
 
 def cut_features(model: nn.Module) -> Cut:
-    """A model with ``features`` (or RegNet's ``stem`` + ``trunk_output``), a pool and a classifier."""
+    """A model with ``features`` (or RegNet's ``stem`` + ``trunk_output``), a pool and a classifier; the
+    stages are inferred from where the feature maps shrink."""
     kind = kind_of(model)
     if isinstance(getattr(model, "features", None), nn.Sequential):
         features, prefix, pre = model.features, "features", []
     else:
         features, prefix = model.trunk_output, "trunk_output"
-        pre = [("stem", model.stem, 0)] if isinstance(getattr(model, "stem", None), nn.Module) else []
+        pre = [("stem", model.stem, None)] if isinstance(getattr(model, "stem", None), nn.Module) else []
     units: list[tuple[str, nn.Module, int | None]] = list(pre)
-    for i, (name, layer) in enumerate(features.named_children(), len(pre)):
+    for name, layer in features.named_children():
         children = list(layer.named_children()) if isinstance(layer, nn.Sequential) else []
         openable = len(children) > 1 and not all(isinstance(c, (nn.Conv2d, *LIGHT)) for _, c in children)
         for block_name, block in ([(f"{name}.{n}", c) for n, c in children] if openable else [(str(name), layer)]):
@@ -435,13 +441,14 @@ def cut_features(model: nn.Module) -> Cut:
                 last_name, last, last_stage = units[-1]
                 units[-1] = (last_name, nn.Sequential(last, block), last_stage)
                 continue
-            units.append((f"{prefix}.{block_name}", block, i))
+            units.append((f"{prefix}.{block_name}", block, None))
     classifier = next((getattr(model, a) for a in ("classifier", "fc")
                        if isinstance(getattr(model, a, None), nn.Module)), None)
     if classifier is None:
         raise ManppError(f"cannot cut {kind}: it has '{prefix}' but no 'classifier' or 'fc' to use as the head; "
                          f"{HOW_TO}")
-    return Cut(units, PoolHead(getattr(model, "avgpool", None), classifier), kind.lower(), model, "error")
+    head = PoolHead(getattr(model, "avgpool", None), classifier)
+    return Cut(units, head, kind.lower(), model, "error", label=kind)
 
 
 def cut_recognised(model: nn.Module, x: torch.Tensor) -> Cut:
@@ -513,7 +520,7 @@ def cut_named(model: nn.Module, units: Sequence, head) -> Cut:
     check_disjoint(parts + [("head", head_module)])
     inside = id(head_module) in names_of
     return Cut([(n, m, None) for n, m in parts], head_module, kind_of(model).lower(), model,
-               "warn" if inside else None)
+               "warn" if inside else None, label=kind_of(model))
 
 
 def cut_sequential(model: nn.Sequential, head) -> Cut:
@@ -541,7 +548,7 @@ def cut_sequential(model: nn.Sequential, head) -> Cut:
     else:
         raise ManppError(f"head= must be a child name or a module, got {type(head).__name__}")
     return Cut([(n, c, None) for n, c in children], head_module, "sequential", model, "warn" if inside else None,
-               sequential=True)
+               sequential=True, label=kind_of(model))
 
 
 def cut_list(units: Sequence, head) -> Cut:
@@ -554,12 +561,12 @@ def cut_list(units: Sequence, head) -> Cut:
                          "the logits")
     parts = [(str(i), m) for i, m in enumerate(modules)]
     check_disjoint(parts + [("head", head)])
-    return Cut([(n, m, None) for n, m in parts], head, "units", None, None)
+    return Cut([(n, m, None) for n, m in parts], head, "units", None, None, label="the list of units")
 
 
 # --- checks ----------------------------------------------------------------------------------
 
-def export_keys(backbone: nn.Module, reference: nn.Module, arch: str) -> dict[str, str]:
+def export_keys(backbone: nn.Module, reference: nn.Module, label: str) -> dict[str, str]:
     """The reference model's state-dict key -> the backbone's key holding the same tensor."""
     ours: dict[int, str] = {}
     for key, tensor in backbone.state_dict(keep_vars=True).items():
@@ -572,8 +579,8 @@ def export_keys(backbone: nn.Module, reference: nn.Module, arch: str) -> dict[st
             missing.append(key)
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise ManppError(f"cannot wrap {arch}: its tensor '{missing[0]}'{more} is in none of the units or the head, so "
-                         f"training would not update it and export_state_dict() could not give it back; add the "
+        raise ManppError(f"cannot wrap {label}: its tensor '{missing[0]}'{more} is in none of the units or the head, "
+                         f"so training would not update it and export_state_dict() could not give it back; add the "
                          f"module that holds it to units= or head=")
     return mapping
 
@@ -582,20 +589,20 @@ def feature_family(cut: Cut, shapes: list[tuple[int, ...]]) -> str:
     """'imagenet' for (B, C, H, W) unit outputs, 'vit' for (B, tokens, width), else a clear error
     (``shapes`` with the batch dimension)."""
     dims = {len(s) for s in shapes}
-    if dims <= {4} or dims <= {3}:
+    if dims in ({4}, {3}):
         return "imagenet" if dims == {4} else "vit"
-    for (name, module, _), shape in zip(cut.units, shapes):
-        if len(shape) not in (3, 4) or len(shape) != len(shapes[0]):
-            break
-    if cut.sequential and len(shape) == 2:
+    index = next(i for i, s in enumerate(shapes) if len(s) not in (3, 4) or len(s) != len(shapes[0]))
+    name, module, _ = cut.units[index]
+    shape = shapes[index]
+    if cut.sequential and len(shape) == 2 and index > 0:
         advice = f"pass head='{name}' so that this child and the ones after it form the head"
     else:
         advice = "cut the model where its units give feature maps or tokens: " + PARTS
     shown = "(B, " + ", ".join(map(str, shape[1:])) + ")"
     mixed = " after units that gave other shapes" if len(shape) in (3, 4) else ""
-    raise ManppError(f"cannot wrap {cut.arch}: unit '{name}' ({type(module).__name__}) outputs a {shown} tensor{mixed}, "
-                     f"but manpp's auxiliary networks read (B, C, H, W) feature maps or (B, tokens, width) token "
-                     f"sequences with the class token first, the same kind from every unit; {advice}")
+    raise ManppError(f"cannot wrap {cut.label}: unit '{name}' ({type(module).__name__}) outputs a {shown} tensor"
+                     f"{mixed}, but manpp's auxiliary networks read (B, C, H, W) feature maps or (B, tokens, width) "
+                     f"token sequences with the class token first, the same kind from every unit; {advice}")
 
 
 def stages_from_shapes(shapes: list[tuple[int, ...]]) -> list[int]:
@@ -641,33 +648,39 @@ def probe(cut: Cut, backbone: WrappedBackbone, x: torch.Tensor) -> tuple[str, li
             try:
                 h = unit(h)
             except Exception as exc:
-                raise ManppError(f"cannot wrap {cut.arch}: unit '{name}' fails on the previous unit's output "
-                                 f"({type(exc).__name__}: {exc}); check that the units are in forward order, or "
-                                 f"pass the image_size= and in_channels= the model takes") from exc
+                raise ManppError(f"cannot wrap {cut.label}: unit '{name}' fails on its input of shape "
+                                 f"{tuple(h.shape)} ({first_line(exc)}); check that the units are in forward "
+                                 f"order, and pass the image_size= and in_channels= the model takes") from exc
             if not isinstance(h, torch.Tensor):
-                raise ManppError(f"cannot wrap {cut.arch}: unit '{name}' returns {type(h).__name__}, not a tensor; "
+                raise ManppError(f"cannot wrap {cut.label}: unit '{name}' returns {type(h).__name__}, not a tensor; "
                                  f"manpp passes one tensor from unit to unit")
             shapes.append(tuple(h.shape))
         family = feature_family(cut, shapes)
         try:
             out = backbone.head(h)
         except Exception as exc:
-            raise ManppError(f"cannot wrap {cut.arch}: the head fails on the last unit's output of shape "
-                             f"{tuple(h.shape)} ({type(exc).__name__}: {exc})") from exc
+            raise ManppError(f"cannot wrap {cut.label}: the head fails on the last unit's output of shape "
+                             f"{tuple(h.shape)} ({first_line(exc)})") from exc
         if not isinstance(out, torch.Tensor) or out.dim() != 2:
             got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
-            raise ManppError(f"cannot wrap {cut.arch}: the head gives {got}, not (batch, classes) logits; manpp.wrap "
+            raise ManppError(f"cannot wrap {cut.label}: the head gives {got}, not (batch, classes) logits; manpp.wrap "
                              f"trains classifiers")
         if cut.check is not None and cut.reference is not None:
-            expected = run_model(cut.reference, lambda: cut.reference(x), x)
+            if cut.check == "error":
+                expected = run_model(cut.reference, lambda: cut.reference(x), x)
+            else:
+                try:
+                    expected = cut.reference(x)
+                except Exception:  # a model described by its parts may take other inputs: nothing to compare
+                    expected = None
             if isinstance(expected, torch.Tensor) and expected.shape == out.shape:
                 tol = 1e-4 * (1.0 + float(expected.abs().max()))
                 gap = float((out - expected).abs().max())
                 if not gap <= tol:
-                    message = (f"the wrapped {cut.arch} computes something else than the model itself (largest "
+                    message = (f"the wrapped {cut.label} computes something else than the model itself (largest "
                                f"difference {gap:.3g})")
                     if cut.check == "error":
-                        raise ManppError(f"cannot cut {cut.arch} faithfully: {message}, so its forward does more "
+                        raise ManppError(f"cannot cut {cut.label} faithfully: {message}, so its forward does more "
                                          f"than manpp recognises; {HOW_TO}")
                     warnings.warn(f"{message}: check that units= lists every step of its forward in order and that "
                                   f"head= does the rest", stacklevel=4)
@@ -721,7 +734,7 @@ def as_backbone(model: nn.Module | Sequence[nn.Module], *, units: Sequence | Non
                                [s or 0 for _, _, s in cut.units], cut.head, arch=cut.arch, aux_family="imagenet",
                                num_classes=num_classes or 0, in_channels=in_channels, image_size=image_size)
     if cut.reference is not None:
-        backbone.export_keys = export_keys(backbone, cut.reference, cut.arch)
+        backbone.export_keys = export_keys(backbone, cut.reference, cut.label)
     backbone.aux_family, shapes, out = probe(cut, backbone, x)
     if any(s is None for _, _, s in cut.units):
         backbone.unit_stages = stages_from_shapes(shapes)

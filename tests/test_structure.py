@@ -1,0 +1,191 @@
+"""The shape of the code: no import cycles, no private names across modules, registries that drive
+every list of names, and a contract test over every registered method and objective."""
+
+import ast
+import dataclasses
+from pathlib import Path
+
+import pytest
+import torch
+
+import manpp
+from manpp.cli import build_parser
+from manpp.errors import ManppError
+from manpp.registry import METHODS, OBJECTIVES, method_names
+
+SRC = Path(manpp.__file__).parent
+
+
+def _modules() -> dict[str, Path]:
+    out = {}
+    for path in SRC.rglob("*.py"):
+        parts = list(path.relative_to(SRC.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+def _imports(name: str, path: Path, modules: dict[str, Path]):
+    """``(target module, imported names)`` for every import statement of a module, inside functions too."""
+    package = name.split(".") if path.name == "__init__.py" else name.split(".")[:-1]
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            for alias in node.names:
+                if alias.name in modules:
+                    yield alias.name, []
+        elif isinstance(node, ast.ImportFrom):
+            base = package[:len(package) - node.level + 1] if node.level else []
+            target = ".".join(base + ([node.module] if node.module else [])) if node.level else node.module
+            names = [a.name for a in node.names]
+            submodules = [f"{target}.{n}" for n in names if f"{target}.{n}" in modules]
+            if target in modules:
+                yield target, [n for n in names if f"{target}.{n}" not in modules]
+            for sub in submodules:
+                yield sub, []
+
+
+def _graph() -> dict[str, set[str]]:
+    modules = _modules()
+    graph = {m: set() for m in modules}
+    for name, path in modules.items():
+        for target, _ in _imports(name, path, modules):
+            # a module may import its own package (its __init__ has already started running)
+            if target != name and not name.startswith(target + "."):
+                graph[name].add(target)
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components of more than one module (iterative Tarjan)."""
+    index, low, on_stack, stack, found, counter = {}, {}, set(), [], [], [0]
+    for root in graph:
+        if root in index:
+            continue
+        work = [(root, iter(sorted(graph[root])))]
+        index[root] = low[root] = counter[0]
+        counter[0] += 1
+        stack.append(root)
+        on_stack.add(root)
+        while work:
+            node, children = work[-1]
+            child = next(children, None)
+            if child is not None:
+                if child not in index:
+                    index[child] = low[child] = counter[0]
+                    counter[0] += 1
+                    stack.append(child)
+                    on_stack.add(child)
+                    work.append((child, iter(sorted(graph[child]))))
+                elif child in on_stack:
+                    low[node] = min(low[node], index[child])
+                continue
+            work.pop()
+            if work:
+                low[work[-1][0]] = min(low[work[-1][0]], low[node])
+            if low[node] == index[node]:
+                component = []
+                while True:
+                    member = stack.pop()
+                    on_stack.discard(member)
+                    component.append(member)
+                    if member == node:
+                        break
+                if len(component) > 1:
+                    found.append(sorted(component))
+    return found
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def test_no_import_cycles_in_the_package():
+    graph = _graph()
+    assert "manpp.engine" in graph and len(graph) > 30  # the walk really read the package
+    assert _cycles(graph) == []
+
+
+def test_no_module_imports_another_modules_private_names():
+    modules = _modules()
+    offences = []
+    for name, path in modules.items():
+        for target, names in _imports(name, path, modules):
+            offences += [f"{name} imports {target}.{n}" for n in names if n.startswith("_") and n != "__version__"]
+    assert offences == []
+
+
+def test_the_engine_knows_only_its_contract():
+    modules = _modules()
+    engine = {t for t, _ in _imports("manpp.engine", modules["manpp.engine"], modules)}
+    assert not any(t.startswith(("manpp.tasks", "manpp.objectives", "manpp.models", "manpp.data", "manpp.methods"))
+                   for t in engine), engine
+
+
+def test_every_list_of_names_reads_the_registries(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["train", "--help"])
+    train_help = " ".join(capsys.readouterr().out.split())
+    assert all(f"{name}: {METHODS[name].summary.split()[0]}" in train_help for name in method_names()), train_help
+    assert set(method_names()) == set(METHODS) >= {"e2e", "dgl", "infopro", "predsim", "man", "manpp"}
+    assert set(OBJECTIVES) >= {"dgl", "infopro", "predsim"}
+    for name in OBJECTIVES:  # every objective is also a plain method, and man/manpp can wrap it
+        assert METHODS[name].objective == name
+    with pytest.raises(ManppError, match="unknown method 'nope': accepted are 'e2e', "):
+        manpp.local_model(manpp.build_backbone("resnet8"), "nope", 2)
+
+
+def _contract_cases():
+    for method in method_names():
+        objectives = [None] if not METHODS[method].takes_objective else OBJECTIVES.names()
+        for objective in objectives:
+            yield method, objective
+
+
+@pytest.mark.parametrize("method,objective", list(_contract_cases()))
+def test_every_registered_method_and_objective_builds_and_trains(method, objective):
+    torch.manual_seed(0)
+    net = manpp.build_backbone("resnet8", num_classes=4)
+    k = 1 if method == "e2e" else 3
+    model = manpp.local_model(net, method, k, objective=objective)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    before = [p.detach().clone() for p in net.parameters()]
+    opt = torch.optim.SGD(model.parameters_to_optimize(), lr=0.05)
+    result = model.train_step(x, y)
+    opt.step()
+    assert len(result.losses) == model.k == k and all(torch.isfinite(v) for v in result.losses)
+    assert sum(not torch.equal(a, b) for a, b in zip(before, net.parameters())) > len(before) // 2
+    if method != "e2e":  # a module's own head trained it: the first unit's weights have gradients
+        assert all(p.grad is not None for p in net.units[0].parameters())
+
+
+def test_each_objective_owns_its_settings():
+    for name, objective in OBJECTIVES.items():
+        assert dataclasses.is_dataclass(objective.settings), name
+    net = manpp.build_backbone("resnet8")
+    model = manpp.local_model(net, "infopro", 3, heads={"ixx_1": 2.0})
+    assert model.objective_settings.ixx_1 == 2.0 and model.aux[0].lambda1 == 2.0
+    with pytest.raises(ManppError, match="unknown setting 'heads.nope' for objective 'dgl': its settings are "
+                                         "heads.feature_dim"):
+        manpp.local_model(manpp.build_backbone("resnet8"), "dgl", 3, heads={"nope": 1})
+    with pytest.raises(ManppError, match="bad value 'x' for 'heads.beta': expected float"):
+        manpp.local_model(manpp.build_backbone("resnet8"), "predsim", 3, beta="x")
+
+
+def test_the_default_objective_follows_the_backbone():
+    cifar = manpp.local_model(manpp.build_backbone("resnet8"), "manpp", 2)
+    vit = manpp.local_model(manpp.build_backbone("vit_tiny", image_size=32), "manpp", 4)
+    assert (cifar.objective, vit.objective) == ("infopro", "dgl")
+    with pytest.raises(ManppError, match="objective 'infopro' reads cifar or imagenet features, but this backbone "
+                                         "gives vit ones: use objective 'dgl'"):
+        manpp.local_model(manpp.build_backbone("vit_tiny", image_size=32), "manpp", 4, objective="infopro")
+
+
+def test_local_model_and_the_config_share_one_default_k():
+    from manpp.partition import default_k
+
+    cifar, imagenet = manpp.build_backbone("resnet32"), manpp.build_backbone("resnet18")
+    assert (default_k(cifar), default_k(imagenet)) == (16, 4)
+    assert manpp.local_model(cifar, "dgl").k == 16
+    assert manpp.local_model(imagenet, "dgl", image_size=32).k == 4
