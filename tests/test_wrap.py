@@ -17,7 +17,17 @@ import manpp
 from manpp.errors import ManppError
 from manpp.models.wrap import as_backbone
 
-timm = pytest.importorskip("timm")
+try:
+    import timm
+except ImportError:  # an optional dependency: pip install 'manpp[timm]'
+    timm = None
+
+needs_timm = pytest.mark.skipif(timm is None, reason="timm is not installed (pip install 'manpp[timm]')")
+
+
+def cases(table):
+    """The table's names as test parameters; those that build a timm model are skipped without timm."""
+    return [pytest.param(name, marks=needs_timm) if "timm" in name else name for name in table]
 
 
 def conv_block(cin, cout, stride=1):
@@ -128,7 +138,7 @@ def step(local, x, y):
     return result
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", cases(MODELS))
 def test_wrapped_network_computes_what_the_model_does(name):
     model, _, local, reference = build(name)
     x, _ = images()
@@ -142,7 +152,7 @@ def test_wrapped_network_computes_what_the_model_does(name):
     assert backbone.aux_family == ("vit" if name == "timm_vit_tiny" else "imagenet")
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", cases(MODELS))
 def test_one_step_trains_the_models_own_parameters(name):
     _, _, local, reference = build(name)
     x, y = images()
@@ -153,7 +163,7 @@ def test_one_step_trains_the_models_own_parameters(name):
     assert changed > 0.8 * len(before)
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", cases(MODELS))
 def test_wrapped_modules_are_gradient_isolated_for_any_model(name):
     _, _, a, _ = build(name)
     b = copy.deepcopy(a)
@@ -172,7 +182,7 @@ def test_wrapped_modules_are_gradient_isolated_for_any_model(name):
                zip(a.backbone.units[last].parameters(), b.backbone.units[last].parameters()))
 
 
-@pytest.mark.parametrize("name", list(MODELS))
+@pytest.mark.parametrize("name", cases(MODELS))
 def test_exported_weights_load_strictly_into_a_fresh_model(name):
     _, _, local, reference = build(name)
     x, y = images()
@@ -198,7 +208,7 @@ FAMILIES = {
 }
 
 
-@pytest.mark.parametrize("name", list(FAMILIES))
+@pytest.mark.parametrize("name", cases(FAMILIES))
 def test_more_families_cut_exactly_and_export_strictly(name):
     torch.manual_seed(0)
     model = FAMILIES[name]()
@@ -215,6 +225,7 @@ def test_more_families_cut_exactly_and_export_strictly(name):
     assert len(backbone.units) >= 3 and backbone.aux_family == ("vit" if "deit" in name else "imagenet")
 
 
+@needs_timm
 def test_wrap_keeps_timm_structure_and_swin_units_give_channels_first_maps():
     torch.manual_seed(0)
     resnet = as_backbone(timm.create_model("resnet18", pretrained=False, num_classes=10), image_size=32)
@@ -229,6 +240,7 @@ def test_wrap_keeps_timm_structure_and_swin_units_give_channels_first_maps():
     assert swin.units[1](h).shape == (2, 24, 8, 8) and swin.units[2](h).shape == (2, 48, 4, 4)
 
 
+@needs_timm
 def test_default_objective_on_a_wrapped_timm_model():
     torch.manual_seed(0)
     local = manpp.wrap(timm.create_model("resnet18", pretrained=False, num_classes=10), k=2, image_size=32,
@@ -290,16 +302,16 @@ ERRORS = {
     "tensor in no unit": (lambda: Orphan(), {"units": ["stem", "body.a", "body.b"], "head": "classifier"},
                           r"its tensor 'temperature' is in none of the units or the head"),
     "list without head": (lambda: unit_list(), {}, r"a list of units needs head="),
-    "wrong image size": (lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32),
+    "wrong image size (timm)": (lambda: timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32),
                          {"image_size": 64}, r"does not run on a batch of shape \(2, 3, 64, 64\).*image_size="),
-    "vit without class token": (lambda: timm.models.vision_transformer.VisionTransformer(
+    "vit without class token (timm)": (lambda: timm.models.vision_transformer.VisionTransformer(
         img_size=32, patch_size=16, embed_dim=32, depth=2, num_heads=2, class_token=False, global_pool="avg"), {},
         r"without a class token"),
     "head without units": (lambda: ActResNet(), {"head": "fc"}, r"head= without units="),
 }
 
 
-@pytest.mark.parametrize("case", list(ERRORS))
+@pytest.mark.parametrize("case", cases(ERRORS))
 def test_unwrappable_models_get_one_clear_error(case):
     make, kwargs, message = ERRORS[case]
     with pytest.raises(ManppError, match=message):
