@@ -49,6 +49,12 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _dates(old: str | None, today: datetime.date) -> str:
+    """The dates of the runs in the file: the earlier ones, then today's if new."""
+    dates = [d for d in (old or "").split(", ") if d]
+    return ", ".join(dates + ([today.isoformat()] if today.isoformat() not in dates else []))
+
+
 def run_key(r: dict) -> tuple:
     return r["method"], r["k"], r["seed"]
 
@@ -76,7 +82,7 @@ def main(argv=None) -> int:
         "split": "even",
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.processor() or 'cpu'}",
         "python": platform.python_version(), "torch": torch.__version__,
-        "date": datetime.date.today().isoformat(),
+        "date": _dates(old.get("date"), datetime.date.today()),
     }
     base = C.apply(C.TrainConfig(), {
         "model": args.model, "dataset": args.dataset, "data_dir": args.data_dir, "epochs": args.epochs,
@@ -140,7 +146,8 @@ def summarize(doc: dict) -> str:
         acc, acc_sd = _stats([100 * r["test_accuracy"] for r in runs])
         best, best_sd = _stats([100 * r["best_test_accuracy"] for r in runs])
         delta = "" if e2e is None or method == "e2e" else f"{acc - 100 * e2e:+.2f}"
-        lines.append(f"| {method} | {k} | {runs[0]['modules']} | {acc:.2f} ± {acc_sd:.2f} | {best:.2f} ± {best_sd:.2f} "
+        spread = (lambda m, sd: f"{m:.2f} ± {sd:.2f}") if len(runs) > 1 else (lambda m, sd: f"{m:.2f} (1 seed)")
+        lines.append(f"| {method} | {k} | {runs[0]['modules']} | {spread(acc, acc_sd)} | {spread(best, best_sd)} "
                      f"| {delta} |")
     return "\n".join(lines) + "\n"
 

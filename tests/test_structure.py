@@ -173,7 +173,12 @@ def test_each_objective_owns_its_settings():
         manpp.local_model(manpp.build_backbone("resnet8"), "predsim", 3, beta="x")
 
 
-def test_the_default_objective_follows_the_backbone():
+def test_the_default_objective_follows_the_backbone(capsys):
+    from manpp.cli import main
+
+    assert main(["describe", "--model", "vit_tiny", "--method", "manpp", "--k", "4", "--dataset", "synthetic",
+                 "--image-size", "32", "--batch-size", "2"]) == 0
+    assert "vit_tiny / manpp (dgl): 4 modules" in capsys.readouterr().out
     cifar = manpp.local_model(manpp.build_backbone("resnet8"), "manpp", 2)
     vit = manpp.local_model(manpp.build_backbone("vit_tiny", image_size=32), "manpp", 4)
     assert (cifar.objective, vit.objective) == ("infopro", "dgl")

@@ -20,12 +20,13 @@ from .errors import ManppError
 from .methods import LocalSettings, build_local_model
 from .models import build_backbone
 from .partition import Partition, make_partition
-from .registry import METHODS, OBJECTIVES, register_method, register_objective
+from .registry import METHODS, OBJECTIVES, Method, register_method, register_objective
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "LocalContext", "LocalModel", "LocalSettings", "ManppError", "METHODS", "OBJECTIVES", "Partition", "StepResult",
+    "LocalContext", "LocalModel", "LocalSettings", "ManppError", "METHODS", "Method", "OBJECTIVES", "Partition",
+    "StepResult",
     "build_backbone", "build_local_model", "evaluate", "local_model", "local_step", "make_partition",
     "register_method", "register_objective", "wrap",
 ]
