@@ -11,6 +11,6 @@ from __future__ import annotations
 
 from ..registry import OBJECTIVES, default_objective, objective_names
 from .spec import AuxSpec
-from . import dgl, infopro, predsim  # noqa: E402,F401  (each registers itself)
+from . import dgl, infopro, predsim  # noqa: F401  (each registers itself)
 
 __all__ = ["AuxSpec", "OBJECTIVES", "default_objective", "objective_names"]
