@@ -93,11 +93,11 @@ class Objective:
         the accepted ones.
         """
         values = dict(values or {})
-        accepted = [f.name for f in dataclasses.fields(self.settings)]
+        accepted = self.settings_names()
         for key in list(values):
             if key in accepted:
                 continue
-            owners = [o.name for o in OBJECTIVES.values() if key in {f.name for f in dataclasses.fields(o.settings)}]
+            owners = [o.name for o in OBJECTIVES.values() if key in o.settings_names()]
             if not owners:
                 listed = ", ".join(f"heads.{a}" for a in accepted) or "none"
                 raise ManppError(f"unknown setting 'heads.{key}' for objective '{self.name}': its settings are {listed}")
