@@ -9,6 +9,7 @@ from torch import nn
 from .engine import LocalModel
 from .methods import LocalSettings, build_local_model
 from .momentum import EMA_MOMENTUM
+from .tasks import task_of
 
 
 def local_model(backbone: nn.Module, method: str = "manpp", k: int | None = None, *, split="even",
@@ -27,15 +28,12 @@ def local_model(backbone: nn.Module, method: str = "manpp", k: int | None = None
     settings = LocalSettings(method=method, k=k, split=split, objective=objective, ema_momentum=ema_momentum,
                              copy_init=copy_init, recompute_ema=recompute_ema,
                              heads={**(heads or {}), **head_options})
-    if task is None and getattr(backbone, "task_name", "classification") != "classification":
-        from .tasks import task_of
-
-        task = task_of(backbone)
     return build_local_model(
         backbone, settings,
         num_classes=num_classes or backbone.num_classes,
         image_channels=image_channels or getattr(backbone, "in_channels", 3),
-        image_size=image_size or getattr(backbone, "image_size", None) or 32, denormalize=denormalize, task=task,
+        image_size=image_size or getattr(backbone, "image_size", None) or 32, denormalize=denormalize,
+        task=task or task_of(backbone),
     )
 
 

@@ -14,7 +14,7 @@ from . import config as C
 from . import methods as _methods  # noqa: F401  (registers every method and objective)
 from .distributed import is_main, rank
 from .errors import ManppError
-from .registry import METHODS, OBJECTIVES, method_names
+from .registry import METHODS, OBJECTIVES, method_names, objective_takers
 
 # command-line option -> config field (None values mean "not given")
 COMMON = {"model": "model", "dataset": "dataset", "data_dir": "data_dir", "objective": "objective", "k": "k",
@@ -36,7 +36,7 @@ def _add_common(p: argparse.ArgumentParser, *, method: bool = True) -> None:
     if method:
         p.add_argument("--method", metavar="METHOD",
                        help="; ".join(f"{n}: {METHODS[n].summary}" for n in method_names()) + " (default manpp)")
-    takers = "/".join(n for n in method_names() if METHODS[n].takes_objective)
+    takers = "/".join(objective_takers())
     p.add_argument("--objective", metavar="OBJECTIVE",
                    help=f"base objective of {takers}: {', '.join(OBJECTIVES.names())} (default: the backbone's, "
                    f"infopro on ResNets, dgl on ViTs and dense models); its settings are heads.<name>=value")

@@ -9,7 +9,7 @@ from pathlib import Path
 from . import config as C
 from .errors import ManppError
 from .memory import format_bytes
-from .registry import METHODS, OBJECTIVES
+from .registry import METHODS, OBJECTIVES, objective_takers
 from .train import train
 
 RECORD_KEYS = ("method", "modules", "test_accuracy", "best_test_accuracy", "metric", "test_score", "best_test_score",
@@ -26,7 +26,7 @@ def parse_methods(text: str, *, objectives: bool = False) -> list[str]:
     for m in methods:
         name, colon, objective = m.partition(":")
         method = METHODS.get(name)
-        takers = [n for n, x in METHODS.items() if x.takes_objective]
+        takers = objective_takers()
         if colon and not objectives:
             raise ManppError(f"'{m}': choose the objective of {'/'.join(takers)} with --objective here")
         if colon and (objective not in OBJECTIVES or not method.takes_objective):

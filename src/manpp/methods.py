@@ -26,10 +26,6 @@ register_method(Method("manpp", None, momentum=True, learnable_scale=True,
                        summary="MAN++: EMA + learnable copy mixed by a learnable scale"))
 
 
-def get_method(name: str) -> Method:
-    return METHODS.get(name)
-
-
 @dataclass
 class LocalSettings:
     """Everything besides the backbone that decides the local model."""
@@ -50,10 +46,8 @@ def family_of(backbone: nn.Module) -> str:
     return getattr(backbone, "aux_family", "cifar")
 
 
-def resolve_objective(method: Method, objective: str | None, backbone: nn.Module) -> str | None:
-    """The objective ``method`` uses on ``backbone``: its own, the one asked for, or the family's default."""
-    if not method.local:
-        return None
+def resolve_objective(method: Method, objective: str | None, backbone: nn.Module) -> str:
+    """The objective local ``method`` uses on ``backbone``: its own, the one asked for, or the family's default."""
     if method.objective is not None:  # a plain local method always uses its own objective
         return method.objective
     return objective or default_objective(family_of(backbone))
@@ -81,15 +75,13 @@ def build_local_model(backbone: nn.Module, settings: LocalSettings, *, num_class
     ``task`` (a :class:`manpp.tasks.Task`) gives the final loss and what dense auxiliary heads need;
     None: classification with cross-entropy.
     """
-    method = get_method(settings.method)
+    method = METHODS.get(settings.method)
     final_loss = task.loss if task is not None else None
     if not method.local:
         if settings.k not in (None, 1):
             raise ManppError(f"method 'e2e' trains the network as one module: K must be 1, got K={settings.k}")
-        model = LocalModel(backbone, make_partition(backbone, 1, "even"), [], denormalize, method=method.name,
-                           final_loss=final_loss)
-        model.objective, model.objective_settings = None, None
-        return model
+        return LocalModel(backbone, make_partition(backbone, 1, "even"), [], denormalize, method=method.name,
+                          final_loss=final_loss)
     family = family_of(backbone)
     name = resolve_objective(method, settings.objective, backbone)
     objective = OBJECTIVES.get(name)

@@ -172,6 +172,11 @@ def objective_names(family: str | None = None) -> list[str]:
     return [o.name for o in OBJECTIVES.values() if family is None or family in o.families]
 
 
+def objective_takers() -> list[str]:
+    """The methods that wrap an objective of the user's choice (MAN, MAN++)."""
+    return [name for name, method in METHODS.items() if method.takes_objective]
+
+
 def method_names() -> list[str]:
     """Every method: end-to-end first, then the plain local ones, then the momentum wrappers."""
     return METHODS.names()

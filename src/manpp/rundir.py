@@ -19,7 +19,6 @@ from . import config as C
 from . import distributed as D
 from .engine import LocalModel
 from .errors import ManppError
-from .registry import METHODS
 
 CHECKPOINT = "checkpoint.pt"
 LOG = "log.csv"
@@ -117,7 +116,7 @@ def summary(cfg: C.TrainConfig, model: LocalModel, history: list[dict], memory: 
     return {
         "method": cfg.method, "model": cfg.model, "dataset": cfg.dataset, "modules": model.k,
         "partition": model.partition.label,
-        "objective": cfg.objective if METHODS.get(cfg.method).takes_objective else None,
+        "objective": cfg.objective,  # resolved (manpp.build.resolved): None where the method fixes its own
         "epochs": len(history), "steps": last.get("step", 0),
         "test_accuracy": last.get("test_accuracy"),
         "best_test_accuracy": max((h["test_accuracy"] for h in history if "test_accuracy" in h), default=None),
