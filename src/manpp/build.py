@@ -17,6 +17,7 @@ import torch
 
 from . import config as C
 from . import distributed as D
+from . import fidelity as F
 from .engine import LocalModel
 from .errors import ManppError, choices
 from .registry import METHODS
@@ -27,6 +28,8 @@ LR_SCHEDULES = ("cosine", "step")
 RANK_SEED = 1_000_003  # process r > 0 draws its random numbers (augmentation, dropout) from seed + r * RANK_SEED
 EPOCH_SEED = 100_003  # the batch order of epoch e comes from the seed seed * EPOCH_SEED + e
 SUBSET_SEED = 20261125  # train_subset / test_subset: the same images for every run and seed
+SUBSET_ORDERS = ("random", "first")
+LR_UPDATES = ("step", "epoch")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -45,27 +48,46 @@ def seed_everything(seed: int) -> None:
 def data_info(cfg: C.TrainConfig):
     """The :class:`~manpp.data.DatasetInfo` of a run's dataset, for its model's task (reads no data)."""
     from .data import dataset_info
+    from .data.options import adjusted_info
     from .models import model_task
 
-    return dataset_info(cfg.dataset, image_size=cfg.image_size, task=model_task(cfg.model))
+    cfg = F.resolve(cfg)
+    info = dataset_info(cfg.dataset, image_size=cfg.image_size, task=model_task(cfg.model))
+    return adjusted_info(info, cfg.gray_to_rgb, cfg.normalize)
 
 
 def load_data(cfg: C.TrainConfig):
-    """``(train, test, info)`` of a run: the dataset, cut to ``train_subset`` / ``test_subset``."""
+    """``(train, test, info)`` of a run: the dataset with its data switches (:mod:`manpp.data.options`),
+    cut to ``train_subset`` / ``test_subset``."""
     from .data import build_datasets
+    from .data.options import adapt, adjusted_info, check
     from .models import model_task
 
-    train_set, test_set, info = build_datasets(cfg.dataset, cfg.data_dir, download=cfg.download, seed=cfg.seed,
-                                               image_size=cfg.image_size, task=model_task(cfg.model))
-    return subset(train_set, cfg.train_subset, "train_subset"), subset(test_set, cfg.test_subset, "test_subset"), info
+    cfg = F.resolve(cfg)
+    check(cfg.augment, cfg.normalize)
+    train_set, test_set, own = build_datasets(cfg.dataset, cfg.data_dir, download=cfg.download, seed=cfg.seed,
+                                              image_size=cfg.image_size, task=model_task(cfg.model),
+                                              augment=cfg.augment != "none")
+    info = adjusted_info(own, cfg.gray_to_rgb, cfg.normalize)
+    train_set = adapt(train_set, own, info, cfg.augment, training=True)
+    test_set = adapt(test_set, own, info, cfg.augment, training=False)
+    return (subset(train_set, cfg.train_subset, "train_subset", cfg.subset_order),
+            subset(test_set, cfg.test_subset, "test_subset", cfg.subset_order), info)
 
 
-def subset(dataset, n: int | None, name: str):
-    """The same ``n`` images for every run and seed (a fixed permutation), or the whole set."""
+def subset(dataset, n: int | None, name: str, order: str = "random"):
+    """The same ``n`` images for every run and seed, or the whole set.
+
+    ``order='random'``: a fixed random choice (the same permutation always); ``'first'``: the first ``n``.
+    """
+    if order not in SUBSET_ORDERS:
+        raise ManppError(f"unknown subset_order '{order}': accepted are {choices(SUBSET_ORDERS)}")
     if n is None or n >= len(dataset):
         return dataset
     if n < 1:
         raise ManppError(f"{name} must be a positive number of images, got {n}")
+    if order == "first":
+        return torch.utils.data.Subset(dataset, range(n))
     keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(SUBSET_SEED))[:n]
     return torch.utils.data.Subset(dataset, keep.sort().values.tolist())
 
@@ -81,29 +103,36 @@ class EpochBatches(torch.utils.data.Sampler):
     """
 
     def __init__(self, n: int, batch_size: int, seed: int, epoch: int, start: int = 0, *, rank: int = 0,
-                 world: int = 1):
+                 world: int = 1, drop_last: bool = True):
         D.check_batch_size(batch_size, world)
         if not 0 <= rank < world:
             raise ValueError(f"rank {rank} is not one of the {world} processes")
         self.n, self.batch_size, self.seed, self.epoch, self.start = n, batch_size, seed, epoch, start
-        self.rank, self.world = rank, world
+        self.rank, self.world, self.drop_last = rank, world, drop_last
 
     def __len__(self) -> int:
-        return self.n // self.batch_size - self.start
+        return steps_per_epoch(self.n, self.batch_size, self.drop_last) - self.start
 
     def __iter__(self):
         g = torch.Generator().manual_seed(self.seed * EPOCH_SEED + self.epoch)
         perm = torch.randperm(self.n, generator=g).tolist()
-        lo, hi = D.shard_bounds(self.batch_size, self.rank, self.world)
-        for b in range(self.start, self.n // self.batch_size):
-            yield perm[b * self.batch_size + lo:b * self.batch_size + hi]
+        for b in range(self.start, steps_per_epoch(self.n, self.batch_size, self.drop_last)):
+            batch = perm[b * self.batch_size:(b + 1) * self.batch_size]
+            lo, hi = D.shard_bounds(len(batch), self.rank, self.world)
+            yield batch[lo:hi]
+
+
+def steps_per_epoch(n: int, batch_size: int, drop_last: bool = True) -> int:
+    """Training steps in an epoch of ``n`` images: full batches only, or with the last partial one."""
+    return n // batch_size if drop_last else -(-n // batch_size)
 
 
 def epoch_loader(dataset, cfg: C.TrainConfig, epoch: int, start: int = 0, *, rank: int = 0, world: int = 1,
                  **loader_kw) -> torch.utils.data.DataLoader:
     """The training batches of ``epoch`` (from batch ``start``), with worker seeds of their own:
     making the iterator draws nothing from the global RNG, so a resumed run continues exactly."""
-    sampler = EpochBatches(len(dataset), cfg.batch_size, cfg.seed, epoch, start, rank=rank, world=world)
+    sampler = EpochBatches(len(dataset), cfg.batch_size, cfg.seed, epoch, start, rank=rank, world=world,
+                           drop_last=F.resolve(cfg).drop_last)
     worker_seed = torch.Generator().manual_seed(cfg.seed * EPOCH_SEED + epoch + 1 + rank * RANK_SEED)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, generator=worker_seed, **loader_kw)
 
@@ -119,6 +148,7 @@ def build_model(cfg: C.TrainConfig, info, device: torch.device | str = "cpu") ->
 
     backbone = build_backbone(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
                               image_size=info.image_size, anchor_base=cfg.anchor_base)
+    cfg = F.resolve(cfg, backbone)
     if cfg.pretrained:
         load_pretrained(backbone, cfg)
     model = build_local_model(backbone, cfg.local_settings(), num_classes=info.num_classes,
@@ -149,11 +179,13 @@ def load_pretrained(backbone, cfg: C.TrainConfig) -> None:
 def resolved(cfg: C.TrainConfig, model: LocalModel) -> C.TrainConfig:
     """``cfg`` with what the builder chose filled in: the objective, its full settings, and K."""
     k = cfg.k
-    if k is None and isinstance(cfg.split, str) and "," not in cfg.split and model.method != "e2e":
+    if k is None and (cfg.split is None or isinstance(cfg.split, str) and "," not in cfg.split) \
+            and model.method != "e2e":
         k = model.partition.nominal_k
     settings = getattr(model, "objective_settings", None)
     heads = dataclasses.asdict(settings) if settings is not None else {}
     objective = model.objective if METHODS.get(cfg.method).takes_objective else None
+    cfg = F.resolve(cfg, model.backbone)
     return dataclasses.replace(cfg, k=k, objective=objective, heads=heads)
 
 
@@ -184,7 +216,19 @@ def adamw_betas(cfg: C.TrainConfig) -> tuple[float, float]:
 def check_options(cfg: C.TrainConfig) -> None:
     """Names that are only read deep inside a run, checked up front (one clear error, before any work)."""
     METHODS.get(cfg.method)
+    F.check(cfg)
     amp_dtype(cfg)
+    resolved_ = F.resolve(cfg)
+    if resolved_.lr_update not in LR_UPDATES:
+        raise ManppError(f"unknown lr_update '{resolved_.lr_update}': accepted are {choices(LR_UPDATES)}")
+    if resolved_.subset_order not in SUBSET_ORDERS:
+        raise ManppError(f"unknown subset_order '{resolved_.subset_order}': accepted are {choices(SUBSET_ORDERS)}")
+    from .data.options import check as check_data
+
+    check_data(resolved_.augment, resolved_.normalize)
+    if not resolved_.drop_last and D.world_size() > 1:
+        raise ManppError("drop_last=false (the release's last partial batch) works only in single-process runs: "
+                         "under torchrun a partial batch does not split into equal shards")
     if cfg.optimizer not in OPTIMIZERS:
         raise ManppError(f"unknown optimizer '{cfg.optimizer}': accepted are {choices(OPTIMIZERS)}")
     if cfg.optimizer == "adamw":
@@ -230,7 +274,19 @@ def build_scaler(cfg: C.TrainConfig, device: torch.device) -> "torch.amp.GradSca
 
 def lr_at(step: int, cfg: C.TrainConfig, steps_per_epoch: int) -> float:
     """Linear warm-up from ``warmup_lr`` to ``lr``, then cosine to 0 (or, ``lr_schedule: step``,
-    ``lr`` times 0.1 per milestone passed, as fractions of ``epochs``), evaluated per step."""
+    ``lr`` times 0.1 per milestone passed, as fractions of ``epochs``), evaluated per step.
+
+    ``lr_update: epoch`` is the release's schedule instead (RELEASE.md section 4.1), set once per
+    epoch e = 1..E: cosine c(e) = lr/2 (1 + cos(pi e / E)), and for e <= W warm-up epochs the blend
+    c(e) (e - 1) / W + warmup_lr (W + 1 - e) / W. The last epoch trains at lr 0.
+    """
+    if F.resolve(cfg).lr_update == "epoch" and cfg.lr_schedule == "cosine":
+        e = step // max(1, steps_per_epoch) + 1
+        cosine = 0.5 * cfg.lr * (1 + math.cos(math.pi * min(e, cfg.epochs) / max(1, cfg.epochs)))
+        warm = round(cfg.warmup_epochs)
+        return cosine * (e - 1) / warm + cfg.warmup_lr * (warm + 1 - e) / warm if e <= warm else cosine
+    if F.resolve(cfg).lr_update == "epoch":  # the step schedule, by epoch
+        step = step // max(1, steps_per_epoch) * steps_per_epoch
     total = max(1, cfg.epochs * steps_per_epoch)
     warm = int(cfg.warmup_epochs * steps_per_epoch)
     if step < warm:

@@ -36,12 +36,20 @@ class TrainConfig:
     data_dir: str | None = None
     download: bool = True
     image_size: int | None = None  # input side in pixels; None: the dataset's own (32 for CIFAR, 224 for imagenet)
-    train_subset: int | None = None  # use only this many training images (a fixed random subset)
+    train_subset: int | None = None  # use only this many training images (see subset_order)
     test_subset: int | None = None
+    # ours or the authors' release, wherever they differ (manpp.fidelity); each switch below left at
+    # None follows it
+    fidelity: str = "ours"
+    subset_order: str | None = None  # 'random' (ours: a fixed random subset) or 'first' (the first N images)
+    gray_to_rgb: bool | None = None  # replicate grayscale images to 3 channels (the release)
+    augment: str | None = None  # 'dataset' (its own), 'release' (the release's recipe for it) or 'none'
+    normalize: str | None = None  # 'dataset' (its own statistics) or 'release' (the release's for it)
+    drop_last: bool | None = None  # drop the last partial training batch of each epoch (ours) or train it
     method: str = "manpp"
     objective: str | None = None  # base objective of man / manpp (see --help); None: the backbone's default
     k: int | None = None  # modules; None: 1 for e2e, else the backbone's default (16 for CIFAR ResNets, else 4)
-    split: Any = "even"  # 'even', 'paper', 'memory' or a list of module end units
+    split: Any = None  # 'even', 'paper', 'memory' or a list of module end units; None: per fidelity (even)
     # recipe (METHOD.md section 4 has the paper values; see configs/)
     epochs: int = 8
     batch_size: int = 64
@@ -52,6 +60,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_epochs: float = 1.0
     warmup_lr: float = 0.01
+    lr_update: str | None = None  # 'step' (ours: the lr is set every step) or 'epoch' (once per epoch, the release)
     lr_schedule: str = "cosine"  # 'cosine', or 'step': lr x0.1 at each fraction of the run in lr_milestones
     lr_milestones: Any = (2 / 3, 8 / 9)  # 'step' schedule (the detection recipe: 60k and 80k of 90k iterations)
     grad_clip: float | None = None  # clip the global gradient norm (the detection recipe: 1.0)
@@ -61,10 +70,11 @@ class TrainConfig:
     adamw_betas: Any = (0.9, 0.999)
     # MAN / MAN++
     ema_momentum: float = EMA_MOMENTUM
-    copy_init: str = "copy"  # 'copy' (ours) or 'random' (the release)
+    copy_init: str | None = None  # 'copy' (ours) or 'random' (the release)
     recompute_ema: Any = "auto"  # true / false / 'auto': recompute the EMA branch in backward where it lowers the peak
     # the objective's own settings, e.g. {'ixx_1': 5.0} (manpp describe --objective X lists them)
     heads: dict = field(default_factory=dict)
+    allow_zero_loss: bool | None = None  # train even when the heads' weights leave a module without loss
     # running
     seed: int = 0
     max_steps: int | None = None
@@ -81,7 +91,8 @@ class TrainConfig:
     def local_settings(self) -> LocalSettings:
         return LocalSettings(method=self.method, k=self.k, split=self.split, objective=self.objective,
                              ema_momentum=self.ema_momentum, copy_init=self.copy_init,
-                             recompute_ema=self.recompute_ema, heads=dict(self.heads))
+                             recompute_ema=self.recompute_ema, heads=dict(self.heads),
+                             allow_zero_loss=bool(self.allow_zero_loss))
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -92,7 +103,8 @@ class TrainConfig:
 
 
 # fields that define the model and its training: a checkpoint must agree on them to be resumed
-IDENTITY_FIELDS = ("model", "dataset", "method", "objective", "k", "split", "heads", "copy_init", "batch_size")
+IDENTITY_FIELDS = ("model", "dataset", "method", "objective", "k", "split", "heads", "copy_init", "batch_size",
+                   "fidelity", "gray_to_rgb", "normalize")
 
 
 def apply(cfg: TrainConfig, values: dict[str, Any], source: str = "override") -> TrainConfig:

@@ -6,6 +6,7 @@ E2E, MAN and MAN++ are registered here; every objective registers its plain loca
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -39,6 +40,7 @@ class LocalSettings:
     # recompute the EMA branch in backward: true, false, or 'auto' (only where it lowers the peak)
     recompute_ema: bool | str = "auto"
     heads: dict[str, Any] = field(default_factory=dict)  # the objective's own settings (by field name)
+    allow_zero_loss: bool = False  # build even when the settings leave a module without any local loss
 
 
 def family_of(backbone: nn.Module) -> str:
@@ -51,6 +53,21 @@ def resolve_objective(method: Method, objective: str | None, backbone: nn.Module
     if method.objective is not None:  # a plain local method always uses its own objective
         return method.objective
     return objective or default_objective(family_of(backbone))
+
+
+def check_loss(head: nn.Module, index: int, objective: str, allow_zero_loss: bool) -> None:
+    """Refuse a head whose loss weights are all 0 (module ``index`` would never train), unless allowed."""
+    weights = head.loss_weights() if hasattr(head, "loss_weights") else None
+    if not weights or any(w != 0 for w in weights.values()):
+        return
+    listed = ", ".join(f"{name} = {w:g}" for name, w in weights.items())
+    message = (f"module {index} gets no local loss: its {objective} weights are {listed}, so it would never "
+               f"train; change the weights (manpp describe --objective {objective} lists them) or set "
+               f"allow_zero_loss=true to train anyway")
+    if not allow_zero_loss:
+        raise ManppError(message)
+    warnings.warn(message.replace("; change the weights", " (allowed by allow_zero_loss); change the weights"),
+                  stacklevel=3)
 
 
 @torch.no_grad()
@@ -88,7 +105,7 @@ def build_local_model(backbone: nn.Module, settings: LocalSettings, *, num_class
     objective.check_family(family)
     heads = objective.make_settings(settings.heads)
     check_settings(settings.ema_momentum, settings.copy_init, settings.recompute_ema)
-    k, split = settings.k, settings.split
+    k, split = settings.k, settings.split if settings.split is not None else "even"
     if k is None and isinstance(split, str) and "," not in split:
         k = default_k(backbone)
     if isinstance(split, str) and split == "memory":
@@ -110,6 +127,7 @@ def build_local_model(backbone: nn.Module, settings: LocalSettings, *, num_class
         if family == "vit" and method.momentum and unit_index + 1 < len(backbone.units):
             next_unit = backbone.units[unit_index + 1]  # the release's second learnable block
         head = objective.build(spec, heads, momentum=method.momentum, next_unit=next_unit, task=task)
+        check_loss(head, j, name, settings.allow_zero_loss)
         if method.momentum:
             unit = backbone.units[unit_index]
             # dense backbones wrap their blocks (``unit.block``): the copies are of the block itself

@@ -32,7 +32,8 @@ import torch.distributed as dist
 
 from . import config as C
 from . import distributed as D
-from .build import build_model, build_optimizer, data_info, epoch_loader, load_data, lr_at, resolved, seed_everything
+from .build import (build_model, build_optimizer, data_info, epoch_loader, load_data, lr_at, resolved, seed_everything,
+                    steps_per_epoch as steps_per_epoch_of)
 from .engine import LocalContext, local_step
 from .errors import ManppError
 from .memory import format_bytes, measure_step
@@ -134,7 +135,7 @@ def train_pipelined(cfg: C.TrainConfig, device: torch.device, verbose: bool = Tr
     if main:
         out.mkdir(parents=True, exist_ok=True)
         C.save_yaml(cfg, out / "config.yaml")
-    steps_per_epoch = n_train // cfg.batch_size
+    steps_per_epoch = steps_per_epoch_of(n_train, cfg.batch_size, cfg.drop_last)
     if steps_per_epoch < 1:
         raise ManppError(f"batch_size {cfg.batch_size} is larger than the training set ({n_train} images)")
     # the EMA copy of my last module follows the first unit of the next stage's first module

@@ -84,6 +84,7 @@ class Objective:
     families: tuple[str, ...]  # the backbone families whose features it reads
     default_for: tuple[str, ...] = ()  # families for which it is the default objective
     summary: str = ""
+    release: dict = dataclasses.field(default_factory=dict)  # settings of the authors' release (fidelity=release)
 
     def make_settings(self, values: dict[str, Any] | None = None):
         """The settings dataclass from ``values`` (checked and typed).
@@ -138,14 +139,19 @@ METHODS: Registry[Method] = Registry("method", order=lambda m: 0 if not m.local 
 
 
 def register_objective(name: str, *, settings: type, families: tuple[str, ...], default_for: tuple[str, ...] = (),
-                       summary: str = "", method: bool = True):
-    """Decorator registering ``build`` as objective ``name`` (and, with ``method``, method ``name``)."""
+                       summary: str = "", method: bool = True, release: dict | None = None):
+    """Decorator registering ``build`` as objective ``name`` (and, with ``method``, method ``name``).
+
+    ``release``: the settings where the authors' release differs from ``settings``' defaults,
+    applied by ``fidelity=release`` (:mod:`manpp.fidelity`).
+    """
     unknown = [f for f in (*families, *default_for) if f not in FAMILIES]
     if unknown:
         raise ValueError(f"objective '{name}': unknown families {unknown}; known are {FAMILIES}")
 
     def decorator(build: Callable[..., Any]) -> Callable[..., Any]:
-        OBJECTIVES.add(name, Objective(name, build, settings, tuple(families), tuple(default_for), summary))
+        OBJECTIVES.add(name, Objective(name, build, settings, tuple(families), tuple(default_for), summary,
+                                       dict(release or {})))
         if method:
             METHODS.add(name, Method(name, name, summary=summary))
         return build

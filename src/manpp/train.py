@@ -20,6 +20,7 @@ from . import config as C
 from . import distributed as D
 from .build import (RANK_SEED, build_model, build_optimizer, build_scaler, check_options, epoch_loader, load_data,
                     lr_at, memory_format, resolved, seed_everything)
+from .build import steps_per_epoch as steps_per_epoch_of
 from .errors import ManppError
 from .memory import format_bytes, measure_step
 from .rundir import (CHECKPOINT, LOG, SUMMARY, RunResult, append_csv, atomic_save, check_resumable,
@@ -85,7 +86,7 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
     if main:
         out.mkdir(parents=True, exist_ok=True)
         C.save_yaml(cfg, out / "config.yaml")
-    steps_per_epoch = len(train_set) // cfg.batch_size
+    steps_per_epoch = steps_per_epoch_of(len(train_set), cfg.batch_size, cfg.drop_last)
     loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=False,
                      collate_fn=task.collate)
     n_test = len(test_set)

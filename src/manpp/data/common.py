@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -52,25 +53,29 @@ class RandomCropFlip:
     zero padding in pixel space.
     """
 
-    def __init__(self, padding: int, flip: bool, fill: Sequence[float] = (0.0,)):
+    def __init__(self, padding: int, flip: bool, fill: Sequence[float] = (0.0,), reflect: bool = False):
         self.padding = padding
         self.flip = flip
         self.fill = torch.tensor(tuple(fill), dtype=torch.float32).view(-1, 1, 1)
+        self.reflect = reflect  # pad by mirroring the border (torchvision's padding_mode='reflect') instead of fill
 
     def __call__(self, image: Tensor) -> Tensor:
         c, h, w = image.shape
         # Crop offset (i, j) in the padded image = shift of the content by (dy, dx).
         i, j = torch.randint(0, 2 * self.padding + 1, (2,)).tolist()
-        dy, dx = i - self.padding, j - self.padding
-        out = self.fill.to(image.dtype).expand(c, h, w).clone()
-        out[:, max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)] = \
-            image[:, max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)]
+        if self.reflect:
+            out = F.pad(image[None], (self.padding,) * 4, mode="reflect")[0, :, i:i + h, j:j + w].clone()
+        else:
+            dy, dx = i - self.padding, j - self.padding
+            out = self.fill.to(image.dtype).expand(c, h, w).clone()
+            out[:, max(0, -dy):h - max(0, dy), max(0, -dx):w - max(0, dx)] = \
+                image[:, max(0, dy):h - max(0, -dy), max(0, dx):w - max(0, -dx)]
         if self.flip and coin_flip():
             out = out.flip(-1)
         return out
 
     def __repr__(self) -> str:
-        return f"RandomCropFlip(padding={self.padding}, flip={self.flip})"
+        return f"RandomCropFlip(padding={self.padding}, flip={self.flip}, reflect={self.reflect})"
 
 
 def normalized_black(info: DatasetInfo) -> tuple[float, ...]:

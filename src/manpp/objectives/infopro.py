@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -23,12 +22,13 @@ from .spec import FEATURE_DIM
 CLASSIFIER_CONFIGS = ("1c2f", "2c2f")
 CLASSIFIER_LOSSES = ("cross_entropy", "contrast")
 LAMBDA_SCHEDULES = ("auto", "module", "stage", "constant")
+GRAY_DECODES = ("rgb", "gray")
 SUPCON_TEMPERATURE = 0.07
 
 
 @dataclass
 class InfoProSettings:
-    """The paper's CIFAR settings (METHOD.md section 2)."""
+    """The paper's CIFAR settings (METHOD.md section 2), except ``ixy_2`` (see below)."""
 
     aux_config: str = "2c2f"  # classifier: '1c2f' or '2c2f'
     aux_loss: str = "cross_entropy"  # classifier loss: 'cross_entropy' or 'contrast' (SupCon)
@@ -37,8 +37,15 @@ class InfoProSettings:
     ixx_1: float = 5.0  # reconstruction weight at the first module
     ixy_1: float = 0.5  # classification weight at the first module
     ixx_2: float = 0.0  # reconstruction weight at module K-2
-    ixy_2: float = 0.0  # classification weight at module K-2
+    # classification weight at module K-2: the paper's 0 leaves module K-2 (InfoPro) or, at small K,
+    # modules 1 and 2 (MAN/MAN++) without any loss; 0.5 keeps the classification weight constant
+    ixy_2: float = 0.5
     lambda_schedule: str = "auto"  # 'module' (InfoPro), 'stage' (MAN/MAN++ release), 'constant' or 'auto'
+    first_config: str | None = None  # module 0's classifier (the release: '1c2f'); None: aux_config
+    first_loss: str | None = None  # module 0's classifier loss (the release: 'contrast'); None: aux_loss
+    # what a grayscale image's decoder reconstructs: 'rgb' the image replicated to 3 channels (the
+    # same training signal as storing it as 3 channels), 'gray' its one channel
+    decode_gray: str = "rgb"
 
 
 class Decoder(nn.Module):
@@ -57,8 +64,24 @@ class Decoder(nn.Module):
 
     def forward(self, x: torch.Tensor, image01: torch.Tensor) -> torch.Tensor:
         x = self.net[1:](resized_conv(x, self.net[0], (self.image_size, self.image_size), self.factored))
-        # sigmoid + BCE, computed stably as BCE-with-logits (same value, no log(0))
-        return F.binary_cross_entropy_with_logits(x.float(), image01.float())
+        return reconstruction_loss(x, image01)
+
+
+def reconstruction_loss(logits: torch.Tensor, image01: torch.Tensor) -> torch.Tensor:
+    """Sigmoid + BCE (mean), computed stably as BCE-with-logits (same value, no log(0)).
+
+    A one-channel image against a 3-channel decoder (``decode_gray='rgb'``) is replicated.
+    """
+    if image01.shape[1] != logits.shape[1]:
+        image01 = image01.expand(-1, logits.shape[1], -1, -1)
+    return F.binary_cross_entropy_with_logits(logits.float(), image01.float())
+
+
+def decoded_channels(image_channels: int, decode_gray: str) -> int:
+    """The channels the decoder reconstructs: 3 for a grayscale image with ``decode_gray='rgb'``."""
+    if decode_gray not in GRAY_DECODES:
+        raise ManppError(f"unknown decode_gray '{decode_gray}': accepted are {choices(GRAY_DECODES)}")
+    return 3 if image_channels == 1 and decode_gray == "rgb" else image_channels
 
 
 @functools.lru_cache(maxsize=64)
@@ -151,7 +174,7 @@ class ImageNetDecoder(nn.Module):
                 x = resized_conv(x, conv, (size, size), self.factored)
             else:
                 x = conv[1:](resized_conv(x, conv[0], (size, size), self.factored))
-        return F.binary_cross_entropy_with_logits(x.float(), image01.float())
+        return reconstruction_loss(x, image01)
 
 
 class AuxClassifier(nn.Module):
@@ -255,17 +278,21 @@ class InfoProHead(nn.Module):
         r = lambda_ratio(spec, schedule)
         lam1 = cfg.ixx_1 * (1 - r) + cfg.ixx_2 * r
         lam2 = cfg.ixy_1 * (1 - r) + cfg.ixy_2 * r
-        if lam1 == 0 and lam2 == 0:
-            warnings.warn(f"InfoPro weights are 0 for module {spec.index}: it gets no local loss and will not train",
-                          stacklevel=2)
+        first = spec.index == 0
+        config = cfg.first_config if first and cfg.first_config is not None else cfg.aux_config
+        loss = cfg.first_loss if first and cfg.first_loss is not None else cfg.aux_loss
+        out_channels = decoded_channels(spec.image_channels, cfg.decode_gray)
         if spec.family == "imagenet":
-            decoder = ImageNetDecoder(spec.channels, spec.size, spec.image_size, spec.image_channels)
-            classifier = ImageNetAuxClassifier(spec.channels, spec.num_classes, cfg.aux_loss, cfg.feature_dim)
+            decoder = ImageNetDecoder(spec.channels, spec.size, spec.image_size, out_channels)
+            classifier = ImageNetAuxClassifier(spec.channels, spec.num_classes, loss, cfg.feature_dim)
         else:
-            decoder = Decoder(spec.channels, spec.image_size, spec.image_channels, cfg.widen)
-            classifier = AuxClassifier(spec.channels, spec.num_classes, cfg.aux_config, cfg.aux_loss,
-                                       cfg.feature_dim, cfg.widen)
+            decoder = Decoder(spec.channels, spec.image_size, out_channels, cfg.widen)
+            classifier = AuxClassifier(spec.channels, spec.num_classes, config, loss, cfg.feature_dim, cfg.widen)
         return cls(decoder, classifier, lam1, lam2)
+
+    def loss_weights(self) -> dict[str, float]:
+        """The weights of the local loss's terms (all 0: the module gets no loss)."""
+        return {"lambda1 (reconstruction)": self.lambda1, "lambda2 (classification)": self.lambda2}
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         loss = x.new_zeros((), dtype=torch.float32)
@@ -279,8 +306,13 @@ class InfoProHead(nn.Module):
         return f"lambda1={self.lambda1:.4g}, lambda2={self.lambda2:.4g}"
 
 
+# the release: the CIFAR MAN++ stem module's classifier is always 1c2f with SupCon (RELEASE.md 1.4),
+# and the README's end weights are 0 / 0
+RELEASE_SETTINGS = {"first_config": "1c2f", "first_loss": "contrast", "ixy_2": 0.0}
+
+
 @register_objective("infopro", settings=InfoProSettings, families=("cifar", "imagenet"),
-                    default_for=("cifar", "imagenet"),
+                    default_for=("cifar", "imagenet"), release=RELEASE_SETTINGS,
                     summary="InfoPro: reconstruction + classification per module")
 def build(spec, settings: InfoProSettings, *, momentum: bool = False, **_) -> InfoProHead:
     return InfoProHead.from_spec(spec, settings, momentum=momentum)
