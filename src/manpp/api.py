@@ -16,18 +16,19 @@ def local_model(backbone: nn.Module, method: str = "manpp", k: int | None = None
                 objective: str | None = None, ema_momentum: float = EMA_MOMENTUM, copy_init: str = "copy",
                 recompute_ema: bool | str = "auto", image_size: int | None = None, image_channels: int | None = None,
                 num_classes: int | None = None, denormalize: Callable | None = None, task=None,
-                heads: dict[str, Any] | None = None, **head_options) -> LocalModel:
+                heads: dict[str, Any] | None = None, allow_zero_loss: bool = False, **head_options) -> LocalModel:
     """Cut ``backbone`` into ``k`` modules and attach the local objectives of ``method``.
 
     ``k=None`` and ``objective=None`` take the backbone's defaults (``partition.default_k``; the
     objective registered as the default for its feature family). ``heads`` (or keyword
     ``head_options``) are the objective's own settings, e.g. ``ixx_1=5`` for InfoPro. ``split`` is
     ``"even"``, ``"paper"``, ``"memory"`` (balanced activation memory) or a list of module end units.
-    ``image_size`` is the input side (default: the backbone's own, else 32).
+    ``image_size`` is the input side (default: the backbone's own, else 32). Settings that leave a
+    module without any local loss are refused unless ``allow_zero_loss=True``.
     """
     settings = LocalSettings(method=method, k=k, split=split, objective=objective, ema_momentum=ema_momentum,
                              copy_init=copy_init, recompute_ema=recompute_ema,
-                             heads={**(heads or {}), **head_options})
+                             heads={**(heads or {}), **head_options}, allow_zero_loss=allow_zero_loss)
     return build_local_model(
         backbone, settings,
         num_classes=num_classes or backbone.num_classes,

@@ -67,7 +67,7 @@ def load_data(cfg: C.TrainConfig):
     check(cfg.augment, cfg.normalize)
     train_set, test_set, own = build_datasets(cfg.dataset, cfg.data_dir, download=cfg.download, seed=cfg.seed,
                                               image_size=cfg.image_size, task=model_task(cfg.model),
-                                              augment=cfg.augment != "none")
+                                              augment=cfg.augment != "off")
     info = adjusted_info(own, cfg.gray_to_rgb, cfg.normalize)
     train_set = adapt(train_set, own, info, cfg.augment, training=True)
     test_set = adapt(test_set, own, info, cfg.augment, training=False)

@@ -43,7 +43,7 @@ class TrainConfig:
     fidelity: str = "ours"
     subset_order: str | None = None  # 'random' (ours: a fixed random subset) or 'first' (the first N images)
     gray_to_rgb: bool | None = None  # replicate grayscale images to 3 channels (the release)
-    augment: str | None = None  # 'dataset' (its own), 'release' (the release's recipe for it) or 'none'
+    augment: str | None = None  # 'dataset' (its own), 'release' (the release's recipe for it) or 'off'
     normalize: str | None = None  # 'dataset' (its own statistics) or 'release' (the release's for it)
     drop_last: bool | None = None  # drop the last partial training batch of each epoch (ours) or train it
     method: str = "manpp"

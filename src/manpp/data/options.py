@@ -15,7 +15,7 @@ from ..errors import ManppError, choices
 from .common import RandomCropFlip, TensorImageDataset, normalized_black
 from .info import CIFAR_MEAN, CIFAR_STD, DatasetInfo, denormalize, normalize
 
-AUGMENTS = ("dataset", "release", "none")
+AUGMENTS = ("dataset", "release", "off")
 NORMALIZES = ("dataset", "release")
 CIFAR_RECIPE_SETS = ("digits", "fashion-mnist", "synthetic")  # 'release' is CIFAR-10's recipe for these
 RELEASE_CROP_PADDING = 4  # CIFAR-10: reflect-pad 4, crop 32, flip
@@ -47,11 +47,11 @@ def adjusted_info(info: DatasetInfo, gray_to_rgb: bool, normalize_: str) -> Data
 def adapt(dataset, old: DatasetInfo, new: DatasetInfo, augment: str, training: bool):
     """``dataset`` (built for ``old``) as the switches ask: re-normalised, replicated, re-augmented.
 
-    ``augment='none'`` must have been built without augmentation (``build_datasets(augment=False)``).
+    ``augment='off'`` must have been built without augmentation (``build_datasets(augment=False)``).
     """
     check(augment, "dataset")
-    # 'none' is built without augmentation (build_datasets(augment=False)); nothing to change for it
-    own = not training or augment in ("dataset", "none") or old.name not in CIFAR_RECIPE_SETS
+    # 'off' is built without augmentation (build_datasets(augment=False)); nothing to change for it
+    own = not training or augment in ("dataset", "off") or old.name not in CIFAR_RECIPE_SETS
     if new == old and own:
         return dataset
     if not isinstance(dataset, TensorImageDataset):

@@ -1,0 +1,218 @@
+"""fidelity=release and its switches, grayscale storage, and no module without a loss (issue 12)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import manpp
+from manpp import config as C
+from manpp import fidelity
+from manpp.build import EpochBatches, build_model, load_data, lr_at, steps_per_epoch
+from manpp.data import build_datasets, denormalize
+from manpp.data.common import RandomCropFlip
+from manpp.data.info import CIFAR_MEAN, CIFAR_STD
+from manpp.errors import ManppError
+from manpp.models import build_backbone
+from manpp.train import train
+
+
+def cifar_net(depth: int = 32, channels: int = 3):
+    return build_backbone(f"resnet{depth}", num_classes=10, in_channels=channels, image_size=32)
+
+
+# --- 1. grayscale storage ------------------------------------------------------------------------
+
+def _gradient_ratios(channels: int, decode_gray: str, seed: int, x1, y, pixels) -> list[float]:
+    """|d(lambda1 BCE)/dh| / |d(lambda2 CE)/dh| at every module's output h, at initialisation."""
+    torch.manual_seed(seed)
+    backbone = cifar_net(32, channels)
+    model = manpp.local_model(backbone, "infopro", 16, image_channels=channels, decode_gray=decode_gray)
+    h = x1 if channels == 1 else x1.expand(-1, 3, -1, -1)
+    image01 = pixels if channels == 1 else pixels.expand(-1, 3, -1, -1)
+    ratios = []
+    for j, head in enumerate(model.aux):
+        for u in model.partition.units_of(j):
+            h = backbone.units[u](h)
+        if head.lambda1 == 0:
+            continue
+        feature = h.detach().requires_grad_(True)
+        (g_rec,) = torch.autograd.grad(head.lambda1 * head.decoder(feature, image01), feature)
+        (g_cls,) = torch.autograd.grad(head.lambda2 * head.classifier(feature, y), feature)
+        ratios.append(float(g_rec.norm() / g_cls.norm()))
+    return ratios
+
+
+def test_grayscale_as_one_channel_gives_the_signal_of_three_channels():
+    train_set, _, info = build_datasets("digits", augment=False)
+    x1 = torch.stack([train_set[i][0] for i in range(32)])
+    y = torch.tensor([train_set[i][1] for i in range(32)])
+    pixels = denormalize(x1, info)
+
+    def geomean(channels, decode):
+        values = [r for seed in (0, 1) for r in _gradient_ratios(channels, decode, seed, x1, y, pixels)]
+        return math.exp(sum(map(math.log, values)) / len(values))
+
+    one, three, old = geomean(1, "rgb"), geomean(3, "rgb"), geomean(1, "gray")
+    # the default (decode the grayscale image as 3 channels): the reconstruction-to-classification
+    # gradient ratio of a 3-channel copy of the image, module by module (measured within 10%)
+    assert abs(math.log(one / three)) < math.log(1.25), (one, three)
+    # decoding the single channel (the earlier behaviour) gives about 3x more reconstruction gradient
+    assert old / three > 2.2, (old, three)
+
+
+def test_rgb_decoder_reconstructs_the_replicated_image():
+    model = manpp.local_model(cifar_net(32, 1), "infopro", 4, image_channels=1)
+    head = model.aux[0]
+    assert head.decoder.net[-1].out_channels == 3
+    h = torch.randn(2, 16, 32, 32)
+    gray = torch.rand(2, 1, 32, 32)
+    assert torch.allclose(head.decoder(h, gray), head.decoder(h, gray.expand(-1, 3, -1, -1)))
+    assert manpp.local_model(cifar_net(32, 1), "infopro", 4, image_channels=1,
+                             decode_gray="gray").aux[0].decoder.net[-1].out_channels == 1
+    with pytest.raises(ManppError, match="unknown decode_gray 'grey': accepted are 'rgb' or 'gray'"):
+        manpp.local_model(cifar_net(32, 1), "infopro", 4, image_channels=1, decode_gray="grey")
+
+
+# --- 2. fidelity=release and its switches ---------------------------------------------------------
+
+def test_fidelity_fills_only_the_switches_left_unset():
+    ours = fidelity.resolve(C.TrainConfig())
+    assert (ours.copy_init, ours.gray_to_rgb, ours.augment, ours.normalize, ours.subset_order, ours.drop_last,
+            ours.lr_update, ours.allow_zero_loss) == ("copy", False, "dataset", "dataset", "random", True, "step",
+                                                      False)
+    rel = fidelity.resolve(C.apply(C.TrainConfig(), {"fidelity": "release"}))
+    assert (rel.copy_init, rel.gray_to_rgb, rel.augment, rel.normalize, rel.subset_order, rel.drop_last,
+            rel.lr_update, rel.allow_zero_loss) == ("random", True, "release", "release", "first", False, "epoch",
+                                                    True)
+    mixed = fidelity.resolve(C.apply(C.TrainConfig(), {"fidelity": "release", "copy_init": "copy",
+                                                       "drop_last": True}))
+    assert (mixed.copy_init, mixed.drop_last, mixed.subset_order) == ("copy", True, "first")
+    with pytest.raises(ManppError, match="unknown fidelity 'paper': accepted are 'ours' or 'release'"):
+        fidelity.resolve(C.apply(C.TrainConfig(), {"fidelity": "paper"}))
+
+
+@pytest.mark.parametrize("method,k,split", [("manpp", 8, "paper"), ("manpp", 16, "paper"), ("dgl", 5, "even"),
+                                            ("e2e", None, "even")])
+def test_release_split_is_the_paper_preset_where_there_is_one(method, k, split):
+    cfg = C.apply(C.TrainConfig(), {"fidelity": "release", "method": method, "k": k, "model": "resnet32"})
+    assert fidelity.resolve(cfg, cifar_net()).split == split
+    assert fidelity.resolve(C.apply(cfg, {"fidelity": "ours"}), cifar_net()).split == "even"
+
+
+def test_release_gives_the_stem_module_the_1c2f_supcon_head():
+    cfg = C.apply(C.TrainConfig(), {"fidelity": "release", "method": "manpp", "k": 8, "dataset": "digits"})
+    _, _, info = load_data(cfg)
+    model = build_model(cfg, info)
+    stem, other = model.aux[0].head.classifier, model.aux[1].head.classifier
+    assert model.k == 9  # the release's "K=8": its table plus the stem module
+    assert stem.loss == "contrast" and len(stem.convs) == 3  # 1c2f: one conv + BN + ReLU
+    assert other.loss == "cross_entropy" and len(other.convs) == 6  # 2c2f
+    assert model.aux[0].head.lambda2 == 0.5 and model.aux[-1].head.lambda2 == pytest.approx(0.25)  # ixy_2 = 0
+    assert all(not torch.equal(a.ema.conv1.weight, a.source.conv1.weight) for a in model.aux)  # copy_init=random
+    # explicit heads settings win over the release's
+    explicit = build_model(C.apply(cfg, {"heads.first_loss": "cross_entropy"}), info)
+    assert explicit.aux[0].head.classifier.loss == "cross_entropy"
+    # DGL has no release settings of its own
+    assert fidelity.release_heads(C.apply(cfg, {"objective": "dgl"}), cifar_net()) == {}
+
+
+def test_release_data_switches_on_a_grayscale_set():
+    ours_train, ours_test, ours_info = load_data(C.apply(C.TrainConfig(), {"dataset": "digits"}))
+    cfg = C.apply(C.TrainConfig(), {"dataset": "digits", "fidelity": "release", "train_subset": 100})
+    train_set, test_set, info = load_data(cfg)
+    assert info.in_channels == 3 and info.mean == CIFAR_MEAN and info.std == CIFAR_STD
+    image, label = test_set[0]
+    assert image.shape == (3, 32, 32)
+    # the same pixels, replicated and normalised with CIFAR's statistics
+    assert torch.allclose(denormalize(image, info), denormalize(ours_test[0][0], ours_info).expand(3, -1, -1),
+                          atol=1e-5)
+    transform = train_set.dataset.transform
+    assert isinstance(transform, RandomCropFlip) and transform.reflect and transform.padding == 4 and transform.flip
+    assert list(train_set.indices) == list(range(100))  # subset_order=first
+    assert list(load_data(C.apply(cfg, {"subset_order": "random"}))[0].indices) != list(range(100))
+    # each switch alone
+    alone = load_data(C.apply(C.TrainConfig(), {"dataset": "digits", "gray_to_rgb": True}))[2]
+    assert alone.in_channels == 3 and alone.mean == ours_info.mean * 3
+    assert load_data(C.apply(C.TrainConfig(), {"dataset": "digits", "augment": "off"}))[0].transform is None
+    with pytest.raises(ManppError, match="unknown augment 'flip': accepted are 'dataset', 'release' or 'off'"):
+        load_data(C.apply(C.TrainConfig(), {"dataset": "digits", "augment": "flip"}))
+
+
+def test_reflect_crop_is_a_crop_of_the_reflect_padded_image():
+    image = torch.arange(2 * 6 * 6, dtype=torch.float32).view(2, 6, 6)
+    padded = F.pad(image[None], (4,) * 4, mode="reflect")[0]
+    crops = {tuple(padded[:, i:i + 6, j:j + 6].flatten().tolist()) for i in range(9) for j in range(9)}
+    torch.manual_seed(0)
+    crop = RandomCropFlip(4, flip=False, reflect=True)
+    outs = [crop(image) for _ in range(20)]
+    assert all(tuple(o.flatten().tolist()) in crops for o in outs)
+    assert len({tuple(o.flatten().tolist()) for o in outs}) > 5
+
+
+def test_keeping_the_last_partial_batch_trains_every_image_once():
+    batches = list(EpochBatches(10, 4, seed=0, epoch=0, drop_last=False))
+    assert [len(b) for b in batches] == [4, 4, 2] and sorted(i for b in batches for i in b) == list(range(10))
+    assert [len(b) for b in EpochBatches(10, 4, seed=0, epoch=0)] == [4, 4]
+    assert steps_per_epoch(10, 4, False) == 3 and steps_per_epoch(10, 4) == 2
+
+
+def test_release_lr_schedule_is_set_once_per_epoch():
+    cfg = C.apply(C.TrainConfig(), {"lr": 0.8, "epochs": 400, "warmup_epochs": 10, "warmup_lr": 0.01,
+                                    "lr_update": "epoch"})
+    spe = 49  # CIFAR-10 at batch 1024
+    values = {e: round(lr_at((e - 1) * spe, cfg, spe), 3) for e in (1, 5, 10, 11, 200, 400)}
+    assert values == {1: 0.010, 5: 0.326, 10: 0.720, 11: 0.799, 200: 0.400, 400: 0.000}  # RELEASE.md 4.1
+    assert lr_at(4 * spe, cfg, spe) == lr_at(5 * spe - 1, cfg, spe)  # constant within an epoch
+    step_cfg = C.apply(cfg, {"lr_update": "step"})
+    assert lr_at(4 * spe, step_cfg, spe) != lr_at(5 * spe - 1, step_cfg, spe)
+
+
+def test_a_release_run_records_every_switch_and_trains_the_partial_batch(tmp_path):
+    cfg = C.apply(C.TrainConfig(), {"dataset": "digits", "fidelity": "release", "method": "manpp", "k": 4,
+                                    "objective": "dgl", "model": "resnet32", "epochs": 1, "batch_size": 64,
+                                    "train_subset": 100, "test_subset": 64, "out": str(tmp_path / "run")})
+    result = train(cfg, verbose=False)
+    saved = C.load_yaml(tmp_path / "run" / "config.yaml")
+    assert (saved["fidelity"], saved["copy_init"], saved["drop_last"], saved["lr_update"], saved["gray_to_rgb"],
+            saved["subset_order"], saved["split"]) == ("release", "random", False, "epoch", True, "first", "even")
+    assert result.summary["history"][-1]["step"] == 2  # 64 + 36 images
+
+
+# --- 3. no module without a loss --------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["infopro", "man", "manpp"])
+def test_default_infopro_weights_give_every_module_a_loss_on_resnet32(method):
+    net = cifar_net(32)
+    for k in range(2, 17):
+        model = manpp.local_model(net, method, k)
+        for j, aux in enumerate(model.aux):
+            weights = getattr(aux, "head", aux).loss_weights()
+            assert any(w > 0 for w in weights.values()), (method, k, j, weights)
+
+
+@pytest.mark.parametrize("k,split", [(2, "even"), (4, "even"), (2, "paper"), (4, "paper")])
+def test_default_infopro_weights_give_every_module_a_loss_on_resnet101(k, split):
+    net = build_backbone("resnet101", num_classes=10, in_channels=3, image_size=64)
+    for method in ("infopro", "manpp"):
+        model = manpp.local_model(net, method, k, split=split, image_size=64)
+        assert all(getattr(a, "head", a).lambda2 > 0 for a in model.aux)
+
+
+def test_explicit_zero_weights_are_refused_unless_allowed():
+    net = cifar_net(32)
+    with pytest.raises(ManppError, match=r"module 14 gets no local loss: its infopro weights are "
+                                         r"lambda1 \(reconstruction\) = 0, lambda2 \(classification\) = 0.*"
+                                         r"allow_zero_loss=true"):
+        manpp.local_model(net, "infopro", 16, ixy_2=0.0)
+    with pytest.raises(ManppError, match="module 1 gets no local loss"):  # MAN++ at K=3: stage r >= 1
+        manpp.local_model(net, "manpp", 3, ixy_2=0.0)
+    with pytest.warns(UserWarning, match="module 14 gets no local loss.*allowed by allow_zero_loss"):
+        model = manpp.local_model(net, "infopro", 16, ixy_2=0.0, allow_zero_loss=True)
+    assert model.aux[14].lambda1 == 0 == model.aux[14].lambda2
+    cfg = C.apply(C.TrainConfig(), {"dataset": "digits", "method": "infopro", "k": 16, "heads.ixy_2": 0})
+    with pytest.raises(ManppError, match="module 14 gets no local loss"):
+        build_model(cfg, load_data(cfg)[2])
