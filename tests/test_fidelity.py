@@ -216,3 +216,23 @@ def test_explicit_zero_weights_are_refused_unless_allowed():
     cfg = C.apply(C.TrainConfig(), {"dataset": "digits", "method": "infopro", "k": 16, "heads.ixy_2": 0})
     with pytest.raises(ManppError, match="module 14 gets no local loss"):
         build_model(cfg, load_data(cfg)[2])
+
+
+# --- 5. the candidates for closing the gap to E2E ---------------------------------------------
+
+def test_scale_init_and_aux_lr_scale():
+    from manpp.build import build_optimizer, parameter_groups, set_lr
+
+    model = manpp.local_model(cifar_net(20), "manpp", 3, objective="dgl", scale_init=0.5)
+    assert all(float(a.scale.detach()) == 0.5 for a in model.aux)
+    with pytest.raises(ManppError, match="scale_init must be a number between 0 and 2"):
+        manpp.local_model(cifar_net(20), "manpp", 3, objective="dgl", scale_init=3.0)
+    cfg = C.apply(C.TrainConfig(), {"aux_lr_scale": 2.0, "lr": 0.1})
+    optimizer = build_optimizer(cfg, parameter_groups(model, cfg))
+    set_lr(optimizer, 0.1)
+    backbone, aux = optimizer.param_groups
+    assert backbone["lr"] == 0.1 and aux["lr"] == 0.2
+    assert {id(p) for p in aux["params"]} == {id(p) for p in model.aux.parameters() if p.requires_grad}
+    assert len(parameter_groups(model, C.TrainConfig())) == 1
+    with pytest.raises(ManppError, match="aux_lr_scale must be a positive number"):
+        build_optimizer(C.apply(cfg, {"aux_lr_scale": 0}), parameter_groups(model, cfg))

@@ -8,13 +8,13 @@ from torch import nn
 
 from .engine import LocalModel
 from .methods import LocalSettings, build_local_model
-from .momentum import EMA_MOMENTUM
+from .momentum import EMA_MOMENTUM, SCALE_INIT
 from .tasks import task_of
 
 
 def local_model(backbone: nn.Module, method: str = "manpp", k: int | None = None, *, split="even",
                 objective: str | None = None, ema_momentum: float = EMA_MOMENTUM, copy_init: str = "copy",
-                recompute_ema: bool | str = "auto", image_size: int | None = None, image_channels: int | None = None,
+                recompute_ema: bool | str = "auto", scale_init: float = SCALE_INIT, image_size: int | None = None, image_channels: int | None = None,
                 num_classes: int | None = None, denormalize: Callable | None = None, task=None,
                 heads: dict[str, Any] | None = None, allow_zero_loss: bool = False, **head_options) -> LocalModel:
     """Cut ``backbone`` into ``k`` modules and attach the local objectives of ``method``.
@@ -27,7 +27,7 @@ def local_model(backbone: nn.Module, method: str = "manpp", k: int | None = None
     module without any local loss are refused unless ``allow_zero_loss=True``.
     """
     settings = LocalSettings(method=method, k=k, split=split, objective=objective, ema_momentum=ema_momentum,
-                             copy_init=copy_init, recompute_ema=recompute_ema,
+                             copy_init=copy_init, recompute_ema=recompute_ema, scale_init=scale_init,
                              heads={**(heads or {}), **head_options}, allow_zero_loss=allow_zero_loss)
     return build_local_model(
         backbone, settings,

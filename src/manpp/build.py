@@ -237,6 +237,10 @@ def check_options(cfg: C.TrainConfig) -> None:
         raise ManppError(f"unknown parallel mode '{cfg.parallel}': accepted are 'modules' or none")
     if cfg.lr_schedule not in LR_SCHEDULES:
         raise ManppError(f"unknown lr_schedule '{cfg.lr_schedule}': accepted are {choices(LR_SCHEDULES)}")
+    if isinstance(cfg.aux_lr_scale, bool) or not isinstance(cfg.aux_lr_scale, (int, float)) or \
+            not cfg.aux_lr_scale > 0:
+        raise ManppError(f"aux_lr_scale must be a positive number (the auxiliary networks' lr over the "
+                         f"backbone's), got {cfg.aux_lr_scale!r}")
     if cfg.grad_clip is not None and not cfg.grad_clip > 0:
         raise ManppError(f"grad_clip must be a positive gradient norm or none, got {cfg.grad_clip!r}")
     if cfg.dist_backend is not None and cfg.dist_backend not in D.BACKENDS:
@@ -244,9 +248,28 @@ def check_options(cfg: C.TrainConfig) -> None:
                          f"{', '.join(map(repr, D.BACKENDS))} or none (nccl on CUDA, gloo on CPU)")
 
 
+def parameter_groups(model: LocalModel, cfg: C.TrainConfig, params=None) -> list[dict]:
+    """The optimizer's groups: one, or with ``aux_lr_scale != 1`` the auxiliary networks (their learnable
+    copies, scales and heads) apart, with ``lr_scale`` = ``aux_lr_scale`` (read by :func:`set_lr`)."""
+    params = list(model.parameters_to_optimize() if params is None else params)
+    if cfg.aux_lr_scale == 1:
+        return [{"params": params, "lr_scale": 1.0}]
+    aux = {id(p) for p in model.aux.parameters()}
+    groups = [{"params": [p for p in params if id(p) not in aux], "lr_scale": 1.0},
+              {"params": [p for p in params if id(p) in aux], "lr_scale": float(cfg.aux_lr_scale)}]
+    return [g for g in groups if g["params"]]
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Every group's lr for this step: ``lr`` times the group's ``lr_scale``."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+
+
 def build_optimizer(cfg: C.TrainConfig, params) -> torch.optim.Optimizer:
     """SGD (momentum ``sgd_momentum``, ``nesterov``) or AdamW (``adamw_betas``, eps 1e-8); both use
-    ``lr`` (overwritten every step by :func:`lr_at`) and ``weight_decay``."""
+    ``lr`` (overwritten every step by :func:`set_lr`) and ``weight_decay``. ``params``: parameters or
+    :func:`parameter_groups`."""
     check_options(cfg)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=adamw_betas(cfg), eps=1e-8, weight_decay=cfg.weight_decay)

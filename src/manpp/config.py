@@ -20,7 +20,7 @@ import yaml
 
 from .errors import ManppError
 from .methods import LocalSettings
-from .momentum import EMA_MOMENTUM
+from .momentum import EMA_MOMENTUM, SCALE_INIT
 from .settings import coerce, field_types
 
 # the flat head settings of earlier versions; each now lives in ``heads`` (and in its objective)
@@ -63,6 +63,7 @@ class TrainConfig:
     lr_update: str | None = None  # 'step' (ours: the lr is set every step) or 'epoch' (once per epoch, the release)
     lr_schedule: str = "cosine"  # 'cosine', or 'step': lr x0.1 at each fraction of the run in lr_milestones
     lr_milestones: Any = (2 / 3, 8 / 9)  # 'step' schedule (the detection recipe: 60k and 80k of 90k iterations)
+    aux_lr_scale: float = 1.0  # the auxiliary networks' lr (learnable copies, scales, heads) over the backbone's
     grad_clip: float | None = None  # clip the global gradient norm (the detection recipe: 1.0)
     pretrained: str | None = None  # a torchvision ResNet state dict file (e.g. ImageNet weights) for the backbone
     anchor_base: int | None = None  # detection: anchor size at stride 8 (None: 32 from 300 px images up, else 8)
@@ -71,6 +72,7 @@ class TrainConfig:
     # MAN / MAN++
     ema_momentum: float = EMA_MOMENTUM
     copy_init: str | None = None  # 'copy' (ours) or 'random' (the release)
+    scale_init: float = SCALE_INIT  # MAN++: the scale s_j at the start, in [0, 2] (MAN keeps s = 1)
     recompute_ema: Any = "auto"  # true / false / 'auto': recompute the EMA branch in backward where it lowers the peak
     # the objective's own settings, e.g. {'ixx_1': 5.0} (manpp describe --objective X lists them)
     heads: dict = field(default_factory=dict)
@@ -90,7 +92,7 @@ class TrainConfig:
 
     def local_settings(self) -> LocalSettings:
         return LocalSettings(method=self.method, k=self.k, split=self.split, objective=self.objective,
-                             ema_momentum=self.ema_momentum, copy_init=self.copy_init,
+                             ema_momentum=self.ema_momentum, copy_init=self.copy_init, scale_init=self.scale_init,
                              recompute_ema=self.recompute_ema, heads=dict(self.heads),
                              allow_zero_loss=bool(self.allow_zero_loss))
 
@@ -104,7 +106,7 @@ class TrainConfig:
 
 # fields that define the model and its training: a checkpoint must agree on them to be resumed
 IDENTITY_FIELDS = ("model", "dataset", "method", "objective", "k", "split", "heads", "copy_init", "batch_size",
-                   "fidelity", "gray_to_rgb", "normalize")
+                   "fidelity", "gray_to_rgb", "normalize", "aux_lr_scale")
 
 
 def apply(cfg: TrainConfig, values: dict[str, Any], source: str = "override") -> TrainConfig:

@@ -16,7 +16,7 @@ from torch import nn
 from . import objectives  # noqa: F401  (registers the objectives and their methods)
 from .engine import LocalModel, primary
 from .errors import ManppError
-from .momentum import EMA_MOMENTUM, MomentumAux, check_settings, settle_recompute
+from .momentum import EMA_MOMENTUM, SCALE_INIT, MomentumAux, check_settings, settle_recompute
 from .objectives.spec import AuxSpec
 from .partition import default_k, make_partition, memory_balanced_ends
 from .registry import METHODS, OBJECTIVES, Method, default_objective, register_method
@@ -37,6 +37,7 @@ class LocalSettings:
     objective: str | None = None  # None: the backbone family's default objective
     ema_momentum: float = EMA_MOMENTUM
     copy_init: str = "copy"
+    scale_init: float = SCALE_INIT  # MAN++'s s_j at the start (MAN: fixed at 1)
     # recompute the EMA branch in backward: true, false, or 'auto' (only where it lowers the peak)
     recompute_ema: bool | str = "auto"
     heads: dict[str, Any] = field(default_factory=dict)  # the objective's own settings (by field name)
@@ -104,7 +105,7 @@ def build_local_model(backbone: nn.Module, settings: LocalSettings, *, num_class
     objective = OBJECTIVES.get(name)
     objective.check_family(family)
     heads = objective.make_settings(settings.heads)
-    check_settings(settings.ema_momentum, settings.copy_init, settings.recompute_ema)
+    check_settings(settings.ema_momentum, settings.copy_init, settings.recompute_ema, settings.scale_init)
     k, split = settings.k, settings.split if settings.split is not None else "even"
     if k is None and isinstance(split, str) and "," not in split:
         k = default_k(backbone)
@@ -133,7 +134,8 @@ def build_local_model(backbone: nn.Module, settings: LocalSettings, *, num_class
             # dense backbones wrap their blocks (``unit.block``): the copies are of the block itself
             head = MomentumAux(getattr(unit, "block", unit), head, momentum=settings.ema_momentum,
                                learnable_scale=method.learnable_scale, init=settings.copy_init,
-                               reinit=getattr(backbone, "reinit_", None), recompute_ema=settings.recompute_ema)
+                               reinit=getattr(backbone, "reinit_", None), recompute_ema=settings.recompute_ema,
+                               scale_init=settings.scale_init)
         aux.append(head)
     hooks = [settle_recompute] if any(getattr(a, "recompute_ema", None) == "auto" for a in aux) else []
     model = LocalModel(backbone, partition, aux, denormalize, method=method.name, final_loss=final_loss,

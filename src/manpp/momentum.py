@@ -22,6 +22,7 @@ from .errors import ManppError
 
 INITS = ("copy", "random")
 EMA_MOMENTUM = 0.995  # the paper's m
+SCALE_INIT = 1.0  # MAN++'s s_j at the start (the paper's): LB and EMA weighted equally
 RECOMPUTE_CHOICES = (True, False, "auto")
 
 
@@ -71,9 +72,10 @@ class MomentumAux(nn.Module):
     """
 
     def __init__(self, unit: nn.Module, head: nn.Module, *, momentum: float = EMA_MOMENTUM,
-                 learnable_scale: bool = True, init: str = "copy", reinit=None, recompute_ema: bool | str = "auto"):
+                 learnable_scale: bool = True, init: str = "copy", reinit=None, recompute_ema: bool | str = "auto",
+                 scale_init: float = SCALE_INIT):
         super().__init__()
-        check_settings(momentum, init, recompute_ema)
+        check_settings(momentum, init, recompute_ema, scale_init)
         self.lb = copy.deepcopy(unit)
         self.ema = copy.deepcopy(unit)
         if init == "random":
@@ -98,7 +100,7 @@ class MomentumAux(nn.Module):
         self.head = head
         self.momentum = momentum
         if learnable_scale:
-            self.scale = nn.Parameter(torch.ones(()))
+            self.scale = nn.Parameter(torch.full((), float(scale_init)))
         else:
             self.register_buffer("scale", torch.ones(()), persistent=False)
         object.__setattr__(self, "_source", unit)  # not a submodule
@@ -139,8 +141,11 @@ class MomentumAux(nn.Module):
             return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(diffs))))
 
 
-def check_settings(momentum: float, init: str, recompute_ema) -> None:
+def check_settings(momentum: float, init: str, recompute_ema, scale_init: float = 1.0) -> None:
     """One clear error for a bad MAN/MAN++ setting."""
+    if isinstance(scale_init, bool) or not isinstance(scale_init, (int, float)) or not 0.0 <= scale_init <= 2.0:
+        raise ManppError(f"scale_init must be a number between 0 and 2 (s in s * LB + (2 - s) * EMA), "
+                         f"got {scale_init!r}")
     if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
         raise ManppError(f"ema_momentum must be a number between 0 and 1, got {momentum!r}")
     if init not in INITS:

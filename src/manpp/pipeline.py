@@ -32,8 +32,9 @@ import torch.distributed as dist
 
 from . import config as C
 from . import distributed as D
-from .build import (build_model, build_optimizer, data_info, epoch_loader, load_data, lr_at, resolved, seed_everything,
-                    steps_per_epoch as steps_per_epoch_of)
+from .build import (build_model, build_optimizer, data_info, epoch_loader, load_data, lr_at, parameter_groups, resolved,
+                    seed_everything, set_lr)
+from .build import steps_per_epoch as steps_per_epoch_of
 from .engine import LocalContext, local_step
 from .errors import ManppError
 from .memory import format_bytes, measure_step
@@ -129,7 +130,7 @@ def train_pipelined(cfg: C.TrainConfig, device: torch.device, verbose: bool = Tr
     mine = stage_modules(model.k, stages)[rank]
     owned = _owned_keys(model, mine)
     params = [p for n, p in model.named_parameters() if n in owned and p.requires_grad]
-    optimizer = build_optimizer(cfg, params)
+    optimizer = build_optimizer(cfg, parameter_groups(model, cfg, params))
     out = Path(D.broadcast_object(str(Path(cfg.out or Path("runs") / cfg.run_name()))))
     cfg = dataclasses.replace(cfg, out=str(out))
     if main:
@@ -184,8 +185,7 @@ def train_pipelined(cfg: C.TrainConfig, device: torch.device, verbose: bool = Tr
                 image = x
             else:
                 x, y, image = _recv(rank - 1, device)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg, steps_per_epoch)
+            set_lr(optimizer, lr_at(step, cfg, steps_per_epoch))
             optimizer.zero_grad(set_to_none=True)
             result = local_step(model, x, y, modules=mine, ctx=LocalContext(image, y, model.denormalize))
             losses = torch.stack(result.losses).double().cpu()

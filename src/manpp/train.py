@@ -19,7 +19,7 @@ import torch
 from . import config as C
 from . import distributed as D
 from .build import (RANK_SEED, build_model, build_optimizer, build_scaler, check_options, epoch_loader, load_data,
-                    lr_at, memory_format, resolved, seed_everything)
+                    lr_at, memory_format, parameter_groups, resolved, seed_everything, set_lr)
 from .build import steps_per_epoch as steps_per_epoch_of
 from .errors import ManppError
 from .memory import format_bytes, measure_step
@@ -79,7 +79,7 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
     task = task_of(model.backbone)
     D.broadcast_state(model)  # every process starts from rank 0's parameters, EMA copies and buffers
     params = model.parameters_to_optimize()
-    optimizer = build_optimizer(cfg, params)
+    optimizer = build_optimizer(cfg, parameter_groups(model, cfg, params))
     scaler = build_scaler(cfg, device)
     out = _run_folder(cfg, resume)
     cfg = dataclasses.replace(cfg, out=str(out))
@@ -113,8 +113,7 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
                    dynamic_ncols=True, file=sys.stderr)
         for batch in bar:
             inputs, targets = task.prepare(batch, device, fmt)
-            for group in optimizer.param_groups:
-                group["lr"] = lr_at(step, cfg, steps_per_epoch)
+            set_lr(optimizer, lr_at(step, cfg, steps_per_epoch))
             optimizer.zero_grad(set_to_none=True)
             result = model.train_step(inputs, targets, scaler)
             skipped += _optimizer_step(cfg, optimizer, scaler, params)
