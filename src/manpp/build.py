@@ -303,12 +303,13 @@ def lr_at(step: int, cfg: C.TrainConfig, steps_per_epoch: int) -> float:
     epoch e = 1..E: cosine c(e) = lr/2 (1 + cos(pi e / E)), and for e <= W warm-up epochs the blend
     c(e) (e - 1) / W + warmup_lr (W + 1 - e) / W. The last epoch trains at lr 0.
     """
-    if F.resolve(cfg).lr_update == "epoch" and cfg.lr_schedule == "cosine":
+    per_epoch = F.resolve(cfg).lr_update == "epoch"  # a resolved cfg (the training loop's) is returned as is
+    if per_epoch and cfg.lr_schedule == "cosine":
         e = step // max(1, steps_per_epoch) + 1
         cosine = 0.5 * cfg.lr * (1 + math.cos(math.pi * min(e, cfg.epochs) / max(1, cfg.epochs)))
         warm = round(cfg.warmup_epochs)
         return cosine * (e - 1) / warm + cfg.warmup_lr * (warm + 1 - e) / warm if e <= warm else cosine
-    if F.resolve(cfg).lr_update == "epoch":  # the step schedule, by epoch
+    if per_epoch:  # the step schedule, by epoch
         step = step // max(1, steps_per_epoch) * steps_per_epoch
     total = max(1, cfg.epochs * steps_per_epoch)
     warm = int(cfg.warmup_epochs * steps_per_epoch)
