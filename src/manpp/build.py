@@ -19,17 +19,14 @@ from . import config as C
 from . import distributed as D
 from . import fidelity as F
 from .engine import LocalModel
-from .errors import ManppError, choices
+from .errors import ManppError
 from .registry import METHODS
+from .validate import adamw_betas, check_config, check_value
 
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
-OPTIMIZERS = ("sgd", "adamw")
-LR_SCHEDULES = ("cosine", "step")
 RANK_SEED = 1_000_003  # process r > 0 draws its random numbers (augmentation, dropout) from seed + r * RANK_SEED
 EPOCH_SEED = 100_003  # the batch order of epoch e comes from the seed seed * EPOCH_SEED + e
 SUBSET_SEED = 20261125  # train_subset / test_subset: the same images for every run and seed
-SUBSET_ORDERS = ("random", "first")
-LR_UPDATES = ("step", "epoch")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -60,11 +57,12 @@ def load_data(cfg: C.TrainConfig):
     """``(train, test, info)`` of a run: the dataset with its data switches (:mod:`manpp.data.options`),
     cut to ``train_subset`` / ``test_subset``."""
     from .data import build_datasets
-    from .data.options import adapt, adjusted_info, check
+    from .data.options import adapt, adjusted_info
     from .models import model_task
 
     cfg = F.resolve(cfg)
-    check(cfg.augment, cfg.normalize)
+    check_value("augment", cfg.augment)
+    check_value("normalize", cfg.normalize)
     train_set, test_set, own = build_datasets(cfg.dataset, cfg.data_dir, download=cfg.download, seed=cfg.seed,
                                               image_size=cfg.image_size, task=model_task(cfg.model),
                                               augment=cfg.augment != "off")
@@ -80,8 +78,7 @@ def subset(dataset, n: int | None, name: str, order: str = "random"):
 
     ``order='random'``: a fixed random choice (the same permutation always); ``'first'``: the first ``n``.
     """
-    if order not in SUBSET_ORDERS:
-        raise ManppError(f"unknown subset_order '{order}': accepted are {choices(SUBSET_ORDERS)}")
+    check_value("subset_order", order)
     if n is None or n >= len(dataset):
         return dataset
     if n < 1:
@@ -197,55 +194,16 @@ def amp_dtype(cfg: C.TrainConfig) -> torch.dtype | None:
     """The autocast dtype of ``cfg.amp`` (None: full precision)."""
     if cfg.amp is None:
         return None
-    if cfg.amp not in AMP:
-        raise ManppError(f"unknown amp '{cfg.amp}': accepted are {', '.join(map(repr, AMP))} or none")
+    check_value("amp", cfg.amp)
     return AMP[cfg.amp]
 
 
 # --- optimizer -------------------------------------------------------------------------------
 
-def adamw_betas(cfg: C.TrainConfig) -> tuple[float, float]:
-    betas = cfg.adamw_betas
-    ok = isinstance(betas, (list, tuple)) and len(betas) == 2 and all(
-        isinstance(b, (int, float)) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas)
-    if not ok:
-        raise ManppError(f"bad adamw_betas {betas!r}: expected two numbers in [0, 1), e.g. [0.9, 0.999]")
-    return float(betas[0]), float(betas[1])
-
-
 def check_options(cfg: C.TrainConfig) -> None:
-    """Names that are only read deep inside a run, checked up front (one clear error, before any work)."""
-    METHODS.get(cfg.method)
-    F.check(cfg)
-    amp_dtype(cfg)
-    resolved_ = F.resolve(cfg)
-    if resolved_.lr_update not in LR_UPDATES:
-        raise ManppError(f"unknown lr_update '{resolved_.lr_update}': accepted are {choices(LR_UPDATES)}")
-    if resolved_.subset_order not in SUBSET_ORDERS:
-        raise ManppError(f"unknown subset_order '{resolved_.subset_order}': accepted are {choices(SUBSET_ORDERS)}")
-    from .data.options import check as check_data
-
-    check_data(resolved_.augment, resolved_.normalize)
-    if not resolved_.drop_last and D.world_size() > 1:
-        raise ManppError("drop_last=false (the release's last partial batch) works only in single-process runs: "
-                         "under torchrun a partial batch does not split into equal shards")
-    if cfg.optimizer not in OPTIMIZERS:
-        raise ManppError(f"unknown optimizer '{cfg.optimizer}': accepted are {choices(OPTIMIZERS)}")
-    if cfg.optimizer == "adamw":
-        adamw_betas(cfg)
-    if cfg.parallel not in (None, "modules"):
-        raise ManppError(f"unknown parallel mode '{cfg.parallel}': accepted are 'modules' or none")
-    if cfg.lr_schedule not in LR_SCHEDULES:
-        raise ManppError(f"unknown lr_schedule '{cfg.lr_schedule}': accepted are {choices(LR_SCHEDULES)}")
-    if isinstance(cfg.aux_lr_scale, bool) or not isinstance(cfg.aux_lr_scale, (int, float)) or \
-            not cfg.aux_lr_scale > 0:
-        raise ManppError(f"aux_lr_scale must be a positive number (the auxiliary networks' lr over the "
-                         f"backbone's), got {cfg.aux_lr_scale!r}")
-    if cfg.grad_clip is not None and not cfg.grad_clip > 0:
-        raise ManppError(f"grad_clip must be a positive gradient norm or none, got {cfg.grad_clip!r}")
-    if cfg.dist_backend is not None and cfg.dist_backend not in D.BACKENDS:
-        raise ManppError(f"unknown dist_backend '{cfg.dist_backend}': accepted are "
-                         f"{', '.join(map(repr, D.BACKENDS))} or none (nccl on CUDA, gloo on CPU)")
+    """Every config field checked up front (:func:`manpp.validate.check_config`): one clear error,
+    before any work."""
+    check_config(cfg)
 
 
 def parameter_groups(model: LocalModel, cfg: C.TrainConfig, params=None) -> list[dict]:

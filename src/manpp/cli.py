@@ -6,6 +6,7 @@ Bad input ends with one line on stderr (``manpp: error: ...``) and exit status 2
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import warnings
@@ -15,6 +16,7 @@ from . import methods as _methods  # noqa: F401  (registers every method and obj
 from .distributed import is_main, rank
 from .errors import ManppError
 from .registry import METHODS, OBJECTIVES, method_names, objective_takers
+from .validate import check_config
 
 # command-line option -> config field (None values mean "not given")
 COMMON = {"model": "model", "dataset": "dataset", "data_dir": "data_dir", "objective": "objective", "k": "k",
@@ -68,7 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train one method")
     _add_common(p)
-    p.add_argument("--resume", metavar="PATH", help="checkpoint (or run folder) to continue from")
+    p.add_argument("--resume", metavar="PATH", help="run folder (or its checkpoint) to continue, in that folder")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the run already in the run folder (without it, such a folder is refused)")
     p.add_argument("--quiet", action="store_true", help="no per-epoch lines or progress bar")
     p = sub.add_parser("compare", help="train several methods with the same recipe and compare them")
     _add_common(p, method=False)
@@ -106,9 +110,7 @@ def resolve_config(args: argparse.Namespace, base: C.TrainConfig | None = None) 
         given["method"] = args.method
     cfg = C.apply(cfg, given, source="command line")
     cfg = C.apply(cfg, C.parse_overrides(args.overrides or []), source="overrides")
-    METHODS.get(cfg.method)  # names checked against the registries before any work
-    if cfg.objective is not None:
-        OBJECTIVES.get(cfg.objective)
+    check_config(cfg)  # every field, before any work
     return cfg
 
 
@@ -119,14 +121,19 @@ def cmd_train(args) -> int:
     base = None
     if args.resume:
         base = C.from_dict(load_checkpoint(args.resume)["config"], source=f"checkpoint '{args.resume}'")
+        base = dataclasses.replace(base, **{name: None for name in C.SESSION_FIELDS})  # this call's, not the run's
     cfg = resolve_config(args, base)
-    result = train(cfg, resume=args.resume, verbose=not args.quiet)
+    result = train(cfg, resume=args.resume, overwrite=args.overwrite, verbose=not args.quiet)
     s = result.summary
     if not is_main():  # under torchrun only rank 0 reports
         return 0
     name = {"accuracy": "accuracy", "miou": "mIoU", "map": "AP (COCO box AP@[.5:.95])"}.get(s["metric"], s["metric"])
     score = "-" if s["test_score"] is None else f"{s['test_score']:.2%} (best {s['best_test_score']:.2%})"
-    print(f"done: test {name} {score} after {s['epochs']} epoch(s); results in {result.out}")
+    if s["status"] == "finished":
+        print(f"done: test {name} {score} after {s['epochs']} epoch(s); results in {result.out}")
+    else:
+        print(f"{s['status']}: {s['reason']}; test {name} {score} after {s['epochs']} complete epoch(s) of "
+              f"{s['epochs_planned']}; results in {result.out}")
     return 0
 
 

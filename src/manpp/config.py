@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from .distributed import DEFAULT_TIMEOUT_S
 from .errors import ManppError
 from .methods import LocalSettings
 from .momentum import EMA_MOMENTUM, SCALE_INIT
@@ -87,8 +88,11 @@ class TrainConfig:
     parallel: str | None = None  # 'modules': one pipelined stage of modules per torchrun process (update-unlocked)
     ema_sync_every: int = 1  # parallel modules: steps between sends of the next stage's first unit (MAN/MAN++)
     dist_backend: str | None = None  # under torchrun: None picks 'nccl' on CUDA and 'gloo' on CPU
+    dist_timeout: float = DEFAULT_TIMEOUT_S  # under torchrun: seconds a process waits in a collective before it fails
     compile: bool = False  # torch.compile the modules and auxiliary networks (not the training loop)
     out: str | None = None
+    log_every: int = 50  # not on a terminal: a progress line every this many steps (0: none)
+    logger: str | None = None  # 'tensorboard' (the tensorboard extra) logs beside log.csv, which is always written
 
     def local_settings(self) -> LocalSettings:
         return LocalSettings(method=self.method, k=self.k, split=self.split, objective=self.objective,
@@ -103,6 +107,9 @@ class TrainConfig:
         k = "" if self.method == "e2e" or self.k is None else f"-k{self.k}"
         return f"{self.model}-{self.dataset}-{self.method}{k}"
 
+
+# fields of one invocation, not of the run: a resumed run does not inherit them from its checkpoint
+SESSION_FIELDS = ("out", "max_steps")
 
 # fields that define the model and its training: a checkpoint must agree on them to be resumed
 IDENTITY_FIELDS = ("model", "dataset", "method", "objective", "k", "split", "heads", "copy_init", "batch_size",
@@ -185,5 +192,5 @@ def from_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:
     return apply(TrainConfig(), data, source)
 
 
-__all__ = ["TrainConfig", "IDENTITY_FIELDS", "LEGACY_HEAD_KEYS", "apply", "from_dict", "load_yaml",
+__all__ = ["TrainConfig", "IDENTITY_FIELDS", "SESSION_FIELDS", "LEGACY_HEAD_KEYS", "apply", "from_dict", "load_yaml",
            "parse_overrides", "save_yaml"]

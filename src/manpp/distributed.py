@@ -32,6 +32,7 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from .errors import ManppError, choices
 
 BACKENDS = ("nccl", "gloo")
+DEFAULT_TIMEOUT_S = 600.0  # the config's dist_timeout
 BUCKET_BYTES = 64 * 2**20  # largest flat buffer one all-reduce carries
 
 
@@ -122,11 +123,13 @@ def process_device(name: str, env: LaunchEnv | None) -> torch.device:
     return torch.device("cuda", env.local_rank)
 
 
-def setup(device: torch.device, backend: str | None = None) -> bool:
+def setup(device: torch.device, backend: str | None = None, timeout_s: float = DEFAULT_TIMEOUT_S) -> bool:
     """Join the process group described by torchrun's environment; return True if this call created it.
 
     Nothing happens (False) without torchrun's environment or when a group already exists.
-    ``backend`` None picks NCCL for CUDA devices and gloo otherwise.
+    ``backend`` None picks NCCL for CUDA devices and gloo otherwise. ``timeout_s``: how long a
+    process waits in a collective for the others (a hung process makes the rest fail after it,
+    instead of torch's default 30 minutes).
     """
     env = launch_env()
     if env is None or is_initialized():
@@ -142,7 +145,7 @@ def setup(device: torch.device, backend: str | None = None) -> bool:
     if missing:
         raise ManppError(f"WORLD_SIZE is set but {' and '.join(missing)} is not: start multi-process training with "
                          f"torchrun (e.g. torchrun --nproc_per_node 2 -m manpp train ...)")
-    kwargs: dict[str, Any] = {"timeout": datetime.timedelta(minutes=30)}
+    kwargs: dict[str, Any] = {"timeout": datetime.timedelta(seconds=timeout_s)}
     if device.type == "cuda":
         torch.cuda.set_device(device)
         if backend == "nccl":

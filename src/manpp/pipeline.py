@@ -23,7 +23,6 @@ classification backbones are supported, and resuming a parallel run is not.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from pathlib import Path
 
@@ -39,7 +38,8 @@ from .engine import LocalContext, local_step
 from .errors import ManppError
 from .memory import format_bytes, measure_step
 from .models import model_task
-from .rundir import CHECKPOINT, LOG, SUMMARY, RunResult, append_csv, atomic_save, loss_text, summary
+from .rundir import (CHECKPOINT, CHECKPOINT_VERSION, CONFIG, LOG, RunResult, append_csv, atomic_save, loss_text,
+                     divergence, prepare_folder, summary, write_summary)
 from .tasks import task_of
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.float64]
@@ -106,7 +106,7 @@ def _owned_keys(model, modules: range) -> set[str]:
     return keys
 
 
-def train_pipelined(cfg: C.TrainConfig, device: torch.device, verbose: bool = True):
+def train_pipelined(cfg: C.TrainConfig, device: torch.device, verbose: bool = True, overwrite: bool = False):
     """One stage of the pipeline (see the module docstring); returns the run's result on every rank."""
     if model_task(cfg.model) != "classification":
         raise ManppError(f"parallel modules supports classification backbones; '{cfg.model}' is a "
@@ -115,9 +115,10 @@ def train_pipelined(cfg: C.TrainConfig, device: torch.device, verbose: bool = Tr
         raise ManppError("parallel modules needs a local method (dgl, infopro, man, manpp): e2e is one module")
     if cfg.amp == "fp16":
         raise ManppError("parallel modules does not support amp fp16 (one loss scale per stage); use bf16 or none")
-    if not isinstance(cfg.ema_sync_every, int) or cfg.ema_sync_every < 1:
-        raise ManppError(f"ema_sync_every must be a positive number of steps, got {cfg.ema_sync_every!r}")
     rank, stages, main = D.rank(), D.world_size(), D.is_main()
+    out = Path(D.broadcast_object(str(Path(cfg.out or Path("runs") / cfg.run_name()))))
+    if main:  # before any work: a folder holding another run is refused
+        prepare_folder(out, overwrite=overwrite)
     seed_everything(cfg.seed)
     if main:
         train_set, test_set, info = load_data(cfg)
@@ -131,11 +132,9 @@ def train_pipelined(cfg: C.TrainConfig, device: torch.device, verbose: bool = Tr
     owned = _owned_keys(model, mine)
     params = [p for n, p in model.named_parameters() if n in owned and p.requires_grad]
     optimizer = build_optimizer(cfg, parameter_groups(model, cfg, params))
-    out = Path(D.broadcast_object(str(Path(cfg.out or Path("runs") / cfg.run_name()))))
     cfg = dataclasses.replace(cfg, out=str(out))
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        C.save_yaml(cfg, out / "config.yaml")
+        C.save_yaml(cfg, out / CONFIG)
     steps_per_epoch = steps_per_epoch_of(n_train, cfg.batch_size, cfg.drop_last)
     if steps_per_epoch < 1:
         raise ManppError(f"batch_size {cfg.batch_size} is larger than the training set ({n_train} images)")
@@ -219,21 +218,32 @@ def train_pipelined(cfg: C.TrainConfig, device: torch.device, verbose: bool = Tr
                    "train_accuracy": None, **{f"test_{k}": v for k, v in metrics.items()},
                    "test_score": metrics[task.metric], "epoch_time_s": epoch_time,
                    "images_per_s": n_batches * cfg.batch_size / max(epoch_time, 1e-9), "steps": n_batches,
-                   "steps_per_epoch": steps_per_epoch, **{f"loss_{j}": m for j, m in enumerate(means)}}
+                   "steps_per_epoch": steps_per_epoch, "complete": int(finished),
+                   **{f"loss_{j}": m for j, m in enumerate(means)}}
             history.append(row)
             append_csv(out / LOG, row)
             if verbose:
                 print(f"epoch {epoch + 1}/{cfg.epochs}  loss {loss_text(means)}  test acc "
                       f"{metrics['accuracy']:.2%}  ({epoch_time:.1f} s, {row['images_per_s']:.0f} img/s)", flush=True)
-            atomic_save({"model": model.state_dict(), "config": cfg.to_dict(), "epoch": epoch + int(finished),
+            bad = divergence(model, row)
+            if bad is not None:
+                write_summary(out, summary(cfg, model, history, memory, device, task.metric, "diverged",
+                                           f"{bad} by step {step}"))
+                raise ManppError(f"training diverged by step {step}: {bad}; lower the learning rate (lr={cfg.lr}); "
+                                 f"summary.json says status diverged")
+            done = epoch + int(finished)
+            atomic_save({"model": model.state_dict(), "config": cfg.to_dict(), "epoch": done,
                           "step": step, "history": history, "memory": memory, "parallel_stages": stages,
-                          "version": 1}, out / CHECKPOINT)
+                          "status": "finished" if done >= cfg.epochs else "unfinished",
+                          "version": CHECKPOINT_VERSION}, out / CHECKPOINT)
         if finished:
             epoch += 1
     result = None
     if main:
-        result = summary(cfg, model, history, memory, device, task.metric)
+        status, reason = ("finished", None) if epoch >= cfg.epochs else (
+            "stopped", f"max_steps {cfg.max_steps} reached at step {step} (a parallel-modules run cannot be resumed)")
+        result = summary(cfg, model, history, memory, device, task.metric, status, reason)
         result.update(world_size=stages, parallel="modules", stage_modules=[[r.start, r.stop - 1] for r in
                                                                             stage_modules(model.k, stages)])
-        (out / SUMMARY).write_text(json.dumps(result, indent=2))
+        write_summary(out, result)
     return RunResult(result, model, out)

@@ -9,7 +9,6 @@ step; only rank 0 prints and writes the run folder.
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 import time
 from pathlib import Path
@@ -23,18 +22,29 @@ from .build import (RANK_SEED, build_model, build_optimizer, build_scaler, check
 from .build import steps_per_epoch as steps_per_epoch_of
 from .errors import ManppError
 from .memory import format_bytes, measure_step
-from .rundir import (CHECKPOINT, LOG, SUMMARY, RunResult, append_csv, atomic_save, check_resumable,
-                     load_checkpoint, loss_text, metric_text, rng_state, set_rng_state, summary)
+from .rundir import (BEST, CHECKPOINT, CHECKPOINT_VERSION, CONFIG, RunResult, atomic_save, check_resumable,
+                     folder_of, load_checkpoint, loss_text, metric_text, divergence, prepare_folder, rng_state,
+                     set_rng_state, state_dict_mismatch, summary, write_summary)
+from .runlog import RunLog
 from .tasks import task_of
 
 
-def train(cfg: C.TrainConfig, *, resume: str | None = None, verbose: bool = True) -> RunResult:
+def train(cfg: C.TrainConfig, *, resume: str | None = None, overwrite: bool = False,
+          verbose: bool = True) -> RunResult:
     """Train according to ``cfg`` (see :class:`~manpp.config.TrainConfig`), optionally resuming.
 
-    Started by ``torchrun``, this joins the process group (and destroys it at the end if it
-    created it); see :mod:`manpp.distributed` for what every process does.
+    The run folder is ``cfg.out`` (default ``runs/<model>-<dataset>-<method>[-k<K>]``); one that
+    already holds a run is refused unless ``overwrite`` (its run files are removed first). A resumed
+    run writes into the folder it was resumed from. Started by ``torchrun``, this joins the process
+    group (and destroys it at the end if it created it); see :mod:`manpp.distributed` for what
+    every process does.
     """
     check_options(cfg)
+    if resume and overwrite:
+        raise ManppError("--resume continues the run in its folder and --overwrite replaces a run: give one of them")
+    if resume and cfg.out is not None and Path(cfg.out).resolve() != folder_of(resume).resolve():
+        raise ManppError(f"a resumed run writes into the folder it was resumed from ('{folder_of(resume)}'), but out "
+                         f"is '{cfg.out}': drop --out, or copy the folder and resume the copy to branch the run")
     env = D.launch_env()
     device = D.process_device(cfg.device, env)
     if cfg.parallel is None:
@@ -43,27 +53,34 @@ def train(cfg: C.TrainConfig, *, resume: str | None = None, verbose: bool = True
         raise ManppError("resuming a parallel-modules run is not supported; its checkpoint holds the model for "
                          "manpp export and evaluation")
     ckpt = load_checkpoint(resume) if resume else None
-    owner = D.setup(device, cfg.dist_backend)
+    owner = D.setup(device, cfg.dist_backend, timeout_s=cfg.dist_timeout)
     # On an exception the group is left alone: other processes may be inside a collective with
     # this one, and torchrun ends them when this process exits with the error.
     if cfg.parallel == "modules":
         from .pipeline import train_pipelined
 
-        result = train_pipelined(cfg, device, verbose and D.is_main())
+        result = train_pipelined(cfg, device, verbose and D.is_main(), overwrite=overwrite)
     else:
-        result = _train(cfg, ckpt, resume, device, verbose)
+        result = _train(cfg, ckpt, resume, device, verbose, overwrite)
     if owner:
         D.shutdown()
     return result
 
 
+class Diverged(Exception):
+    """A loss, a weight or the test score stopped being finite."""
+
+
 def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: torch.device,
-           verbose: bool) -> RunResult:
+           verbose: bool, overwrite: bool = False) -> RunResult:
     from tqdm.auto import tqdm
 
     rank, world, main = D.rank(), D.world_size(), D.is_main()
     D.check_batch_size(cfg.batch_size, world)
     verbose = verbose and main
+    out = run_folder(cfg, resume)
+    if main:  # before any work: a folder holding another run is refused, an unwritable one named
+        prepare_folder(out, resume=resume is not None, overwrite=overwrite)
     seed_everything(cfg.seed)
     if not main:
         D.barrier()  # rank 0 builds (and downloads) the datasets first
@@ -81,11 +98,9 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
     params = model.parameters_to_optimize()
     optimizer = build_optimizer(cfg, parameter_groups(model, cfg, params))
     scaler = build_scaler(cfg, device)
-    out = _run_folder(cfg, resume)
     cfg = dataclasses.replace(cfg, out=str(out))
     if main:
-        out.mkdir(parents=True, exist_ok=True)
-        C.save_yaml(cfg, out / "config.yaml")
+        C.save_yaml(cfg, out / CONFIG)
     steps_per_epoch = steps_per_epoch_of(len(train_set), cfg.batch_size, cfg.drop_last)
     loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=False,
                      collate_fn=task.collate)
@@ -101,68 +116,100 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
         _announce(cfg, model, memory, len(train_set), n_test, device, out, world)
 
     max_steps, fmt = cfg.max_steps, memory_format(cfg)
-    while epoch < cfg.epochs and (max_steps is None or step < max_steps):
-        loader = epoch_loader(train_set, cfg, epoch, batch_in_epoch, rank=rank, world=world, **loader_kw)
-        model.train()
-        # per module: summed mean losses; then training hits, what they were counted on, and images
-        # (all processes: the global batch)
-        sums = torch.zeros(model.k + 3, dtype=torch.float64)
-        n_batches, skipped = 0, 0
-        started = time.perf_counter()
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False, disable=None if verbose else True,
-                   dynamic_ncols=True, file=sys.stderr)
-        for batch in bar:
-            inputs, targets = task.prepare(batch, device, fmt)
-            set_lr(optimizer, lr_at(step, cfg, steps_per_epoch))
-            optimizer.zero_grad(set_to_none=True)
-            result = model.train_step(inputs, targets, scaler)
-            skipped += _optimizer_step(cfg, optimizer, scaler, params)
-            stats = _step_stats(model, task, result, inputs, targets, device, world)
-            if not torch.isfinite(stats[:model.k]).all():
-                raise ManppError(f"training diverged at step {step}: a local loss is not finite "
-                                 f"({stats[:model.k].tolist()}); lower the learning rate (lr={cfg.lr})")
-            sums += stats
-            n_batches, step, batch_in_epoch = n_batches + 1, step + 1, batch_in_epoch + 1
-            bar.set_postfix_str(f"loss {loss_text((sums[:model.k] / n_batches).tolist())}", refresh=False)
-            if max_steps is not None and step >= max_steps:
-                break
-        bar.close()
-        epoch_time = time.perf_counter() - started
-        D.broadcast_buffers(model)  # BatchNorm statistics are per process: evaluate and save rank 0's
-        metrics = task.evaluate(model, test_loader, device, reduce=True)
-        row = _epoch_row(model, optimizer, scaler, task, metrics, sums, n_batches, skipped, epoch, step,
-                         epoch_time, steps_per_epoch)
-        history.append(row)
-        if main:
-            append_csv(out / LOG, row)
-        if verbose:
-            means = [row[f"loss_{j}"] for j in range(model.k)]
-            train_acc = "" if row["train_accuracy"] is None else f"  train acc {row['train_accuracy']:.2%}"
-            print(f"epoch {epoch + 1}/{cfg.epochs}  loss {loss_text(means)}{train_acc}  test "
-                  f"{metric_text(task.metric, metrics[task.metric])}  ({epoch_time:.1f} s, "
-                  f"{row['images_per_s']:.0f} img/s)")
-        if batch_in_epoch >= steps_per_epoch:  # the epoch is complete
-            epoch, batch_in_epoch = epoch + 1, 0
-        rngs = D.gather_objects(rng_state(device))  # every process's generators, for an exact resume
-        if main:
-            atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                         "scaler": scaler.state_dict() if scaler is not None else None, "config": cfg.to_dict(),
-                         "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "history": history,
-                         "memory": memory, "rng": rngs[0], "rng_ranks": rngs, "world_size": world, "version": 1},
-                        out / CHECKPOINT)
+    total = cfg.epochs * steps_per_epoch if max_steps is None else min(max_steps, cfg.epochs * steps_per_epoch)
+    log = RunLog(out, cfg, write=main, verbose=verbose, total_steps=total)
+    best = max((h["test_score"] for h in history if h.get("test_score") is not None), default=None)
 
-    result = dict(summary(cfg, model, history, memory, device, task.metric), world_size=world)
-    if main:
-        (out / SUMMARY).write_text(json.dumps(result, indent=2))
+    def finish(status: str, reason: str | None) -> dict:
+        result = dict(summary(cfg, model, history, memory, device, task.metric, status, reason), world_size=world)
+        if main:
+            write_summary(out, result)
+        log.close()
+        return result
+
+    try:
+        while epoch < cfg.epochs and (max_steps is None or step < max_steps):
+            loader = epoch_loader(train_set, cfg, epoch, batch_in_epoch, rank=rank, world=world, **loader_kw)
+            model.train()
+            # per module: summed mean losses; then training hits, what they were counted on, and images
+            # (all processes: the global batch)
+            sums = torch.zeros(model.k + 3, dtype=torch.float64)
+            n_batches, skipped = 0, 0
+            started = time.perf_counter()
+            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
+                       disable=None if verbose else True, dynamic_ncols=True, file=sys.stderr)
+            for batch in bar:
+                inputs, targets = task.prepare(batch, device, fmt)
+                lr = lr_at(step, cfg, steps_per_epoch)
+                set_lr(optimizer, lr)
+                optimizer.zero_grad(set_to_none=True)
+                result = model.train_step(inputs, targets, scaler)
+                skipped += _optimizer_step(cfg, optimizer, scaler, params)
+                stats = _step_stats(model, task, result, inputs, targets, device, world)
+                losses = stats[:model.k]
+                if not torch.isfinite(losses).all():
+                    raise Diverged(f"training diverged at step {step}: a local loss is not finite "
+                                   f"({losses.tolist()}); lower the learning rate (lr={cfg.lr})")
+                sums += stats
+                n_batches, step, batch_in_epoch = n_batches + 1, step + 1, batch_in_epoch + 1
+                bar.set_postfix_str(f"loss {loss_text((sums[:model.k] / n_batches).tolist())}", refresh=False)
+                log.step(step, epoch, cfg.epochs, losses.tolist(), lr)
+                if max_steps is not None and step >= max_steps:
+                    break
+            bar.close()
+            epoch_time = time.perf_counter() - started
+            D.broadcast_buffers(model)  # BatchNorm statistics are per process: evaluate and save rank 0's
+            metrics = task.evaluate(model, test_loader, device, reduce=True)
+            complete = batch_in_epoch >= steps_per_epoch
+            row = _epoch_row(model, optimizer, scaler, task, metrics, sums, n_batches, skipped, epoch, step,
+                             epoch_time, steps_per_epoch, complete)
+            history.append(row)
+            log.epoch(row)
+            bad = divergence(model, row)
+            if bad is not None:
+                raise Diverged(f"training diverged by step {step}: {bad}; lower the learning rate (lr={cfg.lr})")
+            if verbose:
+                means = [row[f"loss_{j}"] for j in range(model.k)]
+                train_acc = "" if row["train_accuracy"] is None else f"  train acc {row['train_accuracy']:.2%}"
+                print(f"epoch {epoch + 1}/{cfg.epochs}  loss {loss_text(means)}{train_acc}  test "
+                      f"{metric_text(task.metric, metrics[task.metric])}  ({epoch_time:.1f} s, "
+                      f"{row['images_per_s']:.0f} img/s)", flush=True)
+            if complete:
+                epoch, batch_in_epoch = epoch + 1, 0
+            rngs = D.gather_objects(rng_state(device))  # every process's generators, for an exact resume
+            if main:
+                atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                             "scaler": scaler.state_dict() if scaler is not None else None, "config": cfg.to_dict(),
+                             "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "history": history,
+                             "memory": memory, "rng": rngs[0], "rng_ranks": rngs, "world_size": world,
+                             "status": "finished" if epoch >= cfg.epochs else "unfinished",
+                             "version": CHECKPOINT_VERSION}, out / CHECKPOINT)
+                if best is None or row["test_score"] > best:  # the best evaluation so far, by the task's metric
+                    best = row["test_score"]
+                    atomic_save({"model": model.state_dict(), "config": cfg.to_dict(), "epoch": epoch, "step": step,
+                                 "metric": task.metric, "score": best, "version": CHECKPOINT_VERSION}, out / BEST)
+    except Diverged as exc:
+        finish("diverged", str(exc))
+        kept = f"the checkpoint in {out} is the last finite one" if (out / CHECKPOINT).exists() else \
+            f"no checkpoint was kept in {out}"
+        raise ManppError(f"{exc} ({kept}; summary.json says status diverged)") from None
+    except KeyboardInterrupt:
+        finish("stopped", f"interrupted at step {step}; the checkpoint holds the last evaluation: resume with "
+                          f"--resume {out}")
+        raise
+
+    if epoch >= cfg.epochs:
+        result = finish("finished", None)
+    else:
+        result = finish("stopped", f"max_steps {max_steps} reached at step {step}, in epoch {epoch + 1} of "
+                                   f"{cfg.epochs}: continue with --resume {out}")
     return RunResult(result, model, out)
 
 
-def _run_folder(cfg: C.TrainConfig, resume: str | None) -> Path:
-    """``cfg.out``; a resumed run stays in its folder; by default ``runs/<name>``. The same on every process."""
-    out = cfg.out
-    if out is None and resume:
-        out = str(Path(resume) if Path(resume).is_dir() else Path(resume).parent)
-    return Path(D.broadcast_object(str(Path(out or Path("runs") / cfg.run_name()))))
+def run_folder(cfg: C.TrainConfig, resume: str | None = None) -> Path:
+    """A resumed run's folder, else ``cfg.out``, by default ``runs/<name>``. The same on every process."""
+    out = folder_of(resume) if resume else Path(cfg.out or Path("runs") / cfg.run_name())
+    return Path(D.broadcast_object(str(out)))
 
 
 def _restore(ckpt: dict | None, model, optimizer, scaler, cfg: C.TrainConfig, rank: int, device):
@@ -172,7 +219,7 @@ def _restore(ckpt: dict | None, model, optimizer, scaler, cfg: C.TrainConfig, ra
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
-        raise ManppError(f"checkpoint does not fit this model: {str(exc).splitlines()[0]}") from None
+        raise ManppError(f"checkpoint does not fit this model: {state_dict_mismatch(exc)}") from None
     optimizer.load_state_dict(ckpt["optimizer"])
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
@@ -244,7 +291,7 @@ def _step_stats(model, task, result, inputs, targets, device, world: int) -> tor
 
 
 def _epoch_row(model, optimizer, scaler, task, metrics: dict, sums, n_batches: int, skipped: int, epoch: int,
-               step: int, epoch_time: float, steps_per_epoch: int) -> dict:
+               step: int, epoch_time: float, steps_per_epoch: int, complete: bool) -> dict:
     """One ``log.csv`` row: lr, losses, training and test scores, time; MAN/MAN++ scales and EMA lags."""
     means = (sums[:model.k] / max(1, n_batches)).tolist()
     correct, counted, seen = (float(v) for v in sums[model.k:])
@@ -252,7 +299,7 @@ def _epoch_row(model, optimizer, scaler, task, metrics: dict, sums, n_batches: i
            "train_loss": means[-1], "train_accuracy": correct / counted if counted else None,
            **{f"test_{name}": value for name, value in metrics.items()}, "test_score": metrics[task.metric],
            "epoch_time_s": epoch_time, "images_per_s": seen / max(epoch_time, 1e-9), "steps": n_batches,
-           "steps_per_epoch": steps_per_epoch}
+           "steps_per_epoch": steps_per_epoch, "complete": int(complete)}
     row.update({f"loss_{j}": m for j, m in enumerate(means)})
     for j, aux in enumerate(model.aux):  # MAN/MAN++: the mixing scale and how far each copy lags its unit
         if hasattr(aux, "ema_distance"):

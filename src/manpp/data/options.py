@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 
-from ..errors import ManppError, choices
+from ..errors import ManppError
 from .common import RandomCropFlip, TensorImageDataset, normalized_black
 from .info import CIFAR_MEAN, CIFAR_STD, DatasetInfo, denormalize, normalize
 
@@ -21,16 +21,8 @@ CIFAR_RECIPE_SETS = ("digits", "fashion-mnist", "synthetic")  # 'release' is CIF
 RELEASE_CROP_PADDING = 4  # CIFAR-10: reflect-pad 4, crop 32, flip
 
 
-def check(augment: str, normalize_: str) -> None:
-    if augment not in AUGMENTS:
-        raise ManppError(f"unknown augment '{augment}': accepted are {choices(AUGMENTS)}")
-    if normalize_ not in NORMALIZES:
-        raise ManppError(f"unknown normalize '{normalize_}': accepted are {choices(NORMALIZES)}")
-
-
 def adjusted_info(info: DatasetInfo, gray_to_rgb: bool, normalize_: str) -> DatasetInfo:
     """``info`` with the channels and statistics the switches give (reads no data)."""
-    check("dataset", normalize_)
     channels = 3 if gray_to_rgb and info.in_channels == 1 else info.in_channels
     mean, std = info.mean, info.std
     if normalize_ == "release" and info.name in CIFAR_RECIPE_SETS:
@@ -49,7 +41,6 @@ def adapt(dataset, old: DatasetInfo, new: DatasetInfo, augment: str, training: b
 
     ``augment='off'`` must have been built without augmentation (``build_datasets(augment=False)``).
     """
-    check(augment, "dataset")
     # 'off' is built without augmentation (build_datasets(augment=False)); nothing to change for it
     own = not training or augment in ("dataset", "off") or old.name not in CIFAR_RECIPE_SETS
     if new == old and own:
@@ -73,4 +64,4 @@ def adapt(dataset, old: DatasetInfo, new: DatasetInfo, augment: str, training: b
     return TensorImageDataset(images, dataset.labels, transform)
 
 
-__all__ = ["AUGMENTS", "CIFAR_RECIPE_SETS", "NORMALIZES", "adapt", "adjusted_info", "check"]
+__all__ = ["AUGMENTS", "CIFAR_RECIPE_SETS", "NORMALIZES", "adapt", "adjusted_info"]

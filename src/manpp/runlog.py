@@ -1,0 +1,79 @@
+"""Where a run reports as it trains: ``log.csv`` (always), TensorBoard, and progress lines.
+
+- ``log.csv``: one row per evaluation (every module's loss, lr, scores, time, MAN/MAN++ scales and
+  EMA distances).
+- ``logger=tensorboard`` (the ``tensorboard`` extra): the same rows as scalars, plus every module's
+  loss every ``log_every`` steps, under ``RUN/tensorboard``.
+- When the output is not a terminal (a log file, a batch job), the progress bar is off and a line
+  is printed every ``log_every`` steps instead.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+from . import config as C
+from .rundir import LOG, TENSORBOARD, append_csv, loss_text
+
+
+def scalar_tag(key: str) -> str:
+    """The TensorBoard tag of a ``log.csv`` column: grouped by what it measures."""
+    for prefix, group in (("loss_", "loss/module_"), ("scale_", "manpp/scale_"), ("ema_dist_", "manpp/ema_distance_")):
+        if key.startswith(prefix) and key[len(prefix):].isdigit():
+            return group + key[len(prefix):]
+    if key.startswith("test_"):
+        return "test/" + key[len("test_"):]
+    return "train/" + key
+
+
+class RunLog:
+    """The reports of one run (only the process that writes the run folder keeps files)."""
+
+    def __init__(self, folder: Path, cfg: C.TrainConfig, *, write: bool, verbose: bool, total_steps: int):
+        self.csv = folder / LOG if write else None
+        self.every = cfg.log_every
+        self.total_steps = total_steps
+        self.lines = verbose and self.every > 0 and not _is_terminal()
+        self.writer = None
+        if write and cfg.logger == "tensorboard":
+            from .extras import require
+
+            require("tensorboard", "logger=tensorboard")  # torch.utils.tensorboard needs it
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(folder / TENSORBOARD))
+
+    def step(self, step: int, epoch: int, epochs: int, losses: list[float], lr: float) -> None:
+        """After optimizer step ``step`` (1-based) with its per-module losses."""
+        if self.every <= 0 or step % self.every:
+            return
+        if self.writer is not None:
+            for j, value in enumerate(losses):
+                self.writer.add_scalar(f"step_loss/module_{j}", value, step)
+            self.writer.add_scalar("train/lr", lr, step)
+        if self.lines:
+            print(f"step {step}/{self.total_steps} (epoch {epoch + 1}/{epochs})  lr {lr:.4g}  loss {loss_text(losses)}",
+                  flush=True)
+
+    def epoch(self, row: dict) -> None:
+        """One evaluation's row: appended to ``log.csv`` and, with TensorBoard, written as scalars."""
+        if self.csv is not None:
+            append_csv(self.csv, row)
+        if self.writer is not None:
+            for key, value in row.items():
+                if key not in ("epoch", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self.writer.add_scalar(scalar_tag(key), value, row["step"])
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+def _is_terminal() -> bool:
+    return sys.stderr.isatty()
+
+
+__all__ = ["RunLog", "scalar_tag"]
