@@ -13,7 +13,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/manpp compare --out runs/demo --json runs/demo/results.json
+	$(BIN)/manpp compare --out runs/demo --overwrite --json runs/demo/results.json
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

@@ -46,7 +46,7 @@ CIFAR = [
     ("ResNet-32, K=8", {"model": "resnet32", "k": 8}, ["e2e", "manpp:infopro", "manpp:dgl"], 1.0),
     ("ResNet-110, K=55", {"model": "resnet110", "k": 55}, ["e2e", "manpp:infopro", "manpp:dgl"], 0.3),
 ]
-# the paper's ImageNet settings (configs/imagenet_*): InfoPro+MAN++ on ResNet-101, MAN++ (DGL-style
+# the paper's ImageNet settings (manpp/configs/imagenet_*): InfoPro+MAN++ on ResNet-101, MAN++ (DGL-style
 # class-token head) on ViT-S; 1000 classes
 IMAGENET = [
     ("ResNet-101, K=4 (paper split)", {"model": "resnet101", "k": 4, "split": "paper", "lambda_schedule": "constant",

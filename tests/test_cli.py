@@ -160,7 +160,7 @@ def test_module_entry_point_exits_nonzero_without_traceback():
     assert "Traceback" not in proc.stderr and "unknown model 'vgg99'" in proc.stderr
 
 
-@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parent.parent.glob("configs/cifar10_*.yaml")),
+@pytest.mark.parametrize("path", sorted(__import__("pathlib").Path(__file__).parent.parent.glob("src/manpp/configs/cifar10_*.yaml")),
                          ids=lambda p: p.stem)
 def test_paper_configs_load_and_build(path):
     from manpp.data import dataset_info

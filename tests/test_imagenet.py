@@ -169,7 +169,7 @@ def test_imagenet_folder_errors_name_the_layout(tmp_path):
         build_datasets("cifar10", tmp_path, image_size=64)
 
 
-IMAGENET_CONFIGS = sorted(ROOT.glob("configs/imagenet_*.yaml"))
+IMAGENET_CONFIGS = sorted(ROOT.glob("src/manpp/configs/imagenet_*.yaml"))
 
 
 @pytest.mark.parametrize("path", IMAGENET_CONFIGS, ids=lambda p: p.stem)
@@ -193,7 +193,7 @@ def test_imagenet_paper_configs_load_and_build(path):
 def test_a_paper_config_trains_and_exports_from_an_imagenet_folder(tmp_path):
     root = make_folder(tmp_path / "in", n_train=2, n_val=1)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "manpp", "train", "-c", str(ROOT / "configs/imagenet_resnet101_k4_infopro_manpp.yaml"),
+    cmd = [sys.executable, "-m", "manpp", "train", "-c", str(ROOT / "src/manpp/configs/imagenet_resnet101_k4_infopro_manpp.yaml"),
            "--data-dir", str(root), "--image-size", "32", "--batch-size", "2", "--max-steps", "2",
            "--device", "cpu", "--out", str(out), "--quiet", "eval_batch_size=3", "workers=0"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)

@@ -22,7 +22,7 @@ from .models import build_backbone
 from .partition import Partition, make_partition
 from .registry import METHODS, OBJECTIVES, Method, register_method, register_objective
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place the version is written (pyproject.toml reads it)
 
 __all__ = [
     "LocalContext", "LocalModel", "LocalSettings", "ManppError", "METHODS", "Method", "OBJECTIVES", "Partition",

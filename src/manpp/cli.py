@@ -10,6 +10,7 @@ import dataclasses
 import json
 import sys
 import warnings
+from pathlib import Path
 
 from . import config as C
 from . import methods as _methods  # noqa: F401  (registers every method and objective)
@@ -26,18 +27,32 @@ COMMON = {"model": "model", "dataset": "dataset", "data_dir": "data_dir", "objec
           "parallel": "parallel"}
 
 
+def _default(name: str) -> str:
+    """A config field's default, for the help text."""
+    value = getattr(C.TrainConfig(), name)
+    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def _add_common(p: argparse.ArgumentParser, *, method: bool = True) -> None:
-    p.add_argument("-c", "--config", metavar="FILE", help="YAML config file (see configs/)")
-    p.add_argument("--model", help="backbone: resnet32 (default), resnet110, any CIFAR resnet<6n+2>; ImageNet "
-                   "resnet50/101/152, resnext101_32x8d, vit_tiny/small/base; retinanet_resnet50/101/152, "
-                   "deeplabv3_resnet50/101")
-    p.add_argument("--dataset", help="digits (default), fashion-mnist, cifar10, svhn, stl10, imagenet (a "
-                   "train/ + val/ folder), synthetic; shapes, coco, cityscapes (detection, segmentation)")
-    p.add_argument("--image-size", type=int, help="input side in pixels for imagenet and synthetic (default 224 / 32)")
-    p.add_argument("--data-dir", help="where the dataset lives (or is downloaded to)")
+    from .data.info import DATASETS
+    from .models import model_names
+    from .presets import preset_names
+
+    p.add_argument("-c", "--config", metavar="FILE",
+                   help="YAML config file, or a preset's bare name (see --preset)")
+    p.add_argument("--preset", metavar="NAME", help=f"a paper config shipped with manpp: {', '.join(preset_names())}")
+    p.add_argument("--model", metavar="MODEL",
+                   help=f"backbone (default {_default('model')}): {', '.join(model_names())}; CIFAR ResNets take "
+                   f"any depth 6n+2 (resnet<depth>)")
+    p.add_argument("--dataset", metavar="DATASET",
+                   help=f"default {_default('dataset')}: {', '.join(DATASETS)} (imagenet, coco and cityscapes read "
+                   f"a folder given by --data-dir; shapes and synthetic are generated)")
+    p.add_argument("--image-size", type=int, help="input side in pixels for the resizable datasets (default: the "
+                   "dataset's own, 224 for imagenet, 32 for synthetic)")
+    p.add_argument("--data-dir", help="where the dataset lives or is downloaded to (default ./data)")
     if method:
-        p.add_argument("--method", metavar="METHOD",
-                       help="; ".join(f"{n}: {METHODS[n].summary}" for n in method_names()) + " (default manpp)")
+        p.add_argument("--method", metavar="METHOD", help=f"default {_default('method')}; " + "; ".join(
+            f"{n}: {METHODS[n].summary}" for n in method_names()))
     takers = "/".join(objective_takers())
     p.add_argument("--objective", metavar="OBJECTIVE",
                    help=f"base objective of {takers}: {', '.join(OBJECTIVES.names())} (default: the backbone's, "
@@ -46,29 +61,48 @@ def _add_common(p: argparse.ArgumentParser, *, method: bool = True) -> None:
                    "else 4, capped at the units)")
     p.add_argument("--split", help="even (default), paper, memory (balanced activation memory), or "
                    "comma-separated last units of modules")
-    p.add_argument("--epochs", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (short runs)")
-    p.add_argument("--device", help="auto (default), cpu or cuda")
-    p.add_argument("--seed", type=int)
+    p.add_argument("--epochs", type=int, help=f"default {_default('epochs')}")
+    p.add_argument("--batch-size", type=int, help=f"global batch (default {_default('batch_size')})")
+    p.add_argument("--lr", type=float, help=f"peak learning rate (default {_default('lr')}; warm-up from "
+                   f"warmup_lr={_default('warmup_lr')} over warmup_epochs={_default('warmup_epochs')}, then cosine)")
+    p.add_argument("--max-steps", type=int, help="stop when the run reaches this many optimizer steps; the run is "
+                   "then 'stopped', and --resume continues it (not kept for the resumed call)")
+    p.add_argument("--device", help="auto (default: CUDA when there is one), cpu, cuda or cuda:N")
+    p.add_argument("--seed", type=int, help=f"default {_default('seed')}")
     p.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory format")
-    p.add_argument("--amp", help="bf16 or fp16: forward passes under autocast (fp16 adds a GradScaler)")
-    p.add_argument("--optimizer", help="sgd (default; momentum, nesterov) or adamw")
-    p.add_argument("--dist-backend", help="under torchrun: nccl or gloo (default nccl on CUDA, gloo on CPU)")
-    p.add_argument("--parallel", help="under torchrun: 'modules' trains one pipelined stage of modules per process "
-                   "(update-unlocked); default: data parallel")
+    p.add_argument("--amp", choices=("bf16", "fp16"), help="forward passes under autocast (fp16 adds a GradScaler); "
+                   "default: full precision")
+    p.add_argument("--optimizer", choices=("sgd", "adamw"), help="sgd (default; momentum, nesterov) or adamw")
+    p.add_argument("--dist-backend", choices=("nccl", "gloo"),
+                   help="under torchrun (default nccl on CUDA, gloo on CPU)")
+    p.add_argument("--parallel", choices=("modules",), help="under torchrun: one pipelined stage of modules per "
+                   "process (update-unlocked); default: data parallel")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile modules and heads")
-    p.add_argument("--out", metavar="DIR", help="run folder (default runs/<model>-<dataset>-<method>)")
+    p.add_argument("--out", metavar="DIR", help="run folder (default runs/<model>-<dataset>-<method>[-k<K>]); one "
+                   "that holds another run is refused unless --overwrite")
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="any config field, e.g. ema_momentum=0.99, or an objective setting, e.g. heads.ixx_1=5")
+                   help="any config field, e.g. ema_momentum=0.99 log_every=100 logger=tensorboard, or an "
+                   "objective setting, e.g. heads.ixx_1=5 (docs/cli.md lists them)")
+
+
+TRAIN_EXAMPLES = """examples:
+  manpp train                                        # MAN++ (K=16) on ResNet-32 and the bundled digits
+  manpp train --method e2e --epochs 4 --out runs/e2e # end-to-end, into its own run folder
+  manpp train --dataset cifar10 --model resnet110 --k 55 --objective dgl
+  manpp train --preset cifar10_resnet32_k16_infopro_manpp   # a paper setting
+  manpp train --max-steps 100 --out runs/a && manpp train --resume runs/a   # stop, then continue
+  manpp train --out runs/a --overwrite               # replace the run in runs/a
+  manpp train fidelity=release heads.ixx_1=5 logger=tensorboard
+  torchrun --nproc_per_node 2 -m manpp train --batch-size 128   # data parallel
+"""
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="manpp", description="Supervised local learning with MAN++.")
     parser.add_argument("--version", action="version", version=f"manpp {__import__('manpp').__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("train", help="train one method")
+    p = sub.add_parser("train", help="train one method", epilog=TRAIN_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(p)
     p.add_argument("--resume", metavar="PATH", help="run folder (or its checkpoint) to continue, in that folder")
     p.add_argument("--overwrite", action="store_true",
@@ -79,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--methods", default="e2e,manpp",
                    help=f"comma-separated methods from {', '.join(method_names())} (default e2e,manpp)")
     p.add_argument("--json", metavar="PATH", help="also write the records to this file")
+    p.add_argument("--overwrite", action="store_true", help="replace runs already in OUT/<method>")
     p.add_argument("--quiet", action="store_true")
     p = sub.add_parser("bench", help="time training steps and measure memory on synthetic data")
     _add_common(p)
@@ -97,14 +132,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p = sub.add_parser("export", help="write a trained backbone without its auxiliary networks")
     p.add_argument("checkpoint", metavar="RUN", help="run folder or checkpoint file")
-    p.add_argument("--out", metavar="FILE", required=True, help="where to write the state dict (.pt)")
+    p.add_argument("--out", metavar="PATH", required=True,
+                   help="NAME.pt (NAME.safetensors is written beside it) or a folder (backbone.pt, backbone.safetensors)")
+    p.add_argument("--best", action="store_true", help="the weights of the best evaluation (best.pt), not the last")
+    p.add_argument("--allow-unfinished", action="store_true", help="export a run that did not finish (a warning)")
+    p.add_argument("--format", default=None, help="pt, safetensors or both (pt,safetensors); default: both when "
+                   "safetensors is installed, else pt")
     return parser
 
 
 def resolve_config(args: argparse.Namespace, base: C.TrainConfig | None = None) -> C.TrainConfig:
     cfg = base or C.TrainConfig()
-    if getattr(args, "config", None):
-        cfg = C.apply(cfg, C.load_yaml(args.config), source=f"config '{args.config}'")
+    if getattr(args, "config", None) and getattr(args, "preset", None):
+        raise ManppError("give -c FILE or --preset NAME, not both")
+    source = getattr(args, "config", None) or getattr(args, "preset", None)
+    if source:
+        if getattr(args, "preset", None):
+            from .presets import preset_names
+
+            if Path(source).name != source or source.removesuffix(".yaml") not in preset_names():
+                raise ManppError(f"unknown preset '{source}': accepted are {', '.join(preset_names())}")
+        cfg = C.apply(cfg, C.load_yaml(source), source=f"config '{source}'")
     given = {field: getattr(args, opt) for opt, field in COMMON.items() if getattr(args, opt, None) is not None}
     if getattr(args, "method", None) is not None:
         given["method"] = args.method
@@ -142,7 +190,7 @@ def cmd_compare(args) -> int:
 
     methods = parse_methods(args.methods)
     cfg = resolve_config(args)
-    run_compare(cfg, methods, json_path=args.json, verbose=not args.quiet)
+    run_compare(cfg, methods, json_path=args.json, verbose=not args.quiet, overwrite=args.overwrite)
     return 0
 
 
@@ -184,8 +232,11 @@ def cmd_plan(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_backbone
 
-    info = export_backbone(args.checkpoint, args.out)
-    print(f"wrote {info['path']}: {info['model']} backbone, {info['params']:,} parameters, "
+    formats = tuple(f.strip() for f in args.format.split(",")) if args.format else None
+    info = export_backbone(args.checkpoint, args.out, best=args.best, allow_unfinished=args.allow_unfinished,
+                           formats=formats)
+    which = "best" if info["best"] else "last"
+    print(f"wrote {' and '.join(info['paths'])} ({which} weights): {info['model']} backbone, {info['params']:,} parameters, "
           f"{info['num_classes']} classes; loads with strict=True into {info['loads_into']}")
     return 0
 

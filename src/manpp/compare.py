@@ -9,10 +9,12 @@ from pathlib import Path
 from . import config as C
 from .errors import ManppError
 from .memory import format_bytes
+from .extras import available, require
 from .registry import METHODS, OBJECTIVES, objective_takers
+from .rundir import holds_run
 from .train import train
 
-RECORD_KEYS = ("method", "modules", "test_accuracy", "best_test_accuracy", "metric", "test_score", "best_test_score",
+RECORD_KEYS = ("method", "status", "modules", "test_accuracy", "best_test_accuracy", "metric", "test_score", "best_test_score",
                "test_metrics", "peak_activation_bytes",
                "peak_allocated_bytes", "epoch_time_s", "step_time_s", "params", "aux_params", "partition",
                "objective", "epochs", "steps", "batch_size", "device", "model", "dataset", "torch_version", "history")
@@ -38,18 +40,30 @@ def parse_methods(text: str, *, objectives: bool = False) -> list[str]:
 
 
 def run_compare(cfg: C.TrainConfig, methods: list[str], *, json_path: str | None = None,
-                verbose: bool = True) -> list[dict]:
-    """Train each method with ``cfg`` (``k`` applies to the local methods) and report side by side."""
+                verbose: bool = True, overwrite: bool = False) -> list[dict]:
+    """Train each method with ``cfg`` (``k`` applies to the local methods) and report side by side.
+
+    Each method's run goes to ``OUT/<method>``; a folder there that already holds a run is refused
+    before anything trains, unless ``overwrite``."""
     out = Path(cfg.out or Path("runs") / f"compare-{cfg.model}-{cfg.dataset}")
+    if out.exists() and not out.is_dir():
+        raise ManppError(f"compare folder '{out}' is an existing file, not a folder: give --out a folder path")
+    taken = [m for m in methods if holds_run(out / m)]
+    if taken and not overwrite:
+        raise ManppError(f"'{out}' already holds runs of {', '.join(taken)}: replace them with --overwrite, or "
+                         f"choose another --out")
     records = []
     for method in methods:
         run_cfg = dataclasses.replace(cfg, method=method, k=None if method == "e2e" else cfg.k,
                                       out=str(out / method))
         if verbose:
             print(f"\n== {method} ==")
-        result = train(run_cfg, verbose=verbose)
+        result = train(run_cfg, verbose=verbose, overwrite=overwrite)
         records.append({k: result.summary.get(k) for k in RECORD_KEYS})
+    unfinished = [f"{r['method']} ({r['status']})" for r in records if r["status"] != "finished"]
     table = format_table(records)
+    if unfinished:
+        table += f"\n\nnot finished: {', '.join(unfinished)}"
     if verbose:
         print("\n" + table)
     (out / "compare.md").write_text(table + "\n")
@@ -58,7 +72,9 @@ def run_compare(cfg: C.TrainConfig, methods: list[str], *, json_path: str | None
     if json_path:
         Path(json_path).parent.mkdir(parents=True, exist_ok=True)
         Path(json_path).write_text(payload)
-    plot = plot_compare(records, out / "compare.png")
+    plot = plot_compare(records, out / "compare.png") if available("matplotlib") else None
+    if plot is None and verbose:
+        print("(no compare.png: matplotlib is not installed; pip install 'manpp[plot]')")
     if verbose:
         print(f"\nwrote {out / 'compare.json'}, {out / 'compare.md'}" + (f", {plot}" if plot else "")
               + (f" and {json_path}" if json_path else ""))
@@ -80,17 +96,18 @@ def format_table(records: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot_compare(records: list[dict], path: Path) -> Path | None:
-    """Test accuracy per epoch and peak activation memory per method, side by side."""
-    import matplotlib
-
+def plot_compare(records: list[dict], path: Path) -> Path:
+    """Test score per epoch, peak activation memory and time per epoch per method, side by side
+    (matplotlib: the ``plot`` extra)."""
+    matplotlib = require("matplotlib", "the comparison plot (compare.png)")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_acc, ax_mem) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_acc, ax_mem, ax_time) = plt.subplots(1, 3, figsize=(14, 4))
     for r in records:
-        epochs = [h["epoch"] for h in r["history"]]
-        acc = [100 * h["test_score"] for h in r["history"]]
+        rows = [h for h in r["history"] if h.get("complete", True)] or r["history"]
+        epochs = [h["epoch"] for h in rows]
+        acc = [100 * h["test_score"] for h in rows]
         ax_acc.plot(epochs, acc, marker="o", label=f"{r['method']} (K={r['modules']})")
     ax_acc.set_xlabel("epoch")
     ax_acc.set_ylabel({"miou": "test mIoU (%)", "map": "test COCO box AP (%)"}.get(records[0].get("metric"),
@@ -105,6 +122,12 @@ def plot_compare(records: list[dict], path: Path) -> Path | None:
         ax_mem.annotate(f"{value:.0f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom")
     ax_mem.set_ylabel(f"peak activation memory (MiB, batch {records[0]['batch_size']})")
     ax_mem.set_title("activation memory per training step")
+    seconds = [r["epoch_time_s"] or 0.0 for r in records]
+    bars = ax_time.bar(names, seconds, color=["#777777"] + ["#c0504d"] * (len(names) - 1))
+    for bar, value in zip(bars, seconds):
+        ax_time.annotate(f"{value:.1f}", (bar.get_x() + bar.get_width() / 2, value), ha="center", va="bottom")
+    ax_time.set_ylabel(f"time per epoch (s, {records[0].get('device', '')})")
+    ax_time.set_title("training time per epoch (no evaluation)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -51,7 +51,7 @@ class TrainConfig:
     objective: str | None = None  # base objective of man / manpp (see --help); None: the backbone's default
     k: int | None = None  # modules; None: 1 for e2e, else the backbone's default (16 for CIFAR ResNets, else 4)
     split: Any = None  # 'even', 'paper', 'memory' or a list of module end units; None: per fidelity (even)
-    # recipe (METHOD.md section 4 has the paper values; see configs/)
+    # recipe (docs/method.md has the paper's values; the presets, manpp/configs, set them)
     epochs: int = 8
     batch_size: int = 64
     eval_batch_size: int = 512
@@ -151,22 +151,21 @@ def apply(cfg: TrainConfig, values: dict[str, Any], source: str = "override") ->
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a config file into a dict; a clear error if it is missing or not a YAML mapping."""
-    path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise ManppError(f"cannot read config '{path}': {exc.strerror or exc}") from None
+    """Read a config file, or a shipped preset named without a folder (:mod:`manpp.presets`), into a
+    dict; a clear error if it is missing or not a YAML mapping."""
+    from .presets import config_source
+
+    label, text = config_source(str(path))
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
-        raise ManppError(f"config '{path}' is not valid YAML{where}") from None
+        raise ManppError(f"{label} is not valid YAML{where}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ManppError(f"config '{path}' must be a mapping of settings, got {type(data).__name__}")
+        raise ManppError(f"{label} must be a mapping of settings, got {type(data).__name__}")
     return data
 
 

@@ -49,11 +49,9 @@ class CocoDetection(Dataset):
         if image_dir is None:
             raise ManppError(f"coco: image folder '{candidates[0]}' (or '{candidates[1]}') not found; "
                              f"'{root}' must hold {layout}")
-        try:
-            from pycocotools.coco import COCO
-        except ImportError as exc:
-            raise ManppError(f"coco: reading COCO needs the package pycocotools ({describe_exception(exc)}); "
-                             f"install it with 'pip install pycocotools'") from exc
+        from ..extras import require
+
+        COCO = require("pycocotools.coco", "the coco dataset").COCO
         try:
             with contextlib.redirect_stdout(io.StringIO()):  # COCO prints its progress
                 self.coco = COCO(str(annotation_file))

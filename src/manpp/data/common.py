@@ -7,7 +7,9 @@ Random augmentation draws from torch's global RNG, so seeding torch makes it rep
 
 from __future__ import annotations
 
+import contextlib
 import numbers
+import shutil
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -122,3 +124,20 @@ def describe_exception(exc: BaseException) -> str:
     if len(text) > MAX_REASON_CHARS:
         text = text[:MAX_REASON_CHARS - 3] + "..."
     return f"{type(exc).__name__}: {text}"
+
+
+@contextlib.contextmanager
+def removed_on_failure(*paths: Path):
+    """Undo a failed download: each of ``paths`` (folders or files) that did not exist before and
+    exists after an exception is removed again, the deepest first, so no empty or half-written
+    dataset folder is left behind to look like data."""
+    new = [Path(p) for p in paths if not Path(p).exists()]
+    try:
+        yield
+    except BaseException:
+        for path in sorted(new, key=lambda p: len(p.parts), reverse=True):
+            if path.is_dir():
+                shutil.rmtree(path, ignore_errors=True)
+            elif path.exists():
+                path.unlink()
+        raise

@@ -13,7 +13,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..errors import ManppError
-from .common import RandomCropFlip, TensorImageDataset, data_root, describe_exception, normalized_black
+from .common import (RandomCropFlip, TensorImageDataset, data_root, describe_exception, normalized_black,
+                     removed_on_failure)
 from .idx import read_idx_images, read_idx_labels
 from .info import DatasetInfo, dataset_info, normalize
 
@@ -63,7 +64,8 @@ def fashion_files(data_dir: str | Path | None, download: bool) -> dict[str, Path
     from torchvision.datasets import FashionMNIST
 
     try:
-        FashionMNIST(str(root), train=True, download=True)
+        with removed_on_failure(root, root / "FashionMNIST", torchvision_dir):
+            FashionMNIST(str(root), train=True, download=True)
     except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError
         raise ManppError(f"fashion-mnist files ({wanted}) not found in {where}, and the download into "
                          f"'{torchvision_dir}' failed (offline?): {describe_exception(exc)}; copy the files into "

@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from ..errors import ManppError, choices
-from .common import data_root, describe_exception
+from .common import data_root, describe_exception, removed_on_failure
 from .info import dataset_info
 
 # What torchvision expects under the data folder, for the error messages.
@@ -17,6 +17,12 @@ TORCHVISION_LAYOUT = {
     "cifar10": "cifar-10-batches-py/",
     "svhn": "train_32x32.mat and test_32x32.mat",
     "stl10": "stl10_binary/",
+}
+# what a download writes under the data folder (removed again when it fails)
+DOWNLOADED = {
+    "cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py"),
+    "svhn": ("train_32x32.mat", "test_32x32.mat"),
+    "stl10": ("stl10_binary.tar.gz", "stl10_binary"),
 }
 
 
@@ -45,20 +51,12 @@ def build_torchvision(name: str, data_dir: str | Path | None, download: bool,
     """(train, test) of torchvision dataset ``name`` (a key of :data:`TORCHVISION_LAYOUT`) under the data folder."""
     root = data_root(data_dir)
     train_tf, test_tf = torchvision_transforms(name, augment)
-    from torchvision import datasets
-
     try:
-        if name == "cifar10":
-            train = datasets.CIFAR10(str(root), train=True, transform=train_tf, download=download)
-            test = datasets.CIFAR10(str(root), train=False, transform=test_tf, download=download)
-        elif name == "svhn":
-            train = datasets.SVHN(str(root), split="train", transform=train_tf, download=download)
-            test = datasets.SVHN(str(root), split="test", transform=test_tf, download=download)
-        else:
-            train = datasets.STL10(str(root), split="train", transform=train_tf, download=download)
-            test = datasets.STL10(str(root), split="test", transform=test_tf, download=download)
+        with removed_on_failure(root, *(root / p for p in DOWNLOADED[name])):
+            train, test = _open(name, root, train_tf, test_tf, download)
     except ImportError as exc:  # SVHN reads .mat files with scipy
-        raise ManppError(f"dataset {name!r} needs a missing package: {describe_exception(exc)}") from exc
+        raise ManppError(f"dataset {name!r} needs scipy to read its .mat files: pip install 'manpp[svhn]' "
+                         f"({describe_exception(exc)})") from exc
     except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError
         layout, root = TORCHVISION_LAYOUT[name], root.absolute()
         if download:
@@ -67,4 +65,19 @@ def build_torchvision(name: str, data_dir: str | Path | None, download: bool,
                              f"internet access) or pass another data_dir") from exc
         raise ManppError(f"dataset {name!r} not found in '{root}' and download=False: {describe_exception(exc)}; "
                          f"put {layout} in '{root}' or allow the download") from exc
+    return train, test
+
+
+def _open(name: str, root: Path, train_tf, test_tf, download: bool) -> tuple[Dataset, Dataset]:
+    from torchvision import datasets
+
+    if name == "cifar10":
+        train = datasets.CIFAR10(str(root), train=True, transform=train_tf, download=download)
+        test = datasets.CIFAR10(str(root), train=False, transform=test_tf, download=download)
+    elif name == "svhn":
+        train = datasets.SVHN(str(root), split="train", transform=train_tf, download=download)
+        test = datasets.SVHN(str(root), split="test", transform=test_tf, download=download)
+    else:
+        train = datasets.STL10(str(root), split="train", transform=train_tf, download=download)
+        test = datasets.STL10(str(root), split="test", transform=test_tf, download=download)
     return train, test

@@ -124,13 +124,13 @@ COCO_STATS = ("map", "map50", "map75", "map_small", "map_medium", "map_large")
 def coco_map(ground_truth: dict, results: list[dict], image_ids=None) -> dict[str, float]:
     """COCO box AP (AP, AP50, AP75, APs/m/l) of ``results`` against a COCO-format dict, with COCOeval,
     over ``image_ids`` (default: every image of the ground truth)."""
-    try:
-        from pycocotools.coco import COCO
-        from pycocotools.cocoeval import COCOeval
-    except ImportError as exc:  # a dependency; here only if the environment lacks it
-        raise ManppError("detection evaluation needs pycocotools: pip install pycocotools") from exc
-    ids = sorted(set(image_ids) if image_ids is not None else {im["id"] for im in ground_truth["images"]})
-    results = [r for r in results if r["image_id"] in set(ids)]
+    from ..extras import require
+
+    COCO = require("pycocotools.coco", "COCO box AP (detection evaluation)").COCO
+    COCOeval = require("pycocotools.cocoeval", "COCO box AP (detection evaluation)").COCOeval
+    keep = set(image_ids) if image_ids is not None else {im["id"] for im in ground_truth["images"]}
+    ids = sorted(keep)
+    results = [r for r in results if r["image_id"] in keep]  # one set for all detections: linear time
     if not results:
         return {k: 0.0 for k in COCO_STATS}
     with contextlib.redirect_stdout(io.StringIO()):
