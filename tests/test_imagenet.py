@@ -199,7 +199,8 @@ def test_a_paper_config_trains_and_exports_from_an_imagenet_folder(tmp_path):
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "4 module" in (out / "summary.json").read_text() or '"modules": 4' in (out / "summary.json").read_text()
-    proc = subprocess.run([sys.executable, "-m", "manpp", "export", str(out), "--out", str(tmp_path / "r101.pt")],
+    proc = subprocess.run([sys.executable, "-m", "manpp", "export", str(out), "--out", str(tmp_path / "r101.pt"),
+                           "--allow-unfinished"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     import torchvision

@@ -242,7 +242,14 @@ def cmd_export(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may come in several places among the options (argparse takes one block)
+    stray = [a for a in extra if a.startswith("-") or "=" not in a or not hasattr(args, "overrides")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        args.overrides = [*(args.overrides or []), *extra]
     warnings.filterwarnings("once", category=UserWarning, module="manpp")
     warnings.formatwarning = lambda message, *_args, **_kw: f"manpp: warning: {message}\n"
     try:

@@ -136,6 +136,8 @@ def check_value(name: str, value: Any) -> None:
     rule = RULES.get(name)
     if rule is not None and not rule.ok(value):
         meaning = f" ({rule.meaning})" if rule.meaning else ""
+        if isinstance(rule, OneOf):
+            raise ManppError(f"unknown {name} {value!r}{meaning}: accepted are {rule.accepted()}")
         raise ManppError(f"bad {name} {value!r}{meaning}: accepted is {rule.accepted()}")
 
 

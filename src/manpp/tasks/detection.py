@@ -12,7 +12,6 @@ import torch
 from .. import distributed
 from ..data import ShapesDetection, detection_collate
 from ..engine import LocalContext
-from ..errors import ManppError
 from .classification import Task
 
 
