@@ -137,7 +137,8 @@ def test_two_gloo_processes_equal_single_process_training(tmp_path, optimizer, o
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert ckpt["world_size"] == 2 and ckpt["step"] == 3 and len(ckpt["rng_ranks"]) == 2
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint.pt", "config.yaml", "log.csv", "summary.json"]
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "checkpoint.pt", "config.yaml", "log.csv",
+                                                     "summary.json"]
 
     cfg = C.TrainConfig(**settings)
     reference = _reference(cfg, world=2).state_dict()
@@ -176,3 +177,57 @@ def test_loss_scaling_leaves_gradients_unchanged(batch):
         assert torch.allclose(p.grad, q.grad / 1024.0, atol=1e-6, rtol=1e-4)
     for a, b in zip(model.buffers(), twin.buffers()):  # EMA copies and BN statistics are not scaled
         assert torch.equal(a, b)
+
+
+HANG = """
+import os, sys, time, torch
+from manpp import distributed as D
+D.setup(torch.device('cpu'), 'gloo', timeout_s=float(sys.argv[1]))
+if D.rank() == 1:
+    time.sleep(60)  # alive, but never joins the collective
+started = time.perf_counter()
+try:
+    D.all_reduce_sum(torch.ones(3))
+except Exception as exc:
+    print(f"failed after {time.perf_counter() - started:.1f} s: {type(exc).__name__}", flush=True)
+    os._exit(3)
+os._exit(0)
+"""
+
+
+def test_a_hung_process_makes_the_others_fail_after_dist_timeout():
+    """Rank 1 stays alive but never reaches the all-reduce: rank 0 fails after dist_timeout seconds
+    (torch's default would be 30 minutes)."""
+    port = str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT=port, OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen([sys.executable, "-c", HANG, "3"], env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.DEVNULL, text=True))
+    try:
+        out, _ = procs[0].communicate(timeout=45)
+    finally:
+        procs[1].kill()
+        procs[1].wait()
+    assert procs[0].returncode == 3, out
+    seconds = float(out.split("failed after ")[1].split(" s")[0])
+    assert 2.0 <= seconds < 30.0, out
+
+
+def test_dist_timeout_reaches_the_process_group(monkeypatch):
+    """The trainer passes the config's dist_timeout to init_process_group."""
+    import datetime
+
+    import torch.distributed as dist
+
+    seen = {}
+    monkeypatch.setattr(dist, "init_process_group", lambda **kw: seen.update(kw))
+    for name, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                            MASTER_PORT="1").items():
+        monkeypatch.setenv(name, value)
+    from manpp import distributed as D
+
+    monkeypatch.setattr(D, "is_initialized", lambda: False)
+    assert D.setup(torch.device("cpu"), "gloo", timeout_s=42.0)
+    assert seen["timeout"] == datetime.timedelta(seconds=42)

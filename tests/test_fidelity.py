@@ -165,7 +165,7 @@ def test_release_lr_schedule_is_set_once_per_epoch():
                                     "lr_update": "epoch"})
     spe = 49  # CIFAR-10 at batch 1024
     values = {e: round(lr_at((e - 1) * spe, cfg, spe), 3) for e in (1, 5, 10, 11, 200, 400)}
-    assert values == {1: 0.010, 5: 0.326, 10: 0.720, 11: 0.799, 200: 0.400, 400: 0.000}  # RELEASE.md 4.1
+    assert values == {1: 0.010, 5: 0.326, 10: 0.720, 11: 0.799, 200: 0.400, 400: 0.000}  # docs/release.md: training recipes
     assert lr_at(4 * spe, cfg, spe) == lr_at(5 * spe - 1, cfg, spe)  # constant within an epoch
     step_cfg = C.apply(cfg, {"lr_update": "step"})
     assert lr_at(4 * spe, step_cfg, spe) != lr_at(5 * spe - 1, step_cfg, spe)
@@ -234,5 +234,5 @@ def test_scale_init_and_aux_lr_scale():
     assert backbone["lr"] == 0.1 and aux["lr"] == 0.2
     assert {id(p) for p in aux["params"]} == {id(p) for p in model.aux.parameters() if p.requires_grad}
     assert len(parameter_groups(model, C.TrainConfig())) == 1
-    with pytest.raises(ManppError, match="aux_lr_scale must be a positive number"):
+    with pytest.raises(ManppError, match="bad aux_lr_scale 0.0 .*accepted is a number > 0"):
         build_optimizer(C.apply(cfg, {"aux_lr_scale": 0}), parameter_groups(model, cfg))

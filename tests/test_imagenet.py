@@ -34,7 +34,7 @@ def test_imagenet_paper_presets_match_the_release(arch, blocks):
     net = manpp.build_backbone(arch, num_classes=10)
     for k, expected in blocks.items():
         model = manpp.local_model(net, "manpp", k, split="paper", objective="dgl", image_size=32)
-        assert blocks_per_module(model) == expected  # RELEASE.md section 3.2; the stem is in module 0
+        assert blocks_per_module(model) == expected  # docs/release.md: module splits; the stem is in module 0
         assert net.unit_names[0] == "stem" and 0 in model.partition.units_of(0)
         # each copied unit is the next module's first block, and keeps channels and resolution
         for j, aux in enumerate(model.aux):
@@ -194,8 +194,10 @@ def test_a_paper_config_trains_and_exports_from_an_imagenet_folder(tmp_path):
     root = make_folder(tmp_path / "in", n_train=2, n_val=1)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "manpp", "train", "-c", str(ROOT / "src/manpp/configs/imagenet_resnet101_k4_infopro_manpp.yaml"),
-           "--data-dir", str(root), "--image-size", "32", "--batch-size", "2", "--max-steps", "2",
-           "--device", "cpu", "--out", str(out), "--quiet", "eval_batch_size=3", "workers=0"]
+           "--data-dir", str(root), "--image-size", "64", "--batch-size", "2", "--max-steps", "2",
+           "--device", "cpu", "--out", str(out), "--quiet", "eval_batch_size=3", "workers=0",
+           "lr=0.01"]  # the paper's 0.4 is for batch 1024, and at 32 px layer4 is 1x1: either diverges
+           # at batch 2 (the test loss is not finite, and the run says so)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "4 module" in (out / "summary.json").read_text() or '"modules": 4' in (out / "summary.json").read_text()

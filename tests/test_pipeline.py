@@ -80,7 +80,7 @@ def test_a_failing_stage_ends_the_run_with_a_clear_error(tmp_path):
 
 
 def test_parallel_mode_bad_input():
-    with pytest.raises(ManppError, match="unknown parallel mode 'stages'"):
+    with pytest.raises(ManppError, match="unknown parallel 'stages': accepted are 'modules' or none"):
         check_options(C.TrainConfig(parallel="stages"))
     from manpp.train import train
 

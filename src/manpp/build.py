@@ -257,7 +257,7 @@ def lr_at(step: int, cfg: C.TrainConfig, steps_per_epoch: int) -> float:
     """Linear warm-up from ``warmup_lr`` to ``lr``, then cosine to 0 (or, ``lr_schedule: step``,
     ``lr`` times 0.1 per milestone passed, as fractions of ``epochs``), evaluated per step.
 
-    ``lr_update: epoch`` is the release's schedule instead (RELEASE.md section 4.1), set once per
+    ``lr_update: epoch`` is the release's schedule instead (docs/release.md: training recipes), set once per
     epoch e = 1..E: cosine c(e) = lr/2 (1 + cos(pi e / E)), and for e <= W warm-up epochs the blend
     c(e) (e - 1) / W + warmup_lr (W + 1 - e) / W. The last epoch trains at lr 0.
     """

@@ -97,6 +97,16 @@ def format_table(records: list[dict]) -> str:
 
 
 def plot_compare(records: list[dict], path: Path) -> Path:
+    """Write :func:`compare_figure` to ``path``."""
+    import matplotlib.pyplot as plt
+
+    fig = compare_figure(records)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def compare_figure(records: list[dict]):
     """Test score per epoch, peak activation memory and time per epoch per method, side by side
     (matplotlib: the ``plot`` extra)."""
     matplotlib = require("matplotlib", "the comparison plot (compare.png)")
@@ -129,6 +139,4 @@ def plot_compare(records: list[dict], path: Path) -> Path:
     ax_time.set_ylabel(f"time per epoch (s, {records[0].get('device', '')})")
     ax_time.set_title("training time per epoch (no evaluation)")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig

@@ -1,4 +1,4 @@
-"""The local training step (METHOD.md section 1), evaluation, and the model that holds both.
+"""The local training step (docs/method.md), evaluation, and the model that holds both.
 
 One step, for every module j in order: forward, local loss, backward (which frees module j's
 graph at once), the auxiliary network's after-backward hook (the EMA update of MAN/MAN++),

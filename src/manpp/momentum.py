@@ -1,4 +1,4 @@
-"""MAN and MAN++: the momentum auxiliary network (METHOD.md section 3).
+"""MAN and MAN++: the momentum auxiliary network (docs/method.md, MAN and MAN++).
 
 For module j the auxiliary network reads h_j through two copies of U, the first unit of
 module j+1: a frozen copy EMA_j, moved towards U after each local backward,

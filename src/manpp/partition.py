@@ -1,6 +1,6 @@
 """Cutting a backbone's ordered units into K consecutive, gradient-isolated modules.
 
-Three ways (METHOD.md sections 1 and 4):
+Three ways (docs/method.md):
 
 - ``"even"``: K modules of (nearly) equal unit count, any K from 1 to the number of units;
 - ``"paper"``: the module sets of the authors' release for a paper setting. The CIFAR tables
@@ -23,7 +23,7 @@ from .memory import ActivationTracker
 
 # Release tables: the last unit of each module as (stage, unit), stage 1-based, unit 0-based, final
 # module included. CIFAR: the stem (unit 0) is always an extra module of its own (the release adds
-# it), so "K=8" has 9 modules. ImageNet (torchvision ResNets, METHOD.md section 4): the stem
+# it), so "K=8" has 9 modules. ImageNet (torchvision ResNets, docs/method.md, paper settings): the stem
 # belongs to module 0.
 _R110_K32 = [
     (1, 1), (1, 2), (1, 4), (1, 5), (1, 7), (1, 9), (1, 11), (1, 13), (1, 14), (1, 16), (1, 17),
@@ -57,13 +57,13 @@ PAPER_PRESETS: dict[str, dict[int, Preset]] = {
     "resnet101": {k: _layers(v) for k, v in _R101.items()},
     "resnext101_32x8d": {k: _layers(v) for k, v in _R101.items()},
     "resnet152": {2: _layers([(2, 5), (4, 2)]), 4: _layers([(2, 6), (3, 13), (3, 25), (4, 2)])},
-    # COCO RetinaNet, K = 4 (RELEASE.md 3.4): stem+layer1 | layer2 | layer3 | layer4 + FPN + heads;
+    # COCO RetinaNet, K = 4 (docs/release.md: module splits): stem+layer1 | layer2 | layer3 | layer4 + FPN + heads;
     # DeepLabV3 (our design, the release has none): the same stage cuts, K = 2 after layer2
     **{f"{task}_{net}": {4: _layers([(1, b[0] - 1), (2, b[1] - 1), (3, b[2] - 1), (4, b[3] - 1)]),
                          **({2: _layers([(2, b[1] - 1), (4, b[3] - 1)])} if task == "deeplabv3" else {})}
        for task in ("retinanet", "deeplabv3") for net, b in _BLOCKS.items()
        if not (task == "deeplabv3" and net not in ("resnet50", "resnet101"))},
-    # ViT, depth 12: four groups of three blocks, the embedding in group 0 (RELEASE.md 3.3)
+    # ViT, depth 12: four groups of three blocks, the embedding in group 0 (docs/release.md: module splits)
     **{f"vit_{size}": {4: Preset(("blocks.2", "blocks.5", "blocks.8", "blocks.11"))}
        for size in ("tiny", "small", "base")},
 }

@@ -125,13 +125,17 @@ def write_summary(folder: Path, result: dict) -> None:
 
 def divergence(model: torch.nn.Module, row: dict) -> str | None:
     """What shows that training diverged: the first parameter or buffer holding a NaN or an
-    infinity, else the first logged value that is not finite (a test loss, an EMA distance);
-    None when everything is finite."""
+    infinity, else the first loss, scale or EMA distance in the row that is not finite; None
+    when everything is finite."""
     for name, tensor in model.state_dict().items():
         if tensor.is_floating_point() and not torch.isfinite(tensor).all():
             return f"'{name}' holds a NaN or an infinity"
-    for key, value in row.items():
-        if isinstance(value, float) and not math.isfinite(value):
+    for key, value in row.items():  # not the per-class scores: an IoU of a class never seen is NaN by design
+        watched = key in ("train_loss", "test_loss") or key.startswith(("loss_", "scale_", "ema_dist_"))
+        if watched and isinstance(value, float) and not math.isfinite(value):
+            if key == "test_loss":  # the weights are finite, but not what the model computes from them
+                return (f"test_loss is {value} (the model's outputs in eval mode are not finite; BatchNorm "
+                        f"statistics from tiny batches can do this too)")
             return f"{key} is {value}"
     return None
 

@@ -3,7 +3,7 @@
 ``release`` means the authors' recipe for the dataset. The release trains CIFAR-10, SVHN, STL-10,
 ImageNet and COCO, and for those our datasets already follow it; for the small in-memory sets it
 does not have (digits, Fashion-MNIST, synthetic) it means CIFAR-10's: CIFAR statistics, and
-reflect-padding by 4, a random crop and a horizontal flip (RELEASE.md section 4.1).
+reflect-padding by 4, a random crop and a horizontal flip (docs/release.md: training recipes).
 """
 
 from __future__ import annotations

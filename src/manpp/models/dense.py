@@ -1,8 +1,8 @@
 """Backbones for dense tasks, exposed as units like the classifiers.
 
-- ``retinanet_resnet50/101/152`` (and the lighter ``retinanet_resnet18/34``): RetinaNet (METHOD.md section 4, RELEASE.md section 2.5). Units
-  are the ResNet stem and residual blocks; they pass ``(current, C3, C4)`` tuples along, the
-  last block of ``layer2`` and of ``layer3`` keeping its output. The head is the FPN (P3-P5 from
+- ``retinanet_resnet50/101/152`` (and the lighter ``retinanet_resnet18/34``): RetinaNet
+  (docs/method.md, paper settings; docs/release.md: auxiliary heads). Units are the ResNet stem
+  and residual blocks; they pass ``(current, C3, C4)`` tuples along, the last block of ``layer2`` and of ``layer3`` keeping its output. The head is the FPN (P3-P5 from
   C3-C5, P6 from C5, P7 from P6) and torchvision's RetinaNet classification and box subnets.
   Across a module boundary C3 and C4 are detached with everything else, so, as in the release,
   the detection loss trains ``layer4`` + FPN + heads and earlier modules learn from their

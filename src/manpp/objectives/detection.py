@@ -9,7 +9,7 @@ from ..models.dense import FPN_CHANNELS, anchor_sizes, retinanet_parts, retinane
 
 
 class DetectionHead(nn.Module):
-    """The release's auxiliary detection head (RELEASE.md section 2.5).
+    """The release's auxiliary detection head (docs/release.md: auxiliary heads).
 
     A 1x1 projection to 256 channels + ReLU gives the first level; each extra level is ReLU then
     a stride-2 3x3 conv. RetinaNet classification and box subnets with two conv layers run on

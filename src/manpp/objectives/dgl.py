@@ -1,4 +1,4 @@
-"""DGL's local classifier as configured in the MAN++ release (RELEASE.md section 2.2).
+"""DGL's local classifier as configured in the MAN++ release (docs/release.md: auxiliary heads).
 
 On backbones whose features are not plain CIFAR/ImageNet maps the same idea, a small supervised
 head per module, takes the shape the release gives it: the class-token classifier on a ViT

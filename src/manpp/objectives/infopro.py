@@ -1,7 +1,7 @@
 """InfoPro's local loss (Wang et al., ICLR 2021): reconstruct the image and classify.
 
 loss_j = lambda1 * BCE(decoder(h), image01) + lambda2 * L_cls(classifier(h), y), with the
-weights interpolated linearly over the modules (METHOD.md section 2, RELEASE.md section 2.1).
+weights interpolated linearly over the modules (docs/method.md, InfoPro, docs/release.md: auxiliary heads).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ SUPCON_TEMPERATURE = 0.07
 
 @dataclass
 class InfoProSettings:
-    """The paper's CIFAR settings (METHOD.md section 2), except ``ixy_2`` (see below)."""
+    """The paper's CIFAR settings (docs/method.md, InfoPro), except ``ixy_2`` (see below)."""
 
     aux_config: str = "2c2f"  # classifier: '1c2f' or '2c2f'
     aux_loss: str = "cross_entropy"  # classifier loss: 'cross_entropy' or 'contrast' (SupCon)
@@ -306,7 +306,8 @@ class InfoProHead(nn.Module):
         return f"lambda1={self.lambda1:.4g}, lambda2={self.lambda2:.4g}"
 
 
-# the release: the CIFAR MAN++ stem module's classifier is always 1c2f with SupCon (RELEASE.md 1.4),
+# the release: the CIFAR MAN++ stem module's classifier is always 1c2f with SupCon
+# (docs/release.md: the MAN++ auxiliary network),
 # and the README's end weights are 0 / 0
 RELEASE_SETTINGS = {"first_config": "1c2f", "first_loss": "contrast", "ixy_2": 0.0}
 

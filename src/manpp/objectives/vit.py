@@ -1,4 +1,4 @@
-"""The class-token classifier that is a ViT module's auxiliary head (RELEASE.md sections 1.3 and 2.4)."""
+"""The class-token classifier that is a ViT module's auxiliary head (docs/release.md: auxiliary heads)."""
 
 from __future__ import annotations
 
