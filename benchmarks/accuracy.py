@@ -116,7 +116,7 @@ def run_one(job: tuple) -> dict:
     name = method_overrides(method)["method"]
     cfg = C.apply(base, {**method_overrides(method), "fidelity": fidelity, "k": None if name == "e2e" else k,
                          "seed": seed, "out": out})
-    result = train(cfg, verbose=False)
+    result = train(cfg, verbose=False, overwrite=True)  # each job's scratch folder, made again on a rerun
     s = result.summary
     _, test_set, _ = load_data(C.apply(cfg, {"test_subset": test_subset}))  # the final evaluation's test set
     loader = torch.utils.data.DataLoader(test_set, batch_size=cfg.eval_batch_size)

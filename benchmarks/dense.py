@@ -78,7 +78,7 @@ def main(argv=None) -> int:
             print(f"== {task}: training {method}", flush=True)
             cfg = C.apply(base, {"method": method, "k": 1 if method == "e2e" else 4,
                                  "out": str(out / "runs" / f"{args.name}_{task}_{method}")})
-            result = train(cfg, verbose=True)
+            result = train(cfg, verbose=True, overwrite=True)  # a rerun replaces its scratch runs
             s = result.summary
             entry["runs"].append({"method": method, "modules": s["modules"], "test_score": s["test_score"],
                                   "best_test_score": s["best_test_score"], "test_metrics": s["test_metrics"],

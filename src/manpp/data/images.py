@@ -13,11 +13,12 @@ from .common import describe_exception
 
 def decode_image_file(path: Path | str, mode: str) -> Tensor:
     """Decode an image file as uint8 (C, H, W); ``mode`` is 'RGB' or 'GRAY'."""
-    from torchvision.io import ImageReadMode, decode_image
+    from torchvision.io import ImageReadMode, decode_image, read_file
 
     with warnings.catch_warnings():  # torchvision 0.29 deprecates its decoders in favour of torchcodec
         warnings.filterwarnings("ignore", message=".*TorchVision are deprecated", category=DeprecationWarning)
-        return decode_image(str(path), mode=getattr(ImageReadMode, mode))
+        # the file's bytes, then decode: torchvision before 0.20 decodes only bytes, not a path
+        return decode_image(read_file(str(path)), mode=getattr(ImageReadMode, mode))
 
 
 def read_rgb(path: Path | str) -> Tensor:
