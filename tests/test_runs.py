@@ -75,6 +75,8 @@ def test_max_steps_is_not_kept_for_the_next_resume_and_epochs_count_completed_on
     assert "stopped: max_steps 2" in capsys.readouterr().out
     assert main(["train", "--resume", str(out), "--max-steps", "5", "--quiet"]) == 0
     assert step_of(out) == 5 and summary(out)["epochs"] == 1
+    assert main(["train", "--resume", str(out), "--max-steps", "5", "--quiet"]) == 2  # would train nothing
+    assert "is not beyond the run's step 5" in capsys.readouterr().err
     assert main(["train", "--resume", str(out), "--quiet"]) == 0  # no --max-steps: to the end
     s = summary(out)
     assert s["status"] == "finished" and s["reason"] is None and s["steps"] == 8

@@ -53,6 +53,9 @@ def train(cfg: C.TrainConfig, *, resume: str | None = None, overwrite: bool = Fa
         raise ManppError("resuming a parallel-modules run is not supported; its checkpoint holds the model for "
                          "manpp export and evaluation")
     ckpt = load_checkpoint(resume) if resume else None
+    if ckpt is not None and cfg.max_steps is not None and ckpt["step"] >= cfg.max_steps:
+        raise ManppError(f"max_steps {cfg.max_steps} is not beyond the run's step {ckpt['step']}: nothing would be "
+                         f"trained; give a larger --max-steps, or none to train to the end")
     owner = D.setup(device, cfg.dist_backend, timeout_s=cfg.dist_timeout)
     # On an exception the group is left alone: other processes may be inside a collective with
     # this one, and torchrun ends them when this process exits with the error.
