@@ -121,12 +121,14 @@ def _reference_steps(cfg: C.TrainConfig, world: int) -> torch.nn.Module:
     return model
 
 
-@pytest.mark.parametrize("optimizer,objective,k", [("sgd", "dgl", 3), ("adamw", "infopro", 2)])
-def test_two_gloo_processes_equal_single_process_training(tmp_path, optimizer, objective, k):
+@pytest.mark.parametrize("optimizer,objective,k,overlap", [("sgd", "dgl", 3, True), ("adamw", "infopro", 2, True),
+                                                         ("sgd", "dgl", 3, False)])
+def test_two_gloo_processes_equal_single_process_training(tmp_path, optimizer, objective, k, overlap):
     """torchrun with 2 CPU processes: every module's parameters (and the EMA copies) after 3 steps
-    equal one process that averages the two shards' gradients of each global batch."""
+    equal one process that averages the two shards' gradients of each global batch, with each
+    module's all-reduce overlapped with the next module's compute (overlap_comm) or all at the end."""
     out = tmp_path / "run"
-    settings = dict(CFG, optimizer=optimizer, objective=objective, k=k)
+    settings = dict(CFG, optimizer=optimizer, objective=objective, k=k, overlap_comm=overlap)
     cli = [f"{key}={value}" for key, value in settings.items()]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -231,3 +233,28 @@ def test_dist_timeout_reaches_the_process_group(monkeypatch):
     monkeypatch.setattr(D, "is_initialized", lambda: False)
     assert D.setup(torch.device("cpu"), "gloo", timeout_s=42.0)
     assert seen["timeout"] == datetime.timedelta(seconds=42)
+
+
+def test_a_module_s_gradients_are_final_when_after_module_runs(batch):
+    """What makes overlapping safe: when after_module(j) is called, module j's gradients are those
+    the optimizer will see (later modules never touch them), and the modules' parameter groups
+    cover every optimized parameter once."""
+    x, y = batch
+    model = manpp.local_model(manpp.build_backbone("resnet8", num_classes=10), "manpp", 3, objective="dgl")
+    groups = [model.module_parameters(j) for j in range(model.k)]
+    ids = [id(p) for g in groups for p in g]
+    assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in model.parameters_to_optimize()}
+    snapshots = {}
+
+    def snapshot(j):
+        snapshots[j] = [p.grad.clone() for p in groups[j] if p.grad is not None]
+        assert all(p.grad is None for later in groups[j + 1:] for p in later)  # not reached yet
+
+    model.train_step(x, y, after_module=snapshot)
+    assert sorted(snapshots) == [0, 1, 2]
+    for j, group in enumerate(groups):
+        final = [p.grad for p in group if p.grad is not None]
+        assert final and len(final) == len(snapshots[j])
+        assert all(torch.equal(a, b) for a, b in zip(snapshots[j], final))
+    reducer = D.OverlappedReducer(groups, model.parameters_to_optimize())
+    assert reducer.rest == []

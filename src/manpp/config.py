@@ -88,6 +88,7 @@ class TrainConfig:
     parallel: str | None = None  # 'modules': one pipelined stage of modules per torchrun process (update-unlocked)
     ema_sync_every: int = 1  # parallel modules: steps between sends of the next stage's first unit (MAN/MAN++)
     dist_backend: str | None = None  # under torchrun: None picks 'nccl' on CUDA and 'gloo' on CPU
+    overlap_comm: Any = "auto"  # torchrun: each module's all-reduce starts when its backward ends; auto: on CUDA
     dist_timeout: float = DEFAULT_TIMEOUT_S  # under torchrun: seconds a process waits in a collective before it fails
     compile: bool = False  # torch.compile the modules and auxiliary networks (not the training loop)
     out: str | None = None

@@ -3,9 +3,11 @@
 ``torchrun --nproc_per_node N -m manpp train ...`` starts N processes; each sees ``WORLD_SIZE``,
 ``RANK`` and ``LOCAL_RANK`` in its environment and :func:`setup` joins them in one process group
 (NCCL on CUDA, each process on ``cuda:LOCAL_RANK``; gloo on CPU). There is no DDP wrapper: the
-local step runs its K backward passes as usual, then :func:`all_reduce_gradients` averages the
-gradients of every trainable parameter (all K modules, auxiliary networks, MAN++ scales) in a
-few flat buffers, and every process makes the same optimizer step.
+local step runs its K backward passes as usual and every trainable parameter's gradient (all K
+modules, auxiliary networks, MAN++ scales) is averaged over the processes in flat buffers before
+every process makes the same optimizer step. With ``overlap_comm`` (the default) each module's
+all-reduce starts as soon as that module's backward ends (:class:`OverlappedReducer`), so it runs
+while the next module computes; otherwise :func:`all_reduce_gradients` reduces them all at the end.
 
 * ``batch_size`` is the global batch. Process ``r`` of ``W`` takes the contiguous slice
   ``[r * B/W, (r + 1) * B/W)`` of every global batch (see :func:`shard_bounds`), so the images of
@@ -33,6 +35,7 @@ from .errors import ManppError, choices
 
 BACKENDS = ("nccl", "gloo")
 DEFAULT_TIMEOUT_S = 600.0  # the config's dist_timeout
+OVERLAP_MIN_BYTES = 1 << 20  # overlap_comm: finished modules' gradients are sent once they hold this much
 BUCKET_BYTES = 64 * 2**20  # largest flat buffer one all-reduce carries
 
 
@@ -231,28 +234,95 @@ def all_reduce_gradients(params: Sequence[torch.nn.Parameter]) -> None:
     every process (so the optimizer skips that parameter, as a single process would), which
     one presence flag per parameter, reduced with the first bucket, decides.
     """
-    world = world_size()
+    _finish(_launch(params, async_op=False))
+
+
+class _Pending:
+    """One group's gradients on their way through all-reduce: the flat buffers and their handles."""
+
+    def __init__(self, params: list, grads: list, flags: torch.Tensor):
+        self.params, self.grads, self.flags = params, grads, flags
+        self.parts: list[tuple[Any, torch.Tensor, list[torch.Tensor]]] = []  # (work, flat, tensors)
+
+
+def _launch(params: Sequence[torch.nn.Parameter], async_op: bool) -> _Pending | None:
+    """Start the all-reduce of ``params``' gradients (asynchronously with ``async_op``)."""
     if not is_initialized():
-        return
+        return None
     params = list(params)
     if not params:
-        return
+        return None
     grads = [p.grad if p.grad is not None else torch.zeros_like(p, memory_format=torch.preserve_format)
              for p in params]
     flags = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=params[0].device)
+    pending = _Pending(params, grads, flags)
     tensors = [flags] + grads
     for bucket in _buckets(tensors):
         chunk = [tensors[i] for i in bucket]
         flat = _flatten_dense_tensors(chunk)
-        dist.all_reduce(flat)
+        pending.parts.append((dist.all_reduce(flat, async_op=async_op), flat, chunk))
+    return pending
+
+
+def _finish(pending: _Pending | None) -> None:
+    """Wait for ``pending``'s all-reduce, then write the averages back into the gradients."""
+    if pending is None:
+        return
+    world = world_size()
+    for work, flat, chunk in pending.parts:
+        if work is not None:
+            work.wait()
         if world > 1:
             flat.div_(world)
         for t, reduced in zip(chunk, _unflatten_dense_tensors(flat, chunk)):
             t.copy_(reduced)
-    present = (flags > 0).tolist()  # flags were averaged: > 0 where any process had a gradient
-    for p, g, has in zip(params, grads, present):
+    present = (pending.flags > 0).tolist()  # flags were averaged: > 0 where any process had a gradient
+    for p, g, has in zip(pending.params, pending.grads, present):
         if has and p.grad is None:
             p.grad = g
+
+
+class OverlappedReducer:
+    """Gradient averaging that overlaps communication with compute, module by module.
+
+    Local learning finishes module j's gradients when module j's backward ends (later modules
+    never reach them), so :meth:`start` launches that module's all-reduce asynchronously right
+    then, while module j + 1 computes; :meth:`wait`, before the optimizer step, reduces what no
+    module owns and waits for everything. The averages are those of :func:`all_reduce_gradients`
+    (the same sums, grouped by module). Small modules wait for the next ones until together they
+    hold ``min_bytes``, so a step sends a few messages, not K. The flat buffers are alive until
+    :meth:`wait`: one extra copy of the gradients, where the synchronous path holds one bucket.
+    """
+
+    def __init__(self, groups: Sequence[Sequence[torch.nn.Parameter]], params: Sequence[torch.nn.Parameter],
+                 min_bytes: int = OVERLAP_MIN_BYTES):
+        self.min_bytes = min_bytes
+        self.queue: list[torch.nn.Parameter] = []  # finished modules' parameters, not yet launched
+        wanted = {id(p) for p in params}
+        seen: set[int] = set()
+        self.groups: list[list[torch.nn.Parameter]] = []
+        for group in groups:  # each parameter in the first group that has it, if it is optimized at all
+            mine = [p for p in group if id(p) in wanted and id(p) not in seen]
+            seen.update(id(p) for p in mine)
+            self.groups.append(mine)
+        self.rest = [p for p in params if id(p) not in seen]
+        self.pending: list[_Pending | None] = []
+
+    def start(self, j: int) -> None:
+        """Module j's backward has ended: launch its gradients' all-reduce, together with those of
+        the modules before it still waiting, once they hold ``min_bytes`` (fewer, larger messages)."""
+        self.queue += self.groups[j]
+        if sum(p.numel() * p.element_size() for p in self.queue) >= self.min_bytes:
+            self.pending.append(_launch(self.queue, async_op=True))
+            self.queue = []
+
+    def wait(self) -> None:
+        """Before the optimizer step: every gradient averaged, in place."""
+        self.pending.append(_launch(self.queue + self.rest, async_op=True))
+        self.queue = []
+        for pending in self.pending:
+            _finish(pending)
+        self.pending = []
 
 
 def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
@@ -280,7 +350,7 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-__all__ = ["BACKENDS", "LaunchEnv", "all_reduce_gradients", "all_reduce_sum", "barrier", "broadcast_buffers",
+__all__ = ["BACKENDS", "LaunchEnv", "OverlappedReducer", "all_reduce_gradients", "all_reduce_sum", "barrier", "broadcast_buffers",
            "broadcast_object", "broadcast_state", "broadcast_tensors", "check_batch_size", "gather_objects",
            "is_initialized", "is_main", "launch_env", "planned_world_size", "process_device", "rank", "setup",
            "shard_bounds", "shutdown", "world_size"]

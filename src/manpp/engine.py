@@ -166,16 +166,24 @@ class LocalModel(nn.Module):
             hook(self, inputs, targets)
 
     def train_step(self, inputs: torch.Tensor, targets, scaler: LossScale | None = None, *,
-                   backward: Backward | None = None) -> StepResult:
+                   backward: Backward | None = None, after_module: Callable[[int], None] | None = None
+                   ) -> StepResult:
         """Forward + backward of every module in turn; gradients accumulate in ``.grad``.
 
         ``scaler`` (a ``torch.amp.GradScaler`` or a callable) scales each local loss before its
         backward; ``backward(loss)`` replaces ``loss.backward()`` (for example Lightning's
         ``manual_backward``, Fabric's or Accelerate's ``backward``), and is called K times.
+        ``after_module(j)`` is called once module j's gradients are final (after its backward).
         """
         if self.first_step_hooks:
             self.run_first_step_hooks(inputs, targets)
-        return local_step(self, inputs, targets, scaler, backward=backward)
+        return local_step(self, inputs, targets, scaler, backward=backward, after_module=after_module)
+
+    def module_parameters(self, j: int) -> list[nn.Parameter]:
+        """The parameters module j's loss trains: its units (the head, for the last) and its
+        auxiliary network (learnable copy, scale, head); the frozen EMA copies are left out."""
+        parts = [self.stages[j]] + ([self.aux[j]] if j < len(self.aux) else [])
+        return [p for part in parts for p in part.parameters() if p.requires_grad]
 
     def parameters_to_optimize(self) -> list[nn.Parameter]:
         """Backbone, learnable copies, scales and heads; not the frozen EMA copies."""
@@ -195,7 +203,7 @@ class LocalModel(nn.Module):
 
 def local_step(model: LocalModel, inputs: torch.Tensor, targets, scaler: LossScale | None = None, *,
                modules: Sequence[int] | None = None, ctx: LocalContext | None = None,
-               backward: Backward | None = None) -> StepResult:
+               backward: Backward | None = None, after_module: Callable[[int], None] | None = None) -> StepResult:
     """The whole engine: K local forward/backward passes, gradient-isolated by ``detach``.
 
     With ``scaler`` (fp16: a ``torch.amp.GradScaler``, whose ``scale`` is used, or any callable
@@ -206,6 +214,8 @@ def local_step(model: LocalModel, inputs: torch.Tensor, targets, scaler: LossSca
 
     ``modules`` runs only those consecutive modules, ``inputs`` being the first one's input, and
     ``ctx`` gives the batch's targets and images when ``inputs`` is not the image (a pipeline stage).
+    ``after_module(j)`` runs when module j's backward (and EMA update) is done: its gradients are
+    final, so a data-parallel run can start averaging them while module j + 1 computes.
     """
     scale = (scaler.scale if hasattr(scaler, "scale") else scaler) if scaler is not None else None
     run_backward = backward or torch.Tensor.backward
@@ -224,6 +234,8 @@ def local_step(model: LocalModel, inputs: torch.Tensor, targets, scaler: LossSca
             hook = getattr(model.aux[j], "after_backward", None)
             if hook is not None:
                 hook()
+        if after_module is not None:
+            after_module(j)
         losses.append(loss.detach())
         x = detach(h)
     return StepResult(losses, x)

@@ -99,6 +99,9 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
     task = task_of(model.backbone)
     D.broadcast_state(model)  # every process starts from rank 0's parameters, EMA copies and buffers
     params = model.parameters_to_optimize()
+    reducer = None  # under torchrun: each module's all-reduce starts when its backward ends
+    if D.is_initialized() and (cfg.overlap_comm is True or cfg.overlap_comm == "auto" and device.type == "cuda"):
+        reducer = D.OverlappedReducer([model.module_parameters(j) for j in range(model.k)], params)
     optimizer = build_optimizer(cfg, parameter_groups(model, cfg, params))
     scaler = build_scaler(cfg, device)
     cfg = dataclasses.replace(cfg, out=str(out))
@@ -146,8 +149,9 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
                 lr = lr_at(step, cfg, steps_per_epoch)
                 set_lr(optimizer, lr)
                 optimizer.zero_grad(set_to_none=True)
-                result = model.train_step(inputs, targets, scaler)
-                skipped += _optimizer_step(cfg, optimizer, scaler, params)
+                result = model.train_step(inputs, targets, scaler,
+                                          after_module=reducer.start if reducer is not None else None)
+                skipped += _optimizer_step(cfg, optimizer, scaler, params, reducer)
                 stats = _step_stats(model, task, result, inputs, targets, device, world)
                 losses = stats[:model.k]
                 if not torch.isfinite(losses).all():
@@ -263,9 +267,11 @@ def _announce(cfg: C.TrainConfig, model, memory: dict, n_train: int, n_test: int
               f"{', '.join(chosen) or 'none'} (recompute_ema=auto: where it sets the activation peak)")
 
 
-def _optimizer_step(cfg: C.TrainConfig, optimizer, scaler, params) -> int:
+def _optimizer_step(cfg: C.TrainConfig, optimizer, scaler, params, reducer=None) -> int:
     """Average gradients over processes, clip, step (fp16: unscale, maybe skip); 1 if the step was skipped."""
-    if D.is_initialized():
+    if reducer is not None:
+        reducer.wait()  # the per-module all-reduces started during the backward passes
+    elif D.is_initialized():
         D.all_reduce_gradients(params)  # every module's gradients, averaged over the processes
     if cfg.grad_clip is not None:  # the global norm over all modules, as the release's detection code
         if scaler is not None:
