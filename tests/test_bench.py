@@ -40,3 +40,33 @@ def test_bench_method_objective_pairs(capsys):
     assert [(r["method"], r["objective"]) for r in results] == [("e2e", None), ("manpp", "dgl"), ("manpp", "infopro")]
     assert main(["bench", "--methods", "dgl:infopro"]) == 2
     assert "only man and manpp" in capsys.readouterr().err
+
+
+def test_the_device_check_runs_in_quick_mode_on_the_cpu(tmp_path):
+    """benchmarks/gpu.sh --device cpu --quick: the GPU check's code path (every setting family,
+    method and mode, the fast path through compile_parts, the accuracy run), so it cannot rot."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(__import__("os").environ, PYTHON=sys.executable)
+    proc = subprocess.run([str(root / "benchmarks" / "gpu.sh"), "--device", "cpu", "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (json_path,) = tmp_path.glob("gpu_*_quick.json")
+    doc = json.loads(json_path.read_text())
+    assert [s["name"] for s in doc["settings"]] == ["resnet8_k2", "vit_tiny_k2"]
+    for setting in doc["settings"]:
+        assert sorted(setting["modes"]) == ["bf16", "eager", "fast"]
+        for records in setting["modes"].values():
+            assert [r["method"] for r in records] == ["e2e", "dgl", "infopro", "manpp"]
+            timed = [r for r in records if "skipped" not in r]
+            assert all(r["images_per_s"] > 0 and r["peak_activation_bytes"] > 0 for r in timed)
+            e2e, manpp_ = timed[0], timed[-1]
+            assert manpp_["modules"] == 2 and e2e["modules"] == 1
+    vit_infopro = doc["settings"][1]["modes"]["eager"][2]
+    assert "skipped" in vit_infopro
+    assert doc["sanity"]["status"] == "finished" and doc["sanity"]["test_accuracy"] is not None
+    assert json_path.with_suffix(".md").read_text().startswith("# Device check:")

@@ -153,7 +153,9 @@ def build_model(cfg: C.TrainConfig, info, device: torch.device | str = "cpu") ->
                               denormalize=lambda x: denormalize(x, info), task=task_of(backbone))
     model.amp_dtype = amp_dtype(cfg)
     model = model.to(device, memory_format=memory_format(cfg))
-    return model.compile_parts() if cfg.compile else model
+    if not cfg.compile:
+        return model
+    return model.compile_parts(**({"mode": cfg.compile_mode} if cfg.compile_mode else {}))
 
 
 def load_pretrained(backbone, cfg: C.TrainConfig) -> None:

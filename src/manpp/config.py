@@ -91,6 +91,7 @@ class TrainConfig:
     overlap_comm: Any = "auto"  # torchrun: each module's all-reduce starts when its backward ends; auto: on CUDA
     dist_timeout: float = DEFAULT_TIMEOUT_S  # under torchrun: seconds a process waits in a collective before it fails
     compile: bool = False  # torch.compile the modules and auxiliary networks (not the training loop)
+    compile_mode: str | None = None  # with compile: torch.compile's mode, e.g. 'reduce-overhead' (CUDA graphs)
     out: str | None = None
     log_every: int = 50  # not on a terminal: a progress line every this many steps (0: none)
     logger: str | None = None  # 'tensorboard' (the tensorboard extra) logs beside log.csv, which is always written

@@ -29,6 +29,7 @@ LR_UPDATES = ("step", "epoch")
 AMPS = ("bf16", "fp16")
 PARALLEL_MODES = ("modules",)
 LOGGERS = ("tensorboard",)
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 OVERLAP_CHOICES = (True, False, "auto")  # auto: on CUDA (NCCL overlaps); off on the CPU, where it measured no gain
 
 
@@ -130,6 +131,7 @@ RULES: dict[str, Number | OneOf] = {
     "dist_timeout": Number(low=0, low_open=True, meaning="seconds a process waits for the others"),
     "log_every": Number(low=0, integer=True, meaning="steps between progress lines when not on a terminal; 0: none"),
     "logger": OneOf(LOGGERS, optional=True),
+    "compile_mode": OneOf(COMPILE_MODES, optional=True, meaning="torch.compile's mode, with compile=true"),
 }
 
 
