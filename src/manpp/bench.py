@@ -1,7 +1,8 @@
 """``manpp bench``: time training steps and measure memory on synthetic data of a dataset's shape.
 
 Several methods are run in one process, interleaved step by step, so that their ratios to the
-first method are measured under the same machine conditions.
+first method are measured under the same machine conditions. A method may carry its own settings:
+``manpp@saved_activations=bf16`` (several joined by ``+``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .build import build_model, data_info, memory_format, resolve_device
 from .memory import format_bytes, measure_step
 from .registry import METHODS
 from .tasks import task_of
+from .validate import check_config
 
 
 def _sync(device: torch.device) -> None:
@@ -35,15 +37,19 @@ def bench(cfg: C.TrainConfig, methods: list[str], *, steps: int = 20, warmup: in
     torch.manual_seed(cfg.seed)
     runs = []
     for label in methods:
-        method, _, objective = label.partition(":")  # 'manpp:dgl' = MAN++ on the DGL objective
+        name, _, variant = label.partition("@")  # 'manpp@saved_activations=bf16': one setting changed
+        method, _, objective = name.partition(":")  # 'manpp:dgl' = MAN++ on the DGL objective
         run_cfg = dataclasses.replace(cfg, method=method, k=None if method == "e2e" else cfg.k,
                                       objective=objective or cfg.objective)
+        if variant:
+            run_cfg = C.apply(run_cfg, C.parse_overrides(variant.split("+")), source=f"--methods '{label}'")
+            check_config(run_cfg)
         model = build_model(run_cfg, info, device)
         if prepare is not None:
             prepare(model)
         opt = torch.optim.SGD(model.parameters_to_optimize(), lr=1e-3, momentum=0.9, nesterov=True)
         runs.append({"method": method, "label": label, "objective": run_cfg.objective, "model": model, "opt": opt,
-                     "times": []})
+                     "times": [], "saved": run_cfg.saved_activations})
     x, y = task_of(runs[0]["model"].backbone).example_batch(cfg.batch_size, info, device)
     x = x.contiguous(memory_format=memory_format(cfg))
 
@@ -73,7 +79,7 @@ def bench(cfg: C.TrainConfig, methods: list[str], *, steps: int = 20, warmup: in
             "objective": model.objective if METHODS.get(run["method"]).takes_objective else None,
             "modules": model.k, "partition": model.partition.label, "dataset_shape": cfg.dataset,
             "batch_size": cfg.batch_size, "device": str(device), "steps": steps,
-            "channels_last": cfg.channels_last, "amp": cfg.amp, "threads": torch.get_num_threads(),
+            "channels_last": cfg.channels_last, "amp": cfg.amp, "saved_activations": run["saved"], "threads": torch.get_num_threads(),
             "step_time_s": median, "images_per_s": cfg.batch_size / median,
             "peak_activation_bytes": mem.peak_activation_bytes, "peak_allocated_bytes": mem.peak_allocated_bytes,
             "params": sum(p.numel() for p in model.backbone.parameters()),
@@ -88,12 +94,13 @@ def bench(cfg: C.TrainConfig, methods: list[str], *, steps: int = 20, warmup: in
 
 
 def format_bench(records: list[dict]) -> str:
+    width = max(14, max(len(r["label"]) for r in records) + 2)
     lines = [f"{records[0]['model']}, batch {records[0]['batch_size']}, {records[0]['dataset_shape']} shape, "
              f"device {records[0]['device']}, median of {records[0]['steps']} steps",
              "",
-             f"{'method':<14}{'modules':>8}{'step time':>12}{'img/s':>9}{'activations':>14}{'time x':>8}{'mem x':>7}"]
+             f"{'method':<{width}}{'modules':>8}{'step time':>12}{'img/s':>9}{'activations':>14}{'time x':>8}{'mem x':>7}"]
     for r in records:
-        lines.append(f"{r['label']:<14}{r['modules']:>8}{r['step_time_s'] * 1000:>10.1f}ms{r['images_per_s']:>9.0f}"
+        lines.append(f"{r['label']:<{width}}{r['modules']:>8}{r['step_time_s'] * 1000:>10.1f}ms{r['images_per_s']:>9.0f}"
                      f"{format_bytes(r['peak_activation_bytes']):>14}{r['step_time_ratio']:>8.2f}"
                      f"{r['activation_ratio']:>7.2f}")
     if records[0]["peak_allocated_bytes"] is not None:

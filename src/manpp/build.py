@@ -21,6 +21,7 @@ from . import fidelity as F
 from .engine import LocalModel
 from .errors import ManppError
 from .registry import METHODS
+from .saved import saved_dtype
 from .validate import adamw_betas, check_config, check_value
 
 AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -152,6 +153,7 @@ def build_model(cfg: C.TrainConfig, info, device: torch.device | str = "cpu") ->
                               image_channels=info.in_channels, image_size=info.image_size,
                               denormalize=lambda x: denormalize(x, info), task=task_of(backbone))
     model.amp_dtype = amp_dtype(cfg)
+    model.saved_dtype = saved_dtype(cfg.saved_activations)
     model = model.to(device, memory_format=memory_format(cfg))
     if not cfg.compile:
         return model

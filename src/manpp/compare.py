@@ -26,7 +26,9 @@ def parse_methods(text: str, *, objectives: bool = False) -> list[str]:
     if not methods:
         raise ManppError("--methods is empty: give a comma-separated list such as e2e,manpp")
     for m in methods:
-        name, colon, objective = m.partition(":")
+        name, colon, objective = m.partition("@")[0].partition(":")
+        if "@" in m and not objectives:
+            raise ManppError(f"'{m}': per-method settings (method@key=value) are for manpp bench; give key=value here")
         method = METHODS.get(name)
         takers = objective_takers()
         if colon and not objectives:

@@ -85,6 +85,7 @@ class TrainConfig:
     workers: int = 0
     channels_last: bool = False  # NHWC memory format for the model and inputs (faster on CPU and GPU)
     amp: str | None = None  # None, 'bf16' or 'fp16': forward passes under autocast (fp16 adds a GradScaler)
+    saved_activations: str | None = None  # 'bf16': what autograd saves for backward is stored in bf16 (half memory)
     parallel: str | None = None  # 'modules': one pipelined stage of modules per torchrun process (update-unlocked)
     ema_sync_every: int = 1  # parallel modules: steps between sends of the next stage's first unit (MAN/MAN++)
     dist_backend: str | None = None  # under torchrun: None picks 'nccl' on CUDA and 'gloo' on CPU

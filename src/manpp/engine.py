@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .partition import Partition
+from .saved import saved_in
 
 LossScale = Callable[[torch.Tensor], torch.Tensor]  # or an object with such a ``scale`` method (GradScaler)
 Backward = Callable[[torch.Tensor], Any]  # runs one local loss's backward (Lightning's ``manual_backward``, ...)
@@ -116,6 +117,7 @@ class LocalModel(nn.Module):
         self.final_loss = final_loss or cross_entropy_loss
         self.first_step_hooks: list[FirstStepHook] = list(first_step_hooks)
         self.amp_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: forward passes under autocast
+        self.saved_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: saved activations stored narrower
         units = backbone.units
         stages = [Stage([units[i] for i in partition.units_of(j)]) for j in range(partition.k)]
         stages[-1].head = backbone.head
@@ -225,7 +227,7 @@ def local_step(model: LocalModel, inputs: torch.Tensor, targets, scaler: LossSca
     amp = torch.autocast(inputs.device.type, dtype=model.amp_dtype, enabled=model.amp_dtype is not None)
     for j in modules if modules is not None else range(model.k):
         stage = model.stages[j]
-        with amp:
+        with amp, saved_in(model.saved_dtype):
             h = stage(x)
             loss = model.local_loss(j)(h, ctx)
         if loss.requires_grad:

@@ -84,13 +84,33 @@ class ActivationTracker:
             self.current -= entry[0]
             del self.live[key]
 
+    def hold(self, t: torch.Tensor):
+        """Count ``t`` as saved for backward until what this returns is released (for another
+        ``saved_tensors_hooks`` pair that stores tensors its own way, e.g. in bf16)."""
+        return self._pack(t)
+
+    @staticmethod
+    def held(obj) -> torch.Tensor:
+        """The tensor behind what :meth:`hold` returned."""
+        return ActivationTracker._unpack(obj)
+
     def __enter__(self) -> "ActivationTracker":
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         self._hooks.__enter__()
+        _ACTIVE.append(self)
         return self
 
     def __exit__(self, *exc) -> None:
+        _ACTIVE.remove(self)
         self._hooks.__exit__(*exc)
+
+
+_ACTIVE: list[ActivationTracker] = []  # trackers inside their ``with`` block, innermost last
+
+
+def active_tracker() -> ActivationTracker | None:
+    """The innermost tracker now measuring (None: nothing is measured)."""
+    return _ACTIVE[-1] if _ACTIVE else None
 
 
 @dataclass

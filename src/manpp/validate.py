@@ -21,6 +21,7 @@ from .errors import ManppError, choices
 from .settings import field_types
 from .momentum import INITS, RECOMPUTE_CHOICES
 from .registry import METHODS, OBJECTIVES
+from .saved import SAVED_DTYPES
 
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("cosine", "step")
@@ -131,6 +132,7 @@ RULES: dict[str, Number | OneOf] = {
     "dist_timeout": Number(low=0, low_open=True, meaning="seconds a process waits for the others"),
     "log_every": Number(low=0, integer=True, meaning="steps between progress lines when not on a terminal; 0: none"),
     "logger": OneOf(LOGGERS, optional=True),
+    "saved_activations": OneOf(tuple(SAVED_DTYPES), optional=True, meaning="the dtype activations are saved in"),
     "compile_mode": OneOf(COMPILE_MODES, optional=True, meaning="torch.compile's mode, with compile=true"),
 }
 
