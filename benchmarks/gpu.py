@@ -79,10 +79,11 @@ def measure(cfg: C.TrainConfig, method: str, device: torch.device, steps: int, w
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
     model = build_model(run_cfg, info, device)
-    if compile_with is not None:
-        model.compile_parts(**compile_with)
-    opt = torch.optim.SGD(model.parameters_to_optimize(), lr=1e-3, momentum=0.9, nesterov=True)
     x, y = task_of(model.backbone).example_batch(cfg.batch_size, info, device)
+    agreement = None
+    if compile_with is not None:
+        agreement = compare_with_eager(model, compile_with, x, y)
+    opt = torch.optim.SGD(model.parameters_to_optimize(), lr=1e-3, momentum=0.9, nesterov=True)
 
     def step() -> None:
         opt.zero_grad(set_to_none=True)
@@ -100,7 +101,7 @@ def measure(cfg: C.TrainConfig, method: str, device: torch.device, steps: int, w
         step()
         sync(device)
         times.append(time.perf_counter() - start)
-    record = {"method": method, "modules": model.k, "objective": model.objective, "step_time_s": statistics.median(times),
+    record = {"method": method, "modules": model.k, "fast_vs_eager": agreement, "objective": model.objective, "step_time_s": statistics.median(times),
               "images_per_s": cfg.batch_size / statistics.median(times), "warmup_s": warmup_s,
               "max_memory_allocated": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
               "max_memory_reserved": torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None}
@@ -108,6 +109,25 @@ def measure(cfg: C.TrainConfig, method: str, device: torch.device, steps: int, w
         record["peak_activation_bytes"] = measure_step(model, x, y).peak_activation_bytes
     del model, opt
     return record
+
+
+def compare_with_eager(model, options: dict, x, y) -> dict:
+    """Compile ``model`` in place, after one step of an eager twin from the same state: the fast
+    path's first step must give the same losses and gradients (up to kernel rounding)."""
+    import copy
+
+    twin = copy.deepcopy(model)
+    eager = twin.train_step(x, y)
+    model.compile_parts(**options)
+    fast = model.train_step(x, y)
+    loss_diff = max(abs(float(a) - float(b)) / max(abs(float(a)), 1e-12) for a, b in zip(eager.losses, fast.losses))
+    grads = [(p.grad, q.grad) for p, q in zip(twin.parameters(), model.parameters()) if p.grad is not None]
+    num = sum(float((a - b.to(a.dtype)).norm() ** 2) for a, b in grads if b is not None) ** 0.5
+    den = sum(float(a.norm() ** 2) for a, _ in grads) ** 0.5
+    for p in model.parameters():
+        p.grad = None
+    del twin
+    return {"max_loss_rel_diff": loss_diff, "grad_rel_diff": num / max(den, 1e-12)}
 
 
 class _nothing:
@@ -152,22 +172,25 @@ def markdown(doc: dict) -> str:
     for setting in doc["settings"]:
         lines += [f"## {setting['name']}: {setting['model']}, K={setting['k']}, batch {setting['batch_size']}, "
                   f"{setting['image_size']} px", "",
-                  "| mode | method | modules | images/s | vs e2e | max allocated | max reserved | activations | vs e2e |",
-                  "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+                  "| mode | method | modules | images/s | vs e2e | max allocated | max reserved | activations | vs e2e "
+                  "| fast vs eager (loss, grads) |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---|"]
         for mode, records in setting["modes"].items():
             base = next((r for r in records if r.get("method") == "e2e" and "images_per_s" in r), None)
             for r in records:
                 if "skipped" in r:
                     continue
                 if "error" in r:
-                    lines.append(f"| {mode} | {r['method']} | | failed: {r['error'][:80]} | | | | | |")
+                    lines.append(f"| {mode} | {r['method']} | | failed: {r['error'][:80]} | | | | | | |")
                     continue
                 speed = f"{r['images_per_s'] / base['images_per_s']:.2f}x" if base else ""
                 mem = f"{r['peak_activation_bytes'] / base['peak_activation_bytes']:.2f}x" if base else ""
                 fmt = (lambda v: "-" if v is None else format_bytes(v))
+                a = r.get("fast_vs_eager")
+                agree = "" if a is None else f"{a['max_loss_rel_diff']:.1e}, {a['grad_rel_diff']:.1e}"
                 lines.append(f"| {mode} | {r['method']} | {r['modules']} | {r['images_per_s']:.0f} | {speed} | "
                              f"{fmt(r['max_memory_allocated'])} | {fmt(r['max_memory_reserved'])} | "
-                             f"{format_bytes(r['peak_activation_bytes'])} | {mem} |")
+                             f"{format_bytes(r['peak_activation_bytes'])} | {mem} | {agree} |")
         lines.append("")
     s = doc["sanity"]
     lines += ["## Accuracy sanity run", "",

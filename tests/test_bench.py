@@ -66,6 +66,11 @@ def test_the_device_check_runs_in_quick_mode_on_the_cpu(tmp_path):
             assert all(r["images_per_s"] > 0 and r["peak_activation_bytes"] > 0 for r in timed)
             e2e, manpp_ = timed[0], timed[-1]
             assert manpp_["modules"] == 2 and e2e["modules"] == 1
+    for setting in doc["settings"]:  # the fast path's first step agrees with eager mode
+        for r in setting["modes"]["fast"]:
+            if "skipped" not in r:
+                assert r["fast_vs_eager"]["max_loss_rel_diff"] < 1e-5 and r["fast_vs_eager"]["grad_rel_diff"] < 1e-4
+        assert all(r.get("fast_vs_eager") is None for r in setting["modes"]["eager"])
     vit_infopro = doc["settings"][1]["modes"]["eager"][2]
     assert "skipped" in vit_infopro
     assert doc["sanity"]["status"] == "finished" and doc["sanity"]["test_accuracy"] is not None
