@@ -208,8 +208,9 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
     if epoch >= cfg.epochs:
         result = finish("finished", None)
     else:
-        result = finish("stopped", f"max_steps {max_steps} reached at step {step}, in epoch {epoch + 1} of "
-                                   f"{cfg.epochs}: continue with --resume {out}")
+        where = f"after epoch {epoch}" if batch_in_epoch == 0 else f"in epoch {epoch + 1}"
+        result = finish("stopped", f"max_steps {max_steps} reached at step {step}, {where} of {cfg.epochs}: "
+                                   f"continue with --resume {out}")
     return RunResult(result, model, out)
 
 
