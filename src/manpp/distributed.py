@@ -158,8 +158,10 @@ def setup(device: torch.device, backend: str | None = None, timeout_s: float = D
 
 
 def shutdown() -> None:
-    """Destroy the process group (after the last collective)."""
+    """Destroy the process group once every process has reached this point (after the last
+    collective; no process tears its connections down while another still uses them)."""
     if is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
