@@ -16,6 +16,7 @@ read from the network. Results go to ``benchmarks/results/gpu_<device>.{json,md}
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import platform
@@ -105,7 +106,7 @@ def measure(cfg: C.TrainConfig, method: str, device: torch.device, steps: int, w
               "images_per_s": cfg.batch_size / statistics.median(times), "warmup_s": warmup_s,
               "max_memory_allocated": torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None,
               "max_memory_reserved": torch.cuda.max_memory_reserved(device) if device.type == "cuda" else None}
-    with model.uncompiled() if compile_with is not None else _nothing():
+    with model.uncompiled() if compile_with is not None else contextlib.nullcontext():
         record["peak_activation_bytes"] = measure_step(model, x, y).peak_activation_bytes
     del model, opt
     return record
@@ -128,14 +129,6 @@ def compare_with_eager(model, options: dict, x, y) -> dict:
         p.grad = None
     del twin
     return {"max_loss_rel_diff": loss_diff, "grad_rel_diff": num / max(den, 1e-12)}
-
-
-class _nothing:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 def sanity_run(device: torch.device, quick: bool, out: Path) -> dict:

@@ -166,6 +166,7 @@ def test_every_config_field_is_validated_in_one_place():
              "lr_milestones", "adamw_betas"}
     fields = {f.name for f in dataclasses.fields(C.TrainConfig)}
     assert fields - set(RULES) - booleans - named == set()
+    assert set(RULES) <= fields  # no rule for a field that does not exist
 
 
 def test_best_checkpoint_and_export(tmp_path, capsys):

@@ -10,14 +10,13 @@ import dataclasses
 import json
 import sys
 import warnings
-from pathlib import Path
 
 from . import config as C
 from . import methods as _methods  # noqa: F401  (registers every method and objective)
-from .distributed import is_main, rank
+from .distributed import BACKENDS, is_main, rank
 from .errors import ManppError
 from .registry import METHODS, OBJECTIVES, method_names, objective_takers
-from .validate import check_config
+from .validate import AMPS, OPTIMIZERS, PARALLEL_MODES, check_config
 
 # command-line option -> config field (None values mean "not given")
 COMMON = {"model": "model", "dataset": "dataset", "data_dir": "data_dir", "objective": "objective", "k": "k",
@@ -70,12 +69,12 @@ def _add_common(p: argparse.ArgumentParser, *, method: bool = True) -> None:
     p.add_argument("--device", help="auto (default: CUDA when there is one), cpu, cuda or cuda:N")
     p.add_argument("--seed", type=int, help=f"default {_default('seed')}")
     p.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory format")
-    p.add_argument("--amp", choices=("bf16", "fp16"), help="forward passes under autocast (fp16 adds a GradScaler); "
+    p.add_argument("--amp", choices=AMPS, help="forward passes under autocast (fp16 adds a GradScaler); "
                    "default: full precision")
-    p.add_argument("--optimizer", choices=("sgd", "adamw"), help="sgd (default; momentum, nesterov) or adamw")
-    p.add_argument("--dist-backend", choices=("nccl", "gloo"),
+    p.add_argument("--optimizer", choices=OPTIMIZERS, help="sgd (default; momentum, nesterov) or adamw")
+    p.add_argument("--dist-backend", choices=BACKENDS,
                    help="under torchrun (default nccl on CUDA, gloo on CPU)")
-    p.add_argument("--parallel", choices=("modules",), help="under torchrun: one pipelined stage of modules per "
+    p.add_argument("--parallel", choices=PARALLEL_MODES, help="under torchrun: one pipelined stage of modules per "
                    "process (update-unlocked); default: data parallel")
     p.add_argument("--compile", action="store_true", default=None, help="torch.compile modules and heads")
     p.add_argument("--out", metavar="DIR", help="run folder (default runs/<model>-<dataset>-<method>[-k<K>]); one "
@@ -148,10 +147,9 @@ def resolve_config(args: argparse.Namespace, base: C.TrainConfig | None = None) 
     source = getattr(args, "config", None) or getattr(args, "preset", None)
     if source:
         if getattr(args, "preset", None):
-            from .presets import preset_names
+            from .presets import preset_text
 
-            if Path(source).name != source or source.removesuffix(".yaml") not in preset_names():
-                raise ManppError(f"unknown preset '{source}': accepted are {', '.join(preset_names())}")
+            preset_text(source)  # a preset name, never a file path: unknown ones are refused here
         cfg = C.apply(cfg, C.load_yaml(source), source=f"config '{source}'")
     given = {field: getattr(args, opt) for opt, field in COMMON.items() if getattr(args, opt, None) is not None}
     if getattr(args, "method", None) is not None:

@@ -39,7 +39,7 @@ def export_backbone(checkpoint: str | Path, out: str | Path, *, best: bool = Fal
     if not is_finished(ckpt):
         done = f"{ckpt.get('epoch', 0)} of {ckpt['config'].get('epochs')} epochs"
         if not allow_unfinished:
-            raise ManppError(f"run '{checkpoint}' is not finished ({done}, status {_status(ckpt)}): resume it with "
+            raise ManppError(f"run '{checkpoint}' is not finished ({done}, status {ckpt.get('status', 'unknown')}): resume it with "
                              f"manpp train --resume, or export it anyway with --allow-unfinished")
         warnings.warn(f"exporting an unfinished run ({done})", stacklevel=2)
     if best:
@@ -79,10 +79,6 @@ def export_backbone(checkpoint: str | Path, out: str | Path, *, best: bool = Fal
     return {"path": written[0], "paths": written, "best": best, "model": cfg.model, "num_classes": int(num_classes),
             "tensors": len(plain), "params": sum(v.numel() for k, v in plain.items() if "running_" not in k and "num_batches" not in k),
             "loads_into": loader}
-
-
-def _status(ckpt: dict) -> str:
-    return ckpt.get("status", "unknown")
 
 
 def _formats(formats: tuple[str, ...] | None) -> tuple[str, ...]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -39,7 +38,7 @@ from .errors import ManppError
 from .memory import format_bytes, measure_step
 from .models import model_task
 from .rundir import (CHECKPOINT, CHECKPOINT_VERSION, CONFIG, LOG, RunResult, append_csv, atomic_save, loss_text,
-                     divergence, prepare_folder, summary, write_summary)
+                     divergence, prepare_folder, run_folder, summary, write_summary)
 from .tasks import task_of
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.float64]
@@ -116,7 +115,7 @@ def train_pipelined(cfg: C.TrainConfig, device: torch.device, verbose: bool = Tr
     if cfg.amp == "fp16":
         raise ManppError("parallel modules does not support amp fp16 (one loss scale per stage); use bf16 or none")
     rank, stages, main = D.rank(), D.world_size(), D.is_main()
-    out = Path(D.broadcast_object(str(Path(cfg.out or Path("runs") / cfg.run_name()))))
+    out = run_folder(cfg)
     if main:  # before any work: a folder holding another run is refused
         prepare_folder(out, overwrite=overwrite)
     seed_everything(cfg.seed)

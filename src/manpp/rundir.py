@@ -18,6 +18,7 @@ import math
 import os
 import pickle
 import random
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,6 +78,12 @@ def folder_of(resume: str | Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
+def run_folder(cfg: C.TrainConfig, resume: str | Path | None = None) -> Path:
+    """A resumed run's folder, else ``cfg.out``, by default ``runs/<name>``. The same on every process."""
+    out = folder_of(resume) if resume else Path(cfg.out or Path("runs") / cfg.run_name())
+    return Path(D.broadcast_object(str(out)))
+
+
 def holds_run(folder: Path) -> list[str]:
     """The run files in ``folder`` (none: it holds no run)."""
     return [name for name in RUN_FILES if (folder / name).exists()] + \
@@ -97,8 +104,6 @@ def prepare_folder(folder: Path, *, resume: bool = False, overwrite: bool = Fals
         for name in found:
             target = folder / name
             if target.is_dir():
-                import shutil
-
                 shutil.rmtree(target)
             else:
                 target.unlink()

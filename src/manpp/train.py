@@ -23,7 +23,7 @@ from .build import steps_per_epoch as steps_per_epoch_of
 from .errors import ManppError
 from .memory import format_bytes, measure_step
 from .rundir import (BEST, CHECKPOINT, CHECKPOINT_VERSION, CONFIG, RunResult, atomic_save, check_resumable,
-                     folder_of, load_checkpoint, loss_text, metric_text, divergence, prepare_folder, rng_state,
+                     divergence, folder_of, load_checkpoint, loss_text, metric_text, prepare_folder, rng_state, run_folder,
                      set_rng_state, state_dict_mismatch, summary, write_summary)
 from .runlog import RunLog
 from .tasks import task_of
@@ -185,7 +185,8 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
                 epoch, batch_in_epoch = epoch + 1, 0
             rngs = D.gather_objects(rng_state(device))  # every process's generators, for an exact resume
             if main:
-                atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                state = model.state_dict()
+                atomic_save({"model": state, "optimizer": optimizer.state_dict(),
                              "scaler": scaler.state_dict() if scaler is not None else None, "config": cfg.to_dict(),
                              "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "history": history,
                              "memory": memory, "rng": rngs[0], "rng_ranks": rngs, "world_size": world,
@@ -193,7 +194,7 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
                              "version": CHECKPOINT_VERSION}, out / CHECKPOINT)
                 if best is None or row["test_score"] > best:  # the best evaluation so far, by the task's metric
                     best = row["test_score"]
-                    atomic_save({"model": model.state_dict(), "config": cfg.to_dict(), "epoch": epoch, "step": step,
+                    atomic_save({"model": state, "config": cfg.to_dict(), "epoch": epoch, "step": step,
                                  "metric": task.metric, "score": best, "version": CHECKPOINT_VERSION}, out / BEST)
     except Diverged as exc:
         finish("diverged", str(exc))
@@ -212,12 +213,6 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
         result = finish("stopped", f"max_steps {max_steps} reached at step {step}, {where} of {cfg.epochs}: "
                                    f"continue with --resume {out}")
     return RunResult(result, model, out)
-
-
-def run_folder(cfg: C.TrainConfig, resume: str | None = None) -> Path:
-    """A resumed run's folder, else ``cfg.out``, by default ``runs/<name>``. The same on every process."""
-    out = folder_of(resume) if resume else Path(cfg.out or Path("runs") / cfg.run_name())
-    return Path(D.broadcast_object(str(out)))
 
 
 def _restore(ckpt: dict | None, model, optimizer, scaler, cfg: C.TrainConfig, rank: int, device):
