@@ -11,7 +11,8 @@ import torch
 from manpp import config as C
 from manpp.cli import main
 from manpp.errors import ManppError
-from manpp.rundir import append_csv, load_checkpoint
+from manpp.checkpoint import load as load_checkpoint
+from manpp.rundir import log_text
 from manpp.train import train
 
 # resnet8 on 64 digits images, 4 steps per epoch
@@ -59,13 +60,10 @@ def test_a_folder_holding_a_run_is_refused_unless_overwritten(tmp_path, capsys):
     assert main(["train", "--resume", str(out), "--overwrite", "--quiet"]) == 2
 
 
-def test_a_log_with_other_columns_is_never_appended_to(tmp_path):
-    path = tmp_path / "log.csv"
-    append_csv(path, {"epoch": 1, "loss_0": 1.0})
-    append_csv(path, {"epoch": 2, "loss_0": 0.5})
-    with pytest.raises(ManppError, match="other columns"):
-        append_csv(path, {"epoch": 1, "loss_0": 1.0, "loss_1": 2.0})
-    assert len(path.read_text().splitlines()) == 3
+def test_the_log_is_written_whole_from_the_history():
+    text = log_text([{"epoch": 1, "loss_0": 1.0}, {"epoch": 2, "loss_0": 0.5, "loss_scale": 8.0}])
+    rows = list(csv.reader(text.splitlines()))
+    assert rows == [["epoch", "loss_0", "loss_scale"], ["1", "1.0", ""], ["2", "0.5", "8.0"]]
 
 
 def test_max_steps_is_not_kept_for_the_next_resume_and_epochs_count_completed_ones(tmp_path, capsys):
@@ -202,7 +200,7 @@ def test_export_refuses_an_unfinished_run_unless_allowed(tmp_path, capsys):
     assert main(["export", str(out), "--out", str(tmp_path / "a.pt")]) == 2
     assert "not finished (1 of 2 epochs, status unfinished)" in capsys.readouterr().err
     assert not (tmp_path / "a.pt").exists()
-    with pytest.warns(UserWarning, match="unfinished run"):
+    with pytest.warns(UserWarning, match="exporting a run that is not finished"):
         assert main(["export", str(out), "--out", str(tmp_path / "a.pt"), "--allow-unfinished"]) == 0
     assert (tmp_path / "a.pt").exists()
 

@@ -1,6 +1,10 @@
-"""The ``manpp`` command: train, compare, bench, describe, export.
+"""The ``manpp`` command: train, compare, bench, describe, plan, export.
 
-Bad input ends with one line on stderr (``manpp: error: ...``) and exit status 2.
+One error boundary for every command: bad input and I/O failures (a full disk, a folder that cannot
+be written, a corrupt file) end with one line on stderr (``manpp: error: ...``) and exit status 2;
+warnings raised while the input is checked are shown only if the checks pass; a closed stdout (``|
+head``) never stops a run; a run stopped by a signal exits with 128 + its number. An unexpected
+exception keeps its traceback: that is a bug to report.
 """
 
 from __future__ import annotations
@@ -13,9 +17,11 @@ import warnings
 
 from . import config as C
 from . import methods as _methods  # noqa: F401  (registers every method and objective)
+from .console import guard_streams, held_warnings
 from .distributed import BACKENDS, is_main, rank
 from .errors import ManppError
 from .registry import METHODS, OBJECTIVES, method_names, objective_takers
+from .safeio import reason_of
 from .validate import AMPS, OPTIMIZERS, PARALLEL_MODES, check_config
 
 # command-line option -> config field (None values mean "not given")
@@ -134,7 +140,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", metavar="PATH", required=True,
                    help="NAME.pt (NAME.safetensors is written beside it) or a folder (backbone.pt, backbone.safetensors)")
     p.add_argument("--best", action="store_true", help="the weights of the best evaluation (best.pt), not the last")
-    p.add_argument("--allow-unfinished", action="store_true", help="export a run that did not finish (a warning)")
+    p.add_argument("--allow-unfinished", action="store_true",
+                   help="export a run that did not finish (stopped, diverged, failed or running), with a warning")
+    p.add_argument("--allow-nonfinite", action="store_true", help="export weights holding NaN or infinity (a warning)")
+    p.add_argument("--force", action="store_true", help="replace files that already exist (never a run's own files)")
     p.add_argument("--format", default=None, help="pt, safetensors or both (pt,safetensors); default: both when "
                    "safetensors is installed, else pt")
     return parser
@@ -161,18 +170,20 @@ def resolve_config(args: argparse.Namespace, base: C.TrainConfig | None = None) 
 
 
 def cmd_train(args) -> int:
-    from .rundir import load_checkpoint
+    from .rundir import resume_source
+    from .stopsignals import exit_code
     from .train import train
 
     base = None
-    if args.resume:
-        base = C.from_dict(load_checkpoint(args.resume)["config"], source=f"checkpoint '{args.resume}'")
+    if args.resume:  # the run's own config (its checkpoint's, or config.yaml when it never checkpointed)
+        base = C.from_dict(resume_source(args.resume)[1], source=f"the run to resume, '{args.resume}'")
         base = dataclasses.replace(base, **{name: None for name in C.SESSION_FIELDS})  # this call's, not the run's
     cfg = resolve_config(args, base)
     result = train(cfg, resume=args.resume, overwrite=args.overwrite, verbose=not args.quiet)
     s = result.summary
+    code = exit_code(result.signal) if result.signal else 0
     if not is_main():  # under torchrun only rank 0 reports
-        return 0
+        return code
     name = {"accuracy": "accuracy", "miou": "mIoU", "map": "AP (COCO box AP@[.5:.95])"}.get(s["metric"], s["metric"])
     score = "-" if s["test_score"] is None else f"{s['test_score']:.2%} (best {s['best_test_score']:.2%})"
     if s["status"] == "finished":
@@ -180,16 +191,19 @@ def cmd_train(args) -> int:
     else:
         print(f"{s['status']}: {s['reason']}; test {name} {score} after {s['epochs']} complete epoch(s) of "
               f"{s['epochs_planned']}; results in {result.out}")
-    return 0
+    return code
 
 
 def cmd_compare(args) -> int:
     from .compare import parse_methods, run_compare
 
+    from .stopsignals import exit_code
+
     methods = parse_methods(args.methods)
     cfg = resolve_config(args)
-    run_compare(cfg, methods, json_path=args.json, verbose=not args.quiet, overwrite=args.overwrite)
-    return 0
+    records = run_compare(cfg, methods, json_path=args.json, verbose=not args.quiet, overwrite=args.overwrite)
+    stopped = next((r.get("signal") for r in records if r.get("signal")), 0)
+    return exit_code(stopped) if stopped else 0
 
 
 def cmd_bench(args) -> int:
@@ -232,7 +246,7 @@ def cmd_export(args) -> int:
 
     formats = tuple(f.strip() for f in args.format.split(",")) if args.format else None
     info = export_backbone(args.checkpoint, args.out, best=args.best, allow_unfinished=args.allow_unfinished,
-                           formats=formats)
+                           allow_nonfinite=args.allow_nonfinite, force=args.force, formats=formats)
     which = "best" if info["best"] else "last"
     print(f"wrote {' and '.join(info['paths'])} ({which} weights): {info['model']} backbone, {info['params']:,} parameters, "
           f"{info['num_classes']} classes; loads with strict=True into {info['loads_into']}")
@@ -248,18 +262,27 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
         args.overrides = [*(args.overrides or []), *extra]
+    guard_streams()  # a reader that goes away (| head) does not stop the command
     warnings.filterwarnings("once", category=UserWarning, module="manpp")
     warnings.formatwarning = lambda message, *_args, **_kw: f"manpp: warning: {message}\n"
+    command = {"train": cmd_train, "compare": cmd_compare, "bench": cmd_bench,
+               "describe": cmd_describe, "plan": cmd_plan, "export": cmd_export}[args.command]
     try:
-        return {"train": cmd_train, "compare": cmd_compare, "bench": cmd_bench,
-                "describe": cmd_describe, "plan": cmd_plan, "export": cmd_export}[args.command](args)
+        with held_warnings():  # shown once the checks pass (a run's start), dropped if one fails
+            return command(args)
     except ManppError as exc:
-        where = "" if is_main() else f"[rank {rank()}] "  # under torchrun every process reports its own error
-        print(f"manpp: error: {where}{exc}", file=sys.stderr)
-        return 2
+        return _fail(str(exc), exc.exit_code)
+    except OSError as exc:  # an I/O failure not named where it happened: still one line
+        return _fail(f"'{exc.filename}': {reason_of(exc)}" if exc.filename else reason_of(exc), 2)
     except KeyboardInterrupt:
         print("manpp: interrupted", file=sys.stderr)
         return 130
+
+
+def _fail(message: str, code: int) -> int:
+    where = "" if is_main() else f"[rank {rank()}] "  # under torchrun every process reports its own error
+    print(f"manpp: error: {where}{' '.join(message.split())}", file=sys.stderr)
+    return code
 
 
 if __name__ == "__main__":

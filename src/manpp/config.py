@@ -22,6 +22,7 @@ from .distributed import DEFAULT_TIMEOUT_S
 from .errors import ManppError
 from .methods import LocalSettings
 from .momentum import EMA_MOMENTUM, SCALE_INIT
+from .safeio import write_text
 from .settings import coerce, field_types
 
 # the flat head settings of earlier versions; each now lives in ``heads`` (and in its objective)
@@ -186,13 +187,18 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def config_text(cfg: TrainConfig) -> str:
+    """``config.yaml``'s text: every field, in declaration order."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
 def save_yaml(cfg: TrainConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    write_text(path, config_text(cfg))
 
 
 def from_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:
     return apply(TrainConfig(), data, source)
 
 
-__all__ = ["TrainConfig", "IDENTITY_FIELDS", "SESSION_FIELDS", "LEGACY_HEAD_KEYS", "apply", "from_dict", "load_yaml",
+__all__ = ["TrainConfig", "IDENTITY_FIELDS", "SESSION_FIELDS", "LEGACY_HEAD_KEYS", "apply", "config_text", "from_dict", "load_yaml",
            "parse_overrides", "save_yaml"]

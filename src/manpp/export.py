@@ -1,16 +1,26 @@
 """``manpp export``: the trained backbone alone, as the plain model's state dict.
 
 It is written as a ``.pt`` file and, with the ``safetensors`` extra, as ``.safetensors`` beside it
-(tensors only: nothing in it can run code). Only a finished run is exported unless
-``allow_unfinished``; ``best`` exports the weights of the best evaluation (``best.pt``) instead of
-the last. The auxiliary networks (heads, learnable and EMA copies, scales) are dropped. For torchvision
-backbones (ImageNet ResNets, ResNeXts, ViTs) the keys are torchvision's, so the file loads with
-``strict=True`` into ``torchvision.models.<arch>(num_classes=N)`` for inference or fine-tuning;
-for CIFAR ResNets it loads into ``manpp.build_backbone(name, ...)``.
+(tensors only: nothing in it can run code). The auxiliary networks (heads, learnable and EMA copies,
+scales) are dropped. For torchvision backbones (ImageNet ResNets, ResNeXts, ViTs) the keys are
+torchvision's, so the file loads with ``strict=True`` into ``torchvision.models.<arch>(num_classes=N)``
+for inference or fine-tuning; for CIFAR ResNets it loads into ``manpp.build_backbone(name, ...)``.
+
+What it checks before it writes anything:
+
+- the run finished: its checkpoint trained every epoch, and its ``summary.json`` (when there is
+  one) says ``finished``; a stopped, diverged, failed or running run needs ``allow_unfinished``;
+- every weight is finite (``allow_nonfinite`` overrides it);
+- no target is a file of a run (``checkpoint.pt``, ``best.pt``, ``log.csv``, ``config.yaml``,
+  ``summary.json``, the lock): those are never written, whatever the flags;
+- no target exists, unless ``force``.
+
+Files are written atomically (:mod:`manpp.safeio`), with the usual permissions of a new file.
 """
 
 from __future__ import annotations
 
+import io
 import warnings
 from pathlib import Path
 
@@ -18,37 +28,41 @@ import torch
 
 from . import config as C
 from .build import data_info
+from .checkpoint import BEST, is_finished, nonfinite, state_dict_mismatch
+from .checkpoint import load as load_checkpoint
 from .errors import ManppError, choices
 from .extras import available, require
 from .models import build_backbone
-from .rundir import BEST, is_finished, load_checkpoint, state_dict_mismatch
-
+from .rundir import RUN_FILES, holds_run, read_summary, status_of
+from .runlock import LOCK
+from .safeio import io_error, write_bytes
 
 FORMATS = ("pt", "safetensors")
 
 
 def export_backbone(checkpoint: str | Path, out: str | Path, *, best: bool = False, allow_unfinished: bool = False,
+                    allow_nonfinite: bool = False, force: bool = False,
                     formats: tuple[str, ...] | None = None) -> dict:
     """Write the backbone of a run's checkpoint to ``out``; returns what was written.
 
     ``out``: a file name (``NAME.pt``; the safetensors file is ``NAME.safetensors``) or a folder
     (``backbone.pt`` and ``backbone.safetensors`` in it). ``formats``: some of :data:`FORMATS`;
-    None writes ``.pt``, and ``.safetensors`` when the safetensors package is installed.
+    None writes ``.pt``, and ``.safetensors`` when the safetensors package is installed. See the
+    module docstring for what is refused, and the flags that allow it.
     """
-    ckpt = load_checkpoint(checkpoint)
-    if not is_finished(ckpt):
-        done = f"{ckpt.get('epoch', 0)} of {ckpt['config'].get('epochs')} epochs"
-        if not allow_unfinished:
-            raise ManppError(f"run '{checkpoint}' is not finished ({done}, status {ckpt.get('status', 'unknown')}): resume it with "
-                             f"manpp train --resume, or export it anyway with --allow-unfinished")
-        warnings.warn(f"exporting an unfinished run ({done})", stacklevel=2)
+    source = Path(checkpoint)
+    folder = source if source.is_dir() else source.parent
+    ckpt = load_checkpoint(checkpoint, purpose="weights")
+    if ckpt.get("kind") == "best":
+        raise ManppError(f"'{checkpoint}' is a best.pt: export the run folder '{folder}' with --best")
+    _check_finished(ckpt, folder, checkpoint, allow_unfinished)
     if best:
-        folder = Path(checkpoint) if Path(checkpoint).is_dir() else Path(checkpoint).parent
         if not (folder / BEST).is_file():
-            raise ManppError(f"run '{checkpoint}' has no {BEST} (runs of manpp before 0.2, and parallel-modules "
-                             f"runs, keep only the last checkpoint): export without --best")
-        ckpt = dict(ckpt, model=load_checkpoint(folder / BEST)["model"])
+            raise ManppError(f"run '{checkpoint}' has no {BEST} (runs of manpp before 0.2 keep only the last "
+                             f"checkpoint): export without --best")
+        ckpt = dict(ckpt, model=load_checkpoint(folder / BEST, purpose="weights")["model"])
     paths = _paths(str(out), _formats(formats))
+    _check_targets(paths, folder, source, force)
     cfg = C.from_dict(ckpt["config"], source=f"checkpoint '{checkpoint}'")
     state = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
     if not state:
@@ -67,7 +81,15 @@ def export_backbone(checkpoint: str | Path, out: str | Path, *, best: bool = Fal
     except RuntimeError as exc:
         raise ManppError(f"the checkpoint's backbone does not fit model '{cfg.model}': {state_dict_mismatch(exc)}") from None
     plain = backbone.export_state_dict() if hasattr(backbone, "export_state_dict") else backbone.state_dict()
-    written = [_write(plain, path, fmt) for fmt, path in paths.items()]
+    bad = nonfinite(plain)
+    if bad is not None:
+        if not allow_nonfinite:
+            raise ManppError(f"the weights of '{checkpoint}' are not finite ('{bad}' holds a NaN or an infinity): "
+                             f"nothing was written; export them anyway with --allow-nonfinite")
+        warnings.warn(f"exporting weights that are not finite ('{bad}')", stacklevel=2)
+    encoded = {path: _encode(plain, fmt) for fmt, path in paths.items()}  # before any file is touched
+    _make_parent(next(iter(paths.values())).parent)
+    written = [str(write_bytes(path, data)) for path, data in encoded.items()]
     loader = (f"torchvision.models.{backbone.arch}" if hasattr(backbone, "export_state_dict")
               else f"manpp.build_backbone('{cfg.model}', ...)")
     if cfg.model.startswith("vit_"):
@@ -94,9 +116,23 @@ def _formats(formats: tuple[str, ...] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(formats))
 
 
+def _check_finished(ckpt: dict, folder: Path, checkpoint, allow_unfinished: bool) -> None:
+    """A finished run: its checkpoint trained every epoch and its summary (if any) says so."""
+    status = (read_summary(folder) or {}).get("status") if (folder / "summary.json").exists() else "finished"
+    if is_finished(ckpt) and status == "finished":
+        return
+    done = f"{ckpt.get('epoch', 0)} of {ckpt['config'].get('epochs')} epochs"
+    why = (f"not finished ({done}, status {ckpt.get('status', 'unknown')})" if not is_finished(ckpt)
+           else f"not finished: its summary says {status_of(folder)}")
+    if not allow_unfinished:
+        raise ManppError(f"run '{checkpoint}' is {why}: resume it with manpp train --resume, or export it anyway "
+                         f"with --allow-unfinished")
+    warnings.warn(f"exporting a run that is {why}", stacklevel=3)
+
+
 def _paths(text: str, formats: tuple[str, ...]) -> dict[str, Path]:
     """Each format's file: inside ``text`` when it is a folder (or ends with a slash), else beside it
-    with the format's suffix."""
+    with the format's suffix. Nothing is created here."""
     out = Path(text)
     if out.is_dir() or text.endswith(("/", "\\")):
         base = out / "backbone"
@@ -109,20 +145,36 @@ def _paths(text: str, formats: tuple[str, ...]) -> dict[str, Path]:
     for path in paths.values():
         if path.is_dir():
             raise ManppError(f"cannot write '{path}': it is a folder")
-    try:
-        base.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ManppError(f"cannot create the folder '{base.parent}': {exc.strerror or exc}") from None
     return paths
 
 
-def _write(state: dict, path: Path, fmt: str) -> str:
+def _check_targets(paths: dict[str, Path], folder: Path, source: Path, force: bool) -> None:
+    """Never a file of a run (whatever the flags); an existing file only with ``force``."""
+    protected = {(folder / name).resolve() for name in (*RUN_FILES, LOCK)} | {source.resolve()}
+    for path in paths.values():
+        target = path.resolve()
+        if target in protected or (path.name in (*RUN_FILES, LOCK) and holds_run(path.parent)):
+            raise ManppError(f"'{path}' is a file of the run in '{path.parent}': export never writes onto a run's "
+                             f"files; give --out another name (e.g. {path.parent / 'backbone.pt'})")
+    existing = [str(p) for p in paths.values() if p.exists()]
+    if existing and not force:
+        raise ManppError(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: export writes "
+                         f"{' and '.join(str(p) for p in paths.values())}; replace "
+                         f"{'it' if len(existing) == 1 else 'them'} with --force, or choose another --out")
+
+
+def _make_parent(parent: Path) -> None:
     try:
-        if fmt == "safetensors":
-            save_file = require("safetensors.torch", "export as .safetensors").save_file
-            save_file({k: v.detach().contiguous().clone() for k, v in state.items()}, str(path))
-        else:
-            torch.save(state, path)
+        parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise ManppError(f"cannot write '{path}': {exc.strerror or exc}") from None
-    return str(path)
+        raise io_error(exc, parent, "create the folder") from None
+
+
+def _encode(state: dict, fmt: str) -> bytes:
+    """The file's bytes: ``torch.save``'s, or safetensors' (tensors only)."""
+    if fmt == "safetensors":
+        save = require("safetensors.torch", "export as .safetensors").save
+        return save({k: v.detach().contiguous().clone() for k, v in state.items()})
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    return buffer.getvalue()

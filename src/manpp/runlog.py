@@ -1,7 +1,6 @@
-"""Where a run reports as it trains: ``log.csv`` (always), TensorBoard, and progress lines.
+"""Where a run reports as it trains: TensorBoard, and progress lines (``log.csv`` is written with
+each checkpoint, by :mod:`manpp.rundir`, so that the two always agree).
 
-- ``log.csv``: one row per evaluation (every module's loss, lr, scores, time, MAN/MAN++ scales and
-  EMA distances).
 - ``logger=tensorboard`` (the ``tensorboard`` extra): the same rows as scalars, plus every module's
   loss every ``log_every`` steps, under ``RUN/tensorboard``.
 - When the output is not a terminal (a log file, a batch job), the progress bar is off and a line
@@ -14,7 +13,8 @@ import sys
 from pathlib import Path
 
 from . import config as C
-from .rundir import LOG, TENSORBOARD, append_csv, loss_text
+from .rundir import TENSORBOARD
+from .runsummary import loss_text
 
 
 def scalar_tag(key: str) -> str:
@@ -31,7 +31,6 @@ class RunLog:
     """The reports of one run (only the process that writes the run folder keeps files)."""
 
     def __init__(self, folder: Path, cfg: C.TrainConfig, *, write: bool, verbose: bool, total_steps: int):
-        self.csv = folder / LOG if write else None
         self.every = cfg.log_every
         self.total_steps = total_steps
         self.lines = verbose and self.every > 0 and not _is_terminal()
@@ -57,9 +56,7 @@ class RunLog:
                   flush=True)
 
     def epoch(self, row: dict) -> None:
-        """One evaluation's row: appended to ``log.csv`` and, with TensorBoard, written as scalars."""
-        if self.csv is not None:
-            append_csv(self.csv, row)
+        """One evaluation's row, written as scalars with TensorBoard."""
         if self.writer is not None:
             for key, value in row.items():
                 if key not in ("epoch", "step") and isinstance(value, (int, float)) and not isinstance(value, bool):

@@ -1,13 +1,16 @@
 """``manpp train``: the epoch loop around the engine.
 
-Building the run is :mod:`manpp.build`; its folder (config, log, checkpoint, summary) is
-:mod:`manpp.rundir`. Under ``torchrun`` (see :mod:`manpp.distributed`) every process runs this
-loop on its share of each global batch and the gradients are averaged before the one optimizer
-step; only rank 0 prints and writes the run folder.
+Building the run is :mod:`manpp.build`; its life in the run folder (lock, checks before any write,
+checkpoint, log, summary, what happens on a signal or an error) is :mod:`manpp.lifecycle`. Under
+``torchrun`` (see :mod:`manpp.distributed`) every process runs this loop on its share of each
+global batch and the gradients are averaged before the one optimizer step; only rank 0 prints and
+writes the run folder, and a stop signal received by any process stops all of them after the same
+step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import sys
 import time
@@ -20,24 +23,28 @@ from . import distributed as D
 from .build import (RANK_SEED, build_model, build_optimizer, build_scaler, check_options, epoch_loader, load_data,
                     lr_at, memory_format, parameter_groups, resolved, seed_everything, set_lr)
 from .build import steps_per_epoch as steps_per_epoch_of
+from .checkpoint import check_resumable, rng_state, set_rng_state, state_dict_mismatch
 from .errors import ManppError
+from .lifecycle import Diverged, Position, RunLifecycle, agreed_signal, ending
 from .memory import format_bytes, measure_step
-from .rundir import (BEST, CHECKPOINT, CHECKPOINT_VERSION, CONFIG, RunResult, atomic_save, check_resumable,
-                     divergence, folder_of, load_checkpoint, loss_text, metric_text, prepare_folder, rng_state, run_folder,
-                     set_rng_state, state_dict_mismatch, summary, write_summary)
+from .rundir import RunResult, folder_of, resume_source, run_folder
 from .runlog import RunLog
+from .runsummary import divergence, loss_text, metric_text, summary
+from .stopsignals import StopSignals, ignore_in_workers
 from .tasks import task_of
 
 
-def train(cfg: C.TrainConfig, *, resume: str | None = None, overwrite: bool = False,
-          verbose: bool = True) -> RunResult:
+def train(cfg: C.TrainConfig, *, resume: str | None = None, overwrite: bool = False, verbose: bool = True,
+          handle_signals: bool = True) -> RunResult:
     """Train according to ``cfg`` (see :class:`~manpp.config.TrainConfig`), optionally resuming.
 
     The run folder is ``cfg.out`` (default ``runs/<model>-<dataset>-<method>[-k<K>]``); one that
-    already holds a run is refused unless ``overwrite`` (its run files are removed first). A resumed
-    run writes into the folder it was resumed from. Started by ``torchrun``, this joins the process
-    group (and destroys it at the end if it created it); see :mod:`manpp.distributed` for what
-    every process does.
+    already holds a run is refused unless ``overwrite``, which replaces it once the new run has
+    written its first checkpoint (:mod:`manpp.rundir`). A resumed run writes into the folder it
+    was resumed from. With ``handle_signals`` (in the main thread), SIGINT, SIGTERM and SIGUSR1
+    stop the run after the current step with a checkpoint: its summary says ``stopped`` and
+    ``result.signal`` holds the signal's number. Started by ``torchrun``, this joins the process
+    group (and destroys it at the end if it created it); see :mod:`manpp.distributed`.
     """
     check_options(cfg)
     if resume and overwrite:
@@ -49,98 +56,112 @@ def train(cfg: C.TrainConfig, *, resume: str | None = None, overwrite: bool = Fa
     device = D.process_device(cfg.device, env)
     if cfg.parallel is None:
         D.check_batch_size(cfg.batch_size)  # before any work: the global batch must split evenly
-    elif resume:
-        raise ManppError("resuming a parallel-modules run is not supported; its checkpoint holds the model for "
-                         "manpp export and evaluation")
-    ckpt = load_checkpoint(resume) if resume else None
-    if ckpt is not None and cfg.max_steps is not None and ckpt["step"] >= cfg.max_steps:
-        raise ManppError(f"max_steps {cfg.max_steps} is not beyond the run's step {ckpt['step']}: nothing would be "
-                         f"trained; give a larger --max-steps, or none to train to the end")
-    owner = D.setup(device, cfg.dist_backend, timeout_s=cfg.dist_timeout)
-    # On an exception the group is left alone: other processes may be inside a collective with
-    # this one, and torchrun ends them when this process exits with the error.
-    if cfg.parallel == "modules":
-        from .pipeline import train_pipelined
+    ckpt = resume_source(resume)[0] if resume else None  # None: it ended before its first checkpoint (afresh)
+    if ckpt is not None:
+        _check_continuable(cfg, ckpt, resume)
+    stop = StopSignals(announce=verbose and D.is_main())
+    with stop if handle_signals else contextlib.nullcontext():
+        owner = D.setup(device, cfg.dist_backend, timeout_s=cfg.dist_timeout)
+        # On an exception the group is left alone: other processes may be inside a collective with
+        # this one, and torchrun ends them when this process exits with the error.
+        if cfg.parallel == "modules":
+            from .pipeline import train_pipelined
 
-        result = train_pipelined(cfg, device, verbose and D.is_main(), overwrite=overwrite)
-    else:
-        result = _train(cfg, ckpt, resume, device, verbose, overwrite)
-    if owner:
-        D.shutdown()
+            result = train_pipelined(cfg, ckpt, resume, device, verbose and D.is_main(), overwrite, stop)
+        else:
+            result = _train(cfg, ckpt, resume, device, verbose, overwrite, stop)
+        if owner:
+            D.shutdown()
     return result
 
 
-class Diverged(Exception):
-    """A loss, a weight or the test score stopped being finite."""
+def _check_continuable(cfg: C.TrainConfig, ckpt: dict, resume: str) -> None:
+    """A resume that would train nothing is refused before any work."""
+    if cfg.max_steps is not None and ckpt["step"] >= cfg.max_steps:
+        raise ManppError(f"max_steps {cfg.max_steps} is not beyond the run's step {ckpt['step']}: nothing would be "
+                         f"trained; give a larger --max-steps, or none to train to the end")
+    if ckpt["epoch"] >= cfg.epochs:
+        raise ManppError(f"the run in '{folder_of(resume)}' has trained all its {cfg.epochs} epochs: nothing to "
+                         f"resume (give epochs=N with N > {cfg.epochs} to train it further)")
 
 
-def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: torch.device,
-           verbose: bool, overwrite: bool = False) -> RunResult:
+def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: torch.device, verbose: bool,
+           overwrite: bool, stop: StopSignals) -> RunResult:
     from tqdm.auto import tqdm
 
     rank, world, main = D.rank(), D.world_size(), D.is_main()
     D.check_batch_size(cfg.batch_size, world)
     verbose = verbose and main
     out = run_folder(cfg, resume)
-    if main:  # before any work: a folder holding another run is refused, an unwritable one named
-        prepare_folder(out, resume=resume is not None, overwrite=overwrite)
-    seed_everything(cfg.seed)
-    if not main:
-        D.barrier()  # rank 0 builds (and downloads) the datasets first
-    train_set, test_set, info = load_data(cfg)
-    if main:
-        D.barrier()
-    if len(train_set) < cfg.batch_size:
-        raise ManppError(f"batch_size {cfg.batch_size} is larger than the training set ({len(train_set)} images)")
-    model = build_model(cfg, info, device)
-    cfg = resolved(cfg, model)  # the objective, its settings and K as built
-    if ckpt is not None:
-        check_resumable(cfg, ckpt["config"])
-    task = task_of(model.backbone)
-    D.broadcast_state(model)  # every process starts from rank 0's parameters, EMA copies and buffers
-    params = model.parameters_to_optimize()
-    reducer = None  # under torchrun: each module's all-reduce starts when its backward ends
-    if D.is_initialized() and (cfg.overlap_comm is True or cfg.overlap_comm == "auto" and device.type == "cuda"):
-        reducer = D.OverlappedReducer([model.module_parameters(j) for j in range(model.k)], params)
-    optimizer = build_optimizer(cfg, parameter_groups(model, cfg, params))
-    scaler = build_scaler(cfg, device)
-    cfg = dataclasses.replace(cfg, out=str(out))
-    if main:
-        C.save_yaml(cfg, out / CONFIG)
-    steps_per_epoch = steps_per_epoch_of(len(train_set), cfg.batch_size, cfg.drop_last)
-    loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=False,
-                     collate_fn=task.collate)
-    n_test = len(test_set)
-    if D.is_initialized():  # each process evaluates its own contiguous part of the test set; the sums are reduced
-        test_set = torch.utils.data.Subset(test_set, range(*D.shard_bounds(len(test_set))))
-    test_loader = torch.utils.data.DataLoader(test_set, batch_size=cfg.eval_batch_size,
-                                              generator=torch.Generator().manual_seed(cfg.seed), **loader_kw)
-    epoch, step, batch_in_epoch, history, memory = _restore(ckpt, model, optimizer, scaler, cfg, rank, device)
-    if memory is None:
-        memory = _measure(model, train_set, task, cfg, device, world)
-    if verbose:
-        _announce(cfg, model, memory, len(train_set), n_test, device, out, world)
-
-    max_steps, fmt = cfg.max_steps, memory_format(cfg)
-    total = cfg.epochs * steps_per_epoch if max_steps is None else min(max_steps, cfg.epochs * steps_per_epoch)
-    log = RunLog(out, cfg, write=main, verbose=verbose, total_steps=total)
-    best = max((h["test_score"] for h in history if h.get("test_score") is not None), default=None)
-
-    def finish(status: str, reason: str | None) -> dict:
-        result = dict(summary(cfg, model, history, memory, device, task.metric, status, reason), world_size=world)
+    life = RunLifecycle(out, resume=resume is not None, overwrite=overwrite, ckpt=ckpt, stop=stop)
+    life.claim()  # locked and checked; nothing of the run is written before life.begin
+    with life.guard():
+        seed_everything(cfg.seed)
+        if not main:
+            D.barrier()  # rank 0 builds (and downloads) the datasets first
+        train_set, test_set, info = load_data(cfg)
         if main:
-            write_summary(out, result)
-        log.close()
-        return result
+            D.barrier()
+        if len(train_set) < cfg.batch_size:
+            raise ManppError(f"batch_size {cfg.batch_size} is larger than the training set ({len(train_set)} images)")
+        model = build_model(cfg, info, device)
+        cfg = resolved(cfg, model)  # the objective, its settings and K as built
+        if ckpt is not None:
+            check_resumable(cfg, ckpt["config"])
+        task = task_of(model.backbone)
+        D.broadcast_state(model)  # every process starts from rank 0's parameters, EMA copies and buffers
+        params = model.parameters_to_optimize()
+        reducer = None  # under torchrun: each module's all-reduce starts when its backward ends
+        if D.is_initialized() and (cfg.overlap_comm is True or cfg.overlap_comm == "auto" and device.type == "cuda"):
+            reducer = D.OverlappedReducer([model.module_parameters(j) for j in range(model.k)], params)
+        optimizer = build_optimizer(cfg, parameter_groups(model, cfg, params))
+        scaler = build_scaler(cfg, device)
+        cfg = dataclasses.replace(cfg, out=str(out))
+        steps_per_epoch = steps_per_epoch_of(len(train_set), cfg.batch_size, cfg.drop_last)
+        loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=False,
+                         collate_fn=task.collate, worker_init_fn=ignore_in_workers if cfg.workers else None)
+        n_test = len(test_set)
+        if D.is_initialized():  # each process evaluates its own contiguous part of the test set; the sums are reduced
+            test_set = torch.utils.data.Subset(test_set, range(*D.shard_bounds(len(test_set))))
+        test_loader = torch.utils.data.DataLoader(test_set, batch_size=cfg.eval_batch_size,
+                                                  generator=torch.Generator().manual_seed(cfg.seed), **loader_kw)
+        at = _restore(ckpt, model, optimizer, scaler, cfg, rank, device)  # a checkpoint that does not fit fails here
+        memory = at.memory if at.memory is not None else _measure(model, train_set, task, cfg, device, world)
+        history = at.history
+        life.history = history
+        life.summarize = lambda status, reason, **extra: dict(
+            summary(cfg, model, history, memory, device, task.metric, status, reason, **extra), world_size=world)
+        life.begin(cfg, history)  # everything checked: only now is the folder written
+        if verbose:
+            _announce(cfg, model, memory, len(train_set), n_test, device, out, world)
 
-    try:
-        while epoch < cfg.epochs and (max_steps is None or step < max_steps):
+        epoch, step, batch_in_epoch, partial = at.epoch, at.step, at.batch_in_epoch, at.partial
+        max_steps, fmt = cfg.max_steps, memory_format(cfg)
+        total = cfg.epochs * steps_per_epoch if max_steps is None else min(max_steps, cfg.epochs * steps_per_epoch)
+        log = RunLog(out, cfg, write=main, verbose=verbose, total_steps=total)
+
+        def save(row: dict | None, partial: dict | None = None) -> None:
+            rngs = D.gather_objects(rng_state(device))  # every process's generators, for an exact resume
+            if not main:
+                return
+            state = model.state_dict()
+            life.save({"model": state, "optimizer": optimizer.state_dict(),
+                       "scaler": scaler.state_dict() if scaler is not None else None, "config": cfg.to_dict(),
+                       "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "history": history,
+                       "memory": memory, "rng": rngs[0], "rng_ranks": rngs, "world_size": world, "partial": partial,
+                       "status": "finished" if epoch >= cfg.epochs else "unfinished"},
+                      history, score=row["test_score"] if row else None,
+                      best=lambda: {"model": state, "config": cfg.to_dict(), "epoch": epoch, "step": step,
+                                    "metric": task.metric, "score": row["test_score"]})
+
+        signum = 0
+        while epoch < cfg.epochs and (max_steps is None or step < max_steps) and not signum:
             loader = epoch_loader(train_set, cfg, epoch, batch_in_epoch, rank=rank, world=world, **loader_kw)
             model.train()
             # per module: summed mean losses; then training hits, what they were counted on, and images
-            # (all processes: the global batch)
-            sums = torch.zeros(model.k + 3, dtype=torch.float64)
-            n_batches, skipped = 0, 0
+            # (all processes: the global batch); carried over when a stop signal cut the epoch short
+            sums, n_batches, skipped, elapsed = _accumulators(partial, model.k)
+            partial, asked = None, False
             started = time.perf_counter()
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                        disable=None if verbose else True, dynamic_ncols=True, file=sys.stderr)
@@ -152,22 +173,28 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
                 result = model.train_step(inputs, targets, scaler,
                                           after_module=reducer.start if reducer is not None else None)
                 skipped += _optimizer_step(cfg, optimizer, scaler, params, reducer)
-                stats = _step_stats(model, task, result, inputs, targets, device, world)
+                stats = _step_stats(model, task, result, inputs, targets, device, world, stop.signum)
                 losses = stats[:model.k]
                 if not torch.isfinite(losses).all():
                     raise Diverged(f"training diverged at step {step}: a local loss is not finite "
                                    f"({losses.tolist()}); lower the learning rate (lr={cfg.lr})")
-                sums += stats
+                sums += stats[:-1]
                 n_batches, step, batch_in_epoch = n_batches + 1, step + 1, batch_in_epoch + 1
+                life.step = step
                 bar.set_postfix_str(f"loss {loss_text((sums[:model.k] / n_batches).tolist())}", refresh=False)
                 log.step(step, epoch, cfg.epochs, losses.tolist(), lr)
-                if max_steps is not None and step >= max_steps:
+                asked = bool(stats[-1] > 0)  # a stop signal reached some process: all stop after this step
+                if asked or (max_steps is not None and step >= max_steps):
                     break
             bar.close()
-            epoch_time = time.perf_counter() - started
+            epoch_time = elapsed + time.perf_counter() - started
+            complete = batch_in_epoch >= steps_per_epoch
+            if asked and not complete:  # stopped mid-epoch by a signal: no evaluation, the sums are kept
+                signum = agreed_signal(stop.signum)
+                save(None, {"sums": sums, "batches": n_batches, "skipped": skipped, "seconds": epoch_time})
+                break
             D.broadcast_buffers(model)  # BatchNorm statistics are per process: evaluate and save rank 0's
             metrics = task.evaluate(model, test_loader, device, reduce=True)
-            complete = batch_in_epoch >= steps_per_epoch
             row = _epoch_row(model, optimizer, scaler, task, metrics, sums, n_batches, skipped, epoch, step,
                              epoch_time, steps_per_epoch, complete)
             history.append(row)
@@ -183,47 +210,34 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
                       f"{row['images_per_s']:.0f} img/s)", flush=True)
             if complete:
                 epoch, batch_in_epoch = epoch + 1, 0
-            rngs = D.gather_objects(rng_state(device))  # every process's generators, for an exact resume
-            if main:
-                state = model.state_dict()
-                atomic_save({"model": state, "optimizer": optimizer.state_dict(),
-                             "scaler": scaler.state_dict() if scaler is not None else None, "config": cfg.to_dict(),
-                             "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "history": history,
-                             "memory": memory, "rng": rngs[0], "rng_ranks": rngs, "world_size": world,
-                             "status": "finished" if epoch >= cfg.epochs else "unfinished",
-                             "version": CHECKPOINT_VERSION}, out / CHECKPOINT)
-                if best is None or row["test_score"] > best:  # the best evaluation so far, by the task's metric
-                    best = row["test_score"]
-                    atomic_save({"model": state, "config": cfg.to_dict(), "epoch": epoch, "step": step,
-                                 "metric": task.metric, "score": best, "version": CHECKPOINT_VERSION}, out / BEST)
-    except Diverged as exc:
-        finish("diverged", str(exc))
-        kept = f"the checkpoint in {out} is the last finite one" if (out / CHECKPOINT).exists() else \
-            f"no checkpoint was kept in {out}"
-        raise ManppError(f"{exc} ({kept}; summary.json says status diverged)") from None
-    except KeyboardInterrupt:
-        finish("stopped", f"interrupted at step {step}; the checkpoint holds the last evaluation: resume with "
-                          f"--resume {out}")
-        raise
-
-    if epoch >= cfg.epochs:
-        result = finish("finished", None)
-    else:
-        where = f"after epoch {epoch}" if batch_in_epoch == 0 else f"in epoch {epoch + 1}"
-        result = finish("stopped", f"max_steps {max_steps} reached at step {step}, {where} of {cfg.epochs}: "
-                                   f"continue with --resume {out}")
+            signum = agreed_signal(stop.signum)  # one that came during the evaluation counts too
+            save(row)
+        log.close()
+        result = life.end(*ending(cfg, out, epoch, step, batch_in_epoch, signum), signal=signum, step=step)
     return RunResult(result, model, out)
 
 
-def _restore(ckpt: dict | None, model, optimizer, scaler, cfg: C.TrainConfig, rank: int, device):
-    """``(epoch, step, batch_in_epoch, history, memory)``: where a checkpoint left off, else the start."""
+def _accumulators(partial: dict | None, k: int) -> tuple[torch.Tensor, int, int, float]:
+    """``(sums, batches, skipped, seconds)`` of the epoch: zero, or what a stop signal left."""
+    if partial is None:
+        return torch.zeros(k + 3, dtype=torch.float64), 0, 0, 0.0
+    return partial["sums"].clone().double(), int(partial["batches"]), int(partial["skipped"]), float(partial["seconds"])
+
+def _restore(ckpt: dict | None, model, optimizer, scaler, cfg: C.TrainConfig, rank: int, device) -> Position:
+    """Where a checkpoint left off (loaded into the model, optimizer, loss scale and RNG), else the start."""
     if ckpt is None:
-        return 0, 0, 0, [], None
+        return Position()
     try:
         model.load_state_dict(ckpt["model"])
     except RuntimeError as exc:
         raise ManppError(f"checkpoint does not fit this model: {state_dict_mismatch(exc)}") from None
-    optimizer.load_state_dict(ckpt["optimizer"])
+    if "optimizer" not in ckpt:
+        raise ManppError(f"the checkpoint was written by a run of {ckpt.get('parallel_stages', '?')} pipelined stages: "
+                         f"resume it with parallel=modules on as many processes")
+    try:
+        optimizer.load_state_dict(ckpt["optimizer"])
+    except (ValueError, KeyError) as exc:
+        raise ManppError(f"the checkpoint's optimizer state does not fit this model: {exc}") from None
     if scaler is not None and ckpt.get("scaler"):
         scaler.load_state_dict(ckpt["scaler"])
     ranks = ckpt.get("rng_ranks") or [ckpt["rng"]]
@@ -231,7 +245,8 @@ def _restore(ckpt: dict | None, model, optimizer, scaler, cfg: C.TrainConfig, ra
         set_rng_state(ranks[rank], device)
     else:  # more processes than when it was saved: a fresh stream for this one
         seed_everything(cfg.seed + 1 + rank * RANK_SEED + ckpt["step"])
-    return ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"], ckpt["history"], ckpt.get("memory")
+    return Position(ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"], ckpt["history"], ckpt.get("memory"),
+                    ckpt.get("partial"))
 
 
 def _measure(model, train_set, task, cfg: C.TrainConfig, device, world: int) -> dict:
@@ -282,13 +297,14 @@ def _optimizer_step(cfg: C.TrainConfig, optimizer, scaler, params, reducer=None)
     return int(scaler.get_scale() < before)
 
 
-def _step_stats(model, task, result, inputs, targets, device, world: int) -> torch.Tensor:
-    """Every module's loss, the training hits and count, and the images, over the global batch (CPU, float64)."""
+def _step_stats(model, task, result, inputs, targets, device, world: int, signum: int = 0) -> torch.Tensor:
+    """Every module's loss, the training hits and count, and the images, over the global batch; last,
+    whether a stop signal reached any process (CPU, float64; one all-reduce carries all of it)."""
     hits = task.train_hits(result.logits, targets)
     if hits is None:
         hits = torch.zeros(2, dtype=torch.float64, device=device)
     stats = torch.cat([torch.stack([v.float() for v in result.losses]).double(), hits,
-                       torch.tensor([inputs.shape[0]], dtype=torch.float64, device=device)])
+                       torch.tensor([inputs.shape[0], float(signum > 0)], dtype=torch.float64, device=device)])
     if D.is_initialized():
         D.all_reduce_sum(stats)
         stats[:model.k] /= world  # mean over the shards = mean over the global batch

@@ -1,0 +1,182 @@
+"""Checkpoint files and random-generator state: what a run saves to continue exactly, and how it is read.
+
+A run's ``checkpoint.pt`` (``kind: checkpoint``) holds everything needed to continue: the model
+(backbone, auxiliary networks, EMA copies), the optimizer(s), the loss scale, the position (epoch,
+step, batch in the epoch), the running sums of an epoch cut short, every process's random
+generators and the history. ``best.pt`` (``kind: best``) holds only the weights of the best
+evaluation. Both are written atomically (:mod:`manpp.safeio`) and read with ``weights_only=True``,
+so a checkpoint from someone else cannot run code here. Reading names what is wrong with a bad
+file: missing, empty, corrupt, unsafe, or not a manpp checkpoint.
+"""
+
+from __future__ import annotations
+
+import pickle
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import config as C
+from . import distributed as D
+from .errors import ManppError
+from .safeio import first_line, io_error, save_torch
+
+CHECKPOINT = "checkpoint.pt"
+BEST = "best.pt"
+CHECKPOINT_VERSION = 3  # 2: RNG states as tensors (weights_only loads); 3: kind, partial epoch sums, stage optimizers
+KINDS = ("checkpoint", "best")
+_ZIP, _PICKLE = b"PK\x03\x04", b"\x80"
+
+
+def rng_state(device: torch.device | None = None) -> dict:
+    """This process's random generators (Python, NumPy, torch, and its CUDA device), as tensors and numbers."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    numpy_state = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
+    if D.is_initialized() and device is not None and device.type == "cuda":
+        state["cuda_device"] = torch.cuda.get_rng_state(device)  # one GPU per process: only its own generator
+    elif torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict, device: torch.device | None = None) -> None:
+    random.setstate(state["python"])
+    name, keys, pos, has_gauss, cached = state["numpy"]
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    np.random.set_state((name, keys.astype(np.uint32), pos, has_gauss, cached))
+    torch.set_rng_state(state["torch"])
+    if "cuda_device" in state and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(state["cuda_device"], device)
+    elif "cuda" in state and torch.cuda.is_available() and not D.is_initialized():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save(payload: dict, path: str | Path, kind: str = "checkpoint") -> Path:
+    """Write a checkpoint (``kind`` one of :data:`KINDS`) atomically."""
+    if kind not in KINDS:
+        raise ValueError(f"unknown checkpoint kind {kind!r}: one of {KINDS}")
+    return save_torch({**payload, "kind": kind, "version": CHECKPOINT_VERSION}, path)
+
+
+def _read(path: Path):
+    """``torch.load`` of a file that exists, with every way it can fail named."""
+    try:
+        with path.open("rb") as f:
+            magic = f.read(4)
+    except OSError as exc:
+        raise io_error(exc, path, "read") from None
+    if not magic:
+        raise ManppError(f"cannot read checkpoint '{path}': it is empty (0 bytes), so it is corrupt: its write was cut "
+                         f"short, or it is not a checkpoint")
+    if not magic.startswith((_ZIP, _PICKLE)):
+        raise ManppError(f"cannot read checkpoint '{path}': it is not a PyTorch file, so it is corrupt or another kind "
+                         f"of file")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
+    except pickle.UnpicklingError as exc:
+        if "Unsupported global" not in str(exc):
+            raise ManppError(f"cannot read checkpoint '{path}': it is corrupt ({_inner(exc)})") from None
+        raise ManppError(f"cannot read checkpoint '{path}' safely: it holds objects other than tensors and plain values "
+                         f"({_inner(exc)}), and manpp reads checkpoints with weights_only=True so that a file cannot "
+                         f"run code (checkpoints of manpp before 0.2 held NumPy arrays; this version does not read "
+                         f"them)") from None
+    except OSError as exc:
+        raise io_error(exc, path, "read") from None
+    except (EOFError, RuntimeError, ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:
+        raise ManppError(f"cannot read checkpoint '{path}': it is corrupt or cut short ({type(exc).__name__}: "
+                         f"{first_line(exc)[:120]})") from None
+
+
+def _inner(exc: BaseException) -> str:
+    """torch's one useful line in a weights-only failure (the rest is advice about weights_only=False)."""
+    for line in str(exc).splitlines():
+        if "WeightsUnpickler error:" in line:
+            inner = line.split("WeightsUnpickler error:", 1)[1].split(". Please")[0].strip()
+            return inner[:160] or "unreadable"
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    for i, line in enumerate(lines):
+        if line.endswith("WeightsUnpickler error:") and i + 1 < len(lines):
+            return lines[i + 1][:160]
+    return first_line(exc)[:160]
+
+
+def load(path: str | Path, *, purpose: str = "resume") -> dict:
+    """A manpp checkpoint file, or a run folder's ``checkpoint.pt``.
+
+    ``purpose='resume'`` needs a full training checkpoint (optimizer, position, RNG); ``'weights'``
+    takes ``best.pt`` too. Every failure is one :class:`ManppError` line saying what the file is.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT
+    if not path.exists():
+        raise ManppError(f"checkpoint '{path}' does not exist")
+    if path.is_dir():
+        raise ManppError(f"checkpoint '{path}' is a folder, not a file")
+    ckpt = _read(path)
+    if not isinstance(ckpt, dict) or "model" not in ckpt or "config" not in ckpt:
+        raise ManppError(f"'{path}' is not a manpp checkpoint (no model state or config in it)")
+    kind = ckpt.get("kind") or ("best" if "score" in ckpt and "optimizer" not in ckpt else "checkpoint")
+    if purpose == "resume":
+        if kind == "best":
+            raise ManppError(f"'{path}' holds only the weights of the best evaluation (best.pt), not what resuming "
+                             f"needs: resume the run folder '{path.parent}' (its {CHECKPOINT})")
+        missing = [k for k in ("step", "epoch", "history") if k not in ckpt]
+        if missing or not ("optimizer" in ckpt or "optimizers" in ckpt):
+            raise ManppError(f"'{path}' cannot be resumed: it lacks {', '.join(missing) or 'the optimizer state'} "
+                             f"(a checkpoint written by manpp train has them)")
+    return ckpt
+
+
+def is_finished(ckpt: dict) -> bool:
+    """Whether the checkpoint's run trained all its epochs."""
+    epochs = ckpt["config"].get("epochs", 0)
+    return ckpt.get("epoch", 0) >= epochs and ckpt.get("status", "finished") != "diverged"
+
+
+def nonfinite(state: dict) -> str | None:
+    """The first floating-point tensor of a state dict holding a NaN or an infinity, else None."""
+    for name, tensor in state.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            return name
+    return None
+
+
+def state_dict_mismatch(exc: RuntimeError, limit: int = 3) -> str:
+    """What ``load_state_dict`` found wrong, in one line: the first few missing, unexpected and
+    misshapen entries (torch puts them on the lines after its first)."""
+    parts = []
+    for line in str(exc).splitlines()[1:]:
+        line = line.strip().rstrip(".")
+        if not line:
+            continue
+        head, colon, rest = line.partition(": ")
+        if colon and rest.startswith('"'):  # Missing key(s) / Unexpected key(s): a list of quoted names
+            names = [n.strip().strip('"') for n in rest.split(",")]
+            more = f" and {len(names) - limit} more" if len(names) > limit else ""
+            parts.append(f"{head.lower()}: {', '.join(names[:limit])}{more}")
+        else:
+            parts.append(line)
+    if not parts:
+        return first_line(exc)
+    shown = parts[:2 * limit]
+    return "; ".join(shown) + (f"; and {len(parts) - len(shown)} more problems" if len(parts) > len(shown) else "")
+
+
+def check_resumable(cfg: C.TrainConfig, saved: dict, where: str = "checkpoint") -> None:
+    """A checkpoint continues only the run it is from: the fields that define the model must agree."""
+    saved_cfg = C.from_dict(saved, source=where)  # legacy flat keys land in heads, as for cfg
+    for name in C.IDENTITY_FIELDS:
+        if getattr(saved_cfg, name) != getattr(cfg, name):
+            raise ManppError(f"{where} is from another configuration: {name} is {getattr(saved_cfg, name)!r} "
+                             f"there but {getattr(cfg, name)!r} here")
+    if saved.get("optimizer", "sgd") != cfg.optimizer:  # its state would not fit (checkpoints before it: sgd)
+        raise ManppError(f"{where} is from another configuration: optimizer is {saved.get('optimizer', 'sgd')!r} "
+                         f"there but {cfg.optimizer!r} here")
+
+
+__all__ = ["BEST", "CHECKPOINT", "CHECKPOINT_VERSION", "KINDS", "check_resumable", "is_finished", "load",
+           "nonfinite", "rng_state", "save", "set_rng_state", "state_dict_mismatch"]
