@@ -7,6 +7,7 @@ from typing import Any, Callable, Sequence
 from torch import nn
 
 from .engine import LocalModel
+from .errors import ManppError
 from .methods import LocalSettings, build_local_model
 from .momentum import EMA_MOMENTUM, SCALE_INIT
 from .tasks import task_of
@@ -26,6 +27,7 @@ def local_model(backbone: nn.Module, method: str = "manpp", k: int | None = None
     ``image_size`` is the input side (default: the backbone's own, else 32). Settings that leave a
     module without any local loss are refused unless ``allow_zero_loss=True``.
     """
+    _check_backbone(backbone, num_classes)
     settings = LocalSettings(method=method, k=k, split=split, objective=objective, ema_momentum=ema_momentum,
                              copy_init=copy_init, recompute_ema=recompute_ema, scale_init=scale_init,
                              heads={**(heads or {}), **head_options}, allow_zero_loss=allow_zero_loss)
@@ -36,6 +38,20 @@ def local_model(backbone: nn.Module, method: str = "manpp", k: int | None = None
         image_size=image_size or getattr(backbone, "image_size", None) or 32, denormalize=denormalize,
         task=task or task_of(backbone),
     )
+
+
+def _check_backbone(backbone, num_classes: int | None) -> None:
+    """What the engine needs of a backbone, checked up front: one clear line instead of an AttributeError."""
+    name = type(backbone).__name__
+    units = getattr(backbone, "units", None)
+    if not isinstance(backbone, nn.Module) or not isinstance(units, (nn.ModuleList, nn.Sequential)) or \
+            len(units) == 0 or not isinstance(getattr(backbone, "head", None), nn.Module):
+        raise ManppError(f"local_model takes a backbone that exposes its units (.units, a ModuleList, and .head), "
+                         f"such as manpp.build_backbone('resnet32'); a {name} has none: to train your own model, "
+                         f"use manpp.wrap(model, k=...), which cuts torchvision and timm models, nn.Sequential and "
+                         f"unit lists")
+    if num_classes is None and not isinstance(getattr(backbone, "num_classes", None), int):
+        raise ManppError(f"local_model needs num_classes: the {name} backbone does not say how many classes it has")
 
 
 def wrap(model: nn.Module | Sequence[nn.Module], k: int | None = None, method: str = "manpp",

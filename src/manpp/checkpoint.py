@@ -11,6 +11,7 @@ file: missing, empty, corrupt, unsafe, or not a manpp checkpoint.
 
 from __future__ import annotations
 
+import errno
 import pickle
 import random
 from pathlib import Path
@@ -83,8 +84,10 @@ def _read(path: Path):
                          f"({_inner(exc)}), and manpp reads checkpoints with weights_only=True so that a file cannot "
                          f"run code (checkpoints of manpp before 0.2 held NumPy arrays; this version does not read "
                          f"them)") from None
-    except OSError as exc:
-        raise io_error(exc, path, "read") from None
+    except OSError as exc:  # the file opened and read above: a seek past its end is a cut-short file
+        if exc.errno in (errno.EIO, errno.EACCES, errno.EPERM, errno.ENOENT):
+            raise io_error(exc, path, "read") from None
+        raise ManppError(f"cannot read checkpoint '{path}': it is corrupt or cut short ({first_line(exc)})") from None
     except (EOFError, RuntimeError, ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:
         raise ManppError(f"cannot read checkpoint '{path}': it is corrupt or cut short ({type(exc).__name__}: "
                          f"{first_line(exc)[:120]})") from None

@@ -187,6 +187,12 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
     return out
 
 
+def run_config(cfg: TrainConfig) -> TrainConfig:
+    """The config of the run itself: the fields of one call (:data:`SESSION_FIELDS`) other than its folder
+    are left out, so that resuming with another ``max_steps`` does not rewrite ``config.yaml``."""
+    return dataclasses.replace(cfg, **{name: None for name in SESSION_FIELDS if name != "out"})
+
+
 def config_text(cfg: TrainConfig) -> str:
     """``config.yaml``'s text: every field, in declaration order."""
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
@@ -200,5 +206,5 @@ def from_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:
     return apply(TrainConfig(), data, source)
 
 
-__all__ = ["TrainConfig", "IDENTITY_FIELDS", "SESSION_FIELDS", "LEGACY_HEAD_KEYS", "apply", "config_text", "from_dict", "load_yaml",
+__all__ = ["TrainConfig", "IDENTITY_FIELDS", "SESSION_FIELDS", "LEGACY_HEAD_KEYS", "apply", "config_text", "from_dict", "run_config", "load_yaml",
            "parse_overrides", "save_yaml"]

@@ -258,7 +258,6 @@ def train_pipelined(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, d
                     raise Diverged(f"training diverged by step {step}: {bad}; lower the learning rate (lr={cfg.lr})")
                 if complete:
                     epoch, batch_in_epoch = epoch + 1, 0
-                signum = flag or agreed_signal(stop.signum)
             if main:
                 state = model.state_dict()
                 life.save({"model": state, "optimizers": [p[1] for p in parts], "config": cfg.to_dict(),
@@ -269,6 +268,8 @@ def train_pipelined(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, d
                           history, score=row["test_score"] if row else None,
                           best=lambda: {"model": state, "config": cfg.to_dict(), "epoch": epoch, "step": step,
                                         "metric": task.metric, "score": row["test_score"]})
+            if not signum:  # one that came during the evaluation or the save counts too
+                signum = agreed_signal(stop.signum)
         result = life.end(*ending(cfg, out, epoch, step, batch_in_epoch, signum), signal=signum, step=step)
     return RunResult(result, model, out)
 

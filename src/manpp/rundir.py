@@ -243,7 +243,13 @@ class RunFolder:
                 raise io_error(exc, self.folder / REPLACED, "create") from None
 
     def _recover(self) -> None:
-        """A previous ``--overwrite`` was killed: finish it (its run checkpointed) or undo it (it did not)."""
+        """Clear what a killed writer left: its temporary files, and a half-done ``--overwrite`` (finished
+        if its run checkpointed, undone if it did not). The lock is held: no other writer is here."""
+        for leftover in self.folder.glob(".*.tmp"):
+            try:
+                leftover.unlink()
+            except OSError:
+                pass
         aside = self.folder / REPLACED
         if not aside.is_dir():
             return
@@ -268,7 +274,7 @@ class RunFolder:
                 os.replace(self.folder / name, aside / name)
             self.moved = True
         self.began = True
-        write_if_changed(self.folder / CONFIG, C.config_text(cfg))
+        write_if_changed(self.folder / CONFIG, C.config_text(C.run_config(cfg)))
         if history or (self.folder / LOG).exists():
             self.write_log(history)
         write_text(self.folder / SUMMARY, json.dumps({"status": "running", "reason": None, "pid": os.getpid(),

@@ -59,7 +59,7 @@ def train(cfg: C.TrainConfig, *, resume: str | None = None, overwrite: bool = Fa
     ckpt = resume_source(resume)[0] if resume else None  # None: it ended before its first checkpoint (afresh)
     if ckpt is not None:
         _check_continuable(cfg, ckpt, resume)
-    stop = StopSignals(announce=verbose and D.is_main())
+    stop = StopSignals(announce=D.is_main())  # even with --quiet: a stop is news
     with stop if handle_signals else contextlib.nullcontext():
         owner = D.setup(device, cfg.dist_backend, timeout_s=cfg.dist_timeout)
         # On an exception the group is left alone: other processes may be inside a collective with
@@ -210,8 +210,8 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
                       f"{row['images_per_s']:.0f} img/s)", flush=True)
             if complete:
                 epoch, batch_in_epoch = epoch + 1, 0
-            signum = agreed_signal(stop.signum)  # one that came during the evaluation counts too
             save(row)
+            signum = agreed_signal(stop.signum)  # one that came during the evaluation or the save counts too
         log.close()
         result = life.end(*ending(cfg, out, epoch, step, batch_in_epoch, signum), signal=signum, step=step)
     return RunResult(result, model, out)
