@@ -1,10 +1,12 @@
 """Update-unlocked parallel training of modules: one pipelined stage per torchrun process."""
 
+import json
 import os
 import socket
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -31,12 +33,14 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _run(out, *extra, stages=None, timeout=240):
-    launcher = [sys.executable, "-m", "manpp"] if stages is None else [
+def _run(out, *extra, stages=None, timeout=240, fault=None, env=None):
+    """``manpp train`` alone or on ``stages`` torchrun processes; ``fault`` (tests/fault_runner.py) injected."""
+    program = ["-m", "manpp"] if fault is None else [str(Path(__file__).with_name("fault_runner.py")), fault, "--"]
+    launcher = [sys.executable, *program] if stages is None else [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(stages), "--master_addr", "127.0.0.1",
-        "--master_port", str(_port()), "-m", "manpp"]
+        "--master_port", str(_port()), *program]
     cmd = [*launcher, "train", "--quiet", "--out", str(out), *RUN, *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, env=_env(), timeout=timeout)
+    return subprocess.run(cmd, capture_output=True, text=True, env={**_env(), **(env or {})}, timeout=timeout)
 
 
 def _model(out):
@@ -69,6 +73,20 @@ def test_two_stage_pipeline_equals_sequential_local_training(tmp_path):
     c = _model(tmp_path / "lag")
     ema = [k for k in a if k.startswith("aux.0.ema.")]
     assert ema and any(not torch.allclose(a[k].float(), c[k].float(), atol=1e-6) for k in ema)
+    # the pipelined run shares the run lifecycle: SIGTERM to rank 0 at step 2 travels down the pipeline,
+    # both stages stop after step 2 with one checkpoint, and a resume on 2 stages ends exactly as `par`
+    cut = tmp_path / "cut"
+    stop = _run(cut, "parallel=modules", stages=2, fault="SIGTERM@step:2", env={"FAULT_RANK": "0"})
+    assert stop.returncode != 0 and "SIGTERM received" in stop.stderr
+    saved = torch.load(cut / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert saved["step"] == 2 and len(saved["optimizers"]) == 2 and saved["partial"]["batches"] == 2
+    assert json.loads((cut / "summary.json").read_text())["status"] == "stopped"
+    again = _run(cut, "parallel=modules", "--resume", str(cut), stages=2)
+    assert again.returncode == 0, again.stderr[-2000:]
+    d = _model(cut)
+    for key in b:
+        assert torch.equal(b[key], d[key]), key
+    assert (cut / "best.pt").exists() and json.loads((cut / "summary.json").read_text())["steps"] == 4
 
 
 def test_a_failing_stage_ends_the_run_with_a_clear_error(tmp_path):

@@ -468,3 +468,15 @@ def test_local_model_and_wrap_refuse_what_they_cannot_cut_in_one_line():
         manpp.local_model(nn.Linear(3, 4), k=2)
     with pytest.raises(ManppError):
         manpp.wrap(nn.Linear(3, 4), k=2)
+
+
+def test_a_signal_stops_a_comparison_before_its_next_method(tmp_path, capsys, monkeypatch):
+    from fault_runner import install
+
+    install("SIGTERM@step:2", patch=monkeypatch.setattr)
+    argv = ["compare", *[a for a in RUN if a not in ("--method", "manpp")], "--methods", "e2e,manpp",
+            "--out", str(tmp_path / "C")]
+    assert main(argv) == 143
+    table = (tmp_path / "C" / "compare.md").read_text()
+    assert "e2e (stopped)" in table and "manpp (not run)" in table
+    assert not (tmp_path / "C" / "manpp").exists() and ckpt(tmp_path / "C" / "e2e")["step"] == 2

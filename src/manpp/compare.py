@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 from pathlib import Path
 
@@ -11,10 +12,12 @@ from .errors import ManppError
 from .memory import format_bytes
 from .extras import available, require
 from .registry import METHODS, OBJECTIVES, objective_takers
-from .rundir import holds_run
+from .rundir import has_weights
+from .runlock import FolderLock
+from .safeio import make_folder, write_bytes, write_text
 from .train import train
 
-RECORD_KEYS = ("method", "status", "modules", "test_accuracy", "best_test_accuracy", "metric", "test_score", "best_test_score",
+RECORD_KEYS = ("method", "status", "signal", "modules", "test_accuracy", "best_test_accuracy", "metric", "test_score", "best_test_score",
                "test_metrics", "peak_activation_bytes",
                "peak_allocated_bytes", "epoch_time_s", "step_time_s", "params", "aux_params", "partition",
                "objective", "epochs", "steps", "batch_size", "device", "model", "dataset", "torch_version", "history")
@@ -50,30 +53,35 @@ def run_compare(cfg: C.TrainConfig, methods: list[str], *, json_path: str | None
     out = Path(cfg.out or Path("runs") / f"compare-{cfg.model}-{cfg.dataset}")
     if out.exists() and not out.is_dir():
         raise ManppError(f"compare folder '{out}' is an existing file, not a folder: give --out a folder path")
-    taken = [m for m in methods if holds_run(out / m)]
+    taken = [m for m in methods if has_weights(out / m)]
     if taken and not overwrite:
         raise ManppError(f"'{out}' already holds runs of {', '.join(taken)}: replace them with --overwrite, or "
                          f"choose another --out")
-    records = []
-    for method in methods:
-        run_cfg = dataclasses.replace(cfg, method=method, k=None if method == "e2e" else cfg.k,
-                                      out=str(out / method))
+    make_folder(out, "write the compare folder")
+    with FolderLock(out, "manpp compare"):  # one compare per folder; each run also locks its own
+        records = []
+        for method in methods:
+            run_cfg = dataclasses.replace(cfg, method=method, k=None if method == "e2e" else cfg.k,
+                                          out=str(out / method))
+            if verbose:
+                print(f"\n== {method} ==")
+            result = train(run_cfg, verbose=verbose, overwrite=overwrite)
+            records.append({k: result.summary.get(k) for k in RECORD_KEYS})
+            if result.signal:  # stopped by a signal: the methods after it are not started
+                break
+        unfinished = [f"{r['method']} ({r['status']})" for r in records if r["status"] != "finished"]
+        unfinished += [f"{m} (not run)" for m in methods[len(records):]]
+        table = format_table(records)
+        if unfinished:
+            table += f"\n\nnot finished: {', '.join(unfinished)}"
         if verbose:
-            print(f"\n== {method} ==")
-        result = train(run_cfg, verbose=verbose, overwrite=overwrite)
-        records.append({k: result.summary.get(k) for k in RECORD_KEYS})
-    unfinished = [f"{r['method']} ({r['status']})" for r in records if r["status"] != "finished"]
-    table = format_table(records)
-    if unfinished:
-        table += f"\n\nnot finished: {', '.join(unfinished)}"
-    if verbose:
-        print("\n" + table)
-    (out / "compare.md").write_text(table + "\n")
-    payload = json.dumps(records, indent=2)
-    (out / "compare.json").write_text(payload)
-    if json_path:
-        Path(json_path).parent.mkdir(parents=True, exist_ok=True)
-        Path(json_path).write_text(payload)
+            print("\n" + table)
+        write_text(out / "compare.md", table + "\n")
+        payload = json.dumps(records, indent=2)
+        write_text(out / "compare.json", payload)
+        if json_path:
+            make_folder(Path(json_path).parent)
+            write_text(json_path, payload)
     plot = plot_compare(records, out / "compare.png") if available("matplotlib") else None
     if plot is None and verbose:
         print("(no compare.png: matplotlib is not installed; pip install 'manpp[plot]')")
@@ -89,13 +97,21 @@ def format_table(records: list[dict]) -> str:
     name = {"accuracy": "acc", "miou": "mIoU", "map": "AP"}.get(base.get("metric") or "accuracy", base.get("metric"))
     lines = [f"| method | modules | test {name} | best {name} | peak activation | vs first | time / epoch | vs first |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in records:
+    for r in records:  # a run stopped before its first evaluation has no score and no epoch time: '-'
         mem_ratio = r["peak_activation_bytes"] / base["peak_activation_bytes"]
-        time_ratio = r["epoch_time_s"] / base["epoch_time_s"] if base["epoch_time_s"] else float("nan")
-        lines.append(f"| {r['method']} | {r['modules']} | {r['test_score']:.2%} | {r['best_test_score']:.2%} "
-                     f"| {format_bytes(r['peak_activation_bytes'])} | {mem_ratio:.2f}x "
-                     f"| {r['epoch_time_s']:.1f} s | {time_ratio:.2f}x |")
+        time_ratio = _ratio(r["epoch_time_s"], base["epoch_time_s"])
+        lines.append(f"| {r['method']} | {r['modules']} | {_text(r['test_score'], '.2%')} "
+                     f"| {_text(r['best_test_score'], '.2%')} | {format_bytes(r['peak_activation_bytes'])} "
+                     f"| {mem_ratio:.2f}x | {_text(r['epoch_time_s'], '.1f')} s | {_text(time_ratio, '.2f')}x |")
     return "\n".join(lines)
+
+
+def _text(value, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
 
 
 def plot_compare(records: list[dict], path: Path) -> Path:
@@ -103,8 +119,10 @@ def plot_compare(records: list[dict], path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig = compare_figure(records)
-    fig.savefig(path, dpi=110)
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
     plt.close(fig)
+    write_bytes(path, buffer.getvalue())
     return path
 
 

@@ -35,7 +35,7 @@ from .extras import available, require
 from .models import build_backbone
 from .rundir import RUN_FILES, holds_run, read_summary, status_of
 from .runlock import LOCK
-from .safeio import io_error, write_bytes
+from .safeio import make_folder, write_bytes
 
 FORMATS = ("pt", "safetensors")
 
@@ -88,7 +88,7 @@ def export_backbone(checkpoint: str | Path, out: str | Path, *, best: bool = Fal
                              f"nothing was written; export them anyway with --allow-nonfinite")
         warnings.warn(f"exporting weights that are not finite ('{bad}')", stacklevel=2)
     encoded = {path: _encode(plain, fmt) for fmt, path in paths.items()}  # before any file is touched
-    _make_parent(next(iter(paths.values())).parent)
+    make_folder(next(iter(paths.values())).parent)
     written = [str(write_bytes(path, data)) for path, data in encoded.items()]
     loader = (f"torchvision.models.{backbone.arch}" if hasattr(backbone, "export_state_dict")
               else f"manpp.build_backbone('{cfg.model}', ...)")
@@ -161,13 +161,6 @@ def _check_targets(paths: dict[str, Path], folder: Path, source: Path, force: bo
         raise ManppError(f"{' and '.join(existing)} already exist{'s' if len(existing) == 1 else ''}: export writes "
                          f"{' and '.join(str(p) for p in paths.values())}; replace "
                          f"{'it' if len(existing) == 1 else 'them'} with --force, or choose another --out")
-
-
-def _make_parent(parent: Path) -> None:
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise io_error(exc, parent, "create the folder") from None
 
 
 def _encode(state: dict, fmt: str) -> bytes:

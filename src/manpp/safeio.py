@@ -127,6 +127,16 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
     return path
 
 
+def make_folder(folder: str | Path, doing: str = "create the folder") -> Path:
+    """``mkdir -p``, with a failure as one line."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise io_error(exc, folder, doing) from None
+    return folder
+
+
 def write_bytes(path: str | Path, data: bytes) -> Path:
     return write_atomic(path, lambda f: f.write(data))
 
@@ -154,5 +164,5 @@ def write_if_changed(path: str | Path, text: str) -> bool:
     return True
 
 
-__all__ = ["first_line", "fsync_folder", "io_error", "is_io_error", "os_error_of", "reason_of", "save_torch",
+__all__ = ["first_line", "fsync_folder", "io_error", "is_io_error", "make_folder", "os_error_of", "reason_of", "save_torch",
            "write_atomic", "write_bytes", "write_if_changed", "write_text"]

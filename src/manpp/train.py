@@ -27,7 +27,7 @@ from .checkpoint import check_resumable, rng_state, set_rng_state, state_dict_mi
 from .errors import ManppError
 from .lifecycle import Diverged, Position, RunLifecycle, agreed_signal, ending
 from .memory import format_bytes, measure_step
-from .rundir import RunResult, folder_of, resume_source, run_folder
+from .rundir import RunResult, folder_of, read_summary, resume_source, run_folder
 from .runlog import RunLog
 from .runsummary import divergence, loss_text, metric_text, summary
 from .stopsignals import StopSignals, ignore_in_workers
@@ -76,11 +76,12 @@ def train(cfg: C.TrainConfig, *, resume: str | None = None, overwrite: bool = Fa
 
 
 def _check_continuable(cfg: C.TrainConfig, ckpt: dict, resume: str) -> None:
-    """A resume that would train nothing is refused before any work."""
+    """A resume that would train nothing is refused before any work (but one that only records the end
+    of a run killed after its last checkpoint is allowed)."""
     if cfg.max_steps is not None and ckpt["step"] >= cfg.max_steps:
         raise ManppError(f"max_steps {cfg.max_steps} is not beyond the run's step {ckpt['step']}: nothing would be "
                          f"trained; give a larger --max-steps, or none to train to the end")
-    if ckpt["epoch"] >= cfg.epochs:
+    if ckpt["epoch"] >= cfg.epochs and (read_summary(folder_of(resume)) or {}).get("status") == "finished":
         raise ManppError(f"the run in '{folder_of(resume)}' has trained all its {cfg.epochs} epochs: nothing to "
                          f"resume (give epochs=N with N > {cfg.epochs} to train it further)")
 
