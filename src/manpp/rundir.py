@@ -195,7 +195,11 @@ class RunFolder:
     def _check(self, ckpt: dict | None) -> None:
         found = holds_run(self.folder)
         if self.resume:
-            if ckpt is None:  # started afresh: what is there saved no weights
+            if ckpt is None:  # started afresh: what is there must have saved no weights
+                if has_weights(self.folder):  # e.g. a run put back just now from an interrupted --overwrite
+                    raise ManppError(f"run folder '{self.folder}' holds a run with weights again (the one an "
+                                     f"interrupted --overwrite had moved aside is back): resume it with "
+                                     f"--resume {self.folder}")
                 self.replacing = found
             else:
                 self._check_agrees(ckpt)
