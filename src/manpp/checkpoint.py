@@ -169,6 +169,14 @@ def state_dict_mismatch(exc: RuntimeError, limit: int = 3) -> str:
     return "; ".join(shown) + (f"; and {len(parts) - len(shown)} more problems" if len(parts) > len(shown) else "")
 
 
+def load_model_state(model: torch.nn.Module, ckpt: dict) -> None:
+    """The checkpoint's weights into ``model``, or one line naming what does not fit."""
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        raise ManppError(f"checkpoint does not fit this model: {state_dict_mismatch(exc)}") from None
+
+
 def check_resumable(cfg: C.TrainConfig, saved: dict, where: str = "checkpoint") -> None:
     """A checkpoint continues only the run it is from: the fields that define the model must agree."""
     saved_cfg = C.from_dict(saved, source=where)  # legacy flat keys land in heads, as for cfg
@@ -182,4 +190,5 @@ def check_resumable(cfg: C.TrainConfig, saved: dict, where: str = "checkpoint") 
 
 
 __all__ = ["BEST", "CHECKPOINT", "CHECKPOINT_VERSION", "KINDS", "check_resumable", "is_finished", "load",
+           "load_model_state",
            "nonfinite", "rng_state", "save", "set_rng_state", "state_dict_mismatch"]

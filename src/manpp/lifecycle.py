@@ -20,6 +20,8 @@ import dataclasses
 from pathlib import Path
 from typing import Callable
 
+import torch
+
 from . import config as C
 from . import distributed as D
 from .errors import ManppError
@@ -72,6 +74,22 @@ class Position:
     history: list = dataclasses.field(default_factory=list)
     memory: dict | None = None
     partial: dict | None = None  # the running sums of an epoch a stop signal cut short
+
+    @classmethod
+    def of(cls, ckpt: dict | None) -> "Position":
+        if ckpt is None:
+            return cls()
+        return cls(ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"], ckpt["history"], ckpt.get("memory"),
+                   ckpt.get("partial"))
+
+    def take_partial(self, width: int) -> tuple:
+        """``(sums, batches, skipped, seconds)`` to start an epoch from: zero, or what a stop signal left
+        (taken once: the next epoch starts from zero)."""
+        partial, self.partial = self.partial, None
+        if partial is None:
+            return torch.zeros(width, dtype=torch.float64), 0, 0, 0.0
+        return (partial["sums"].clone().double(), int(partial["batches"]), int(partial.get("skipped", 0)),
+                float(partial["seconds"]))
 
 
 def ending(cfg: C.TrainConfig, out: Path, epoch: int, step: int, batch_in_epoch: int, signum: int) -> tuple:

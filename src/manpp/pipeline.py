@@ -38,7 +38,7 @@ from . import distributed as D
 from .build import (build_model, build_optimizer, data_info, epoch_loader, load_data, lr_at, parameter_groups, resolved,
                     seed_everything, set_lr)
 from .build import steps_per_epoch as steps_per_epoch_of
-from .checkpoint import check_resumable, rng_state, set_rng_state, state_dict_mismatch
+from .checkpoint import check_resumable, load_model_state, rng_state, set_rng_state
 from .engine import LocalContext, local_step
 from .errors import ManppError
 from .lifecycle import Diverged, Position, RunLifecycle, agreed_signal, ending
@@ -179,7 +179,7 @@ def train_pipelined(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, d
                   f"({', '.join(f'{r.start}-{r.stop - 1}' for r in layout)}), peak activation per stage "
                   f"{', '.join(format_bytes(b) for b in memory['stage_peak_bytes'])} at batch {cfg.batch_size}, "
                   f"EMA sync every {cfg.ema_sync_every} step(s), run folder {out}", flush=True)
-        epoch, step, batch_in_epoch, partial = at.epoch, at.step, at.batch_in_epoch, at.partial
+        epoch, step, batch_in_epoch = at.epoch, at.step, at.batch_in_epoch
         if ema_source is not None:  # the next stage's first unit, as it is at this step, just before the EMA update
             def receive_source() -> list[torch.Tensor]:
                 if step % cfg.ema_sync_every == 0:
@@ -194,7 +194,7 @@ def train_pipelined(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, d
         signum = 0
         while epoch < cfg.epochs and (cfg.max_steps is None or step < cfg.max_steps) and not signum:
             batches = iter(epoch_loader(train_set, cfg, epoch, batch_in_epoch)) if main else None
-            sums, n_batches, elapsed = _accumulators(partial, model.k)
+            sums, n_batches, _, elapsed = at.take_partial(model.k)
             partial, flag = None, 0
             model.train()
             started = time.perf_counter()
@@ -288,28 +288,17 @@ def _evaluate(model, task, test_set, cfg: C.TrainConfig, optimizer, sums, n_batc
             **{f"loss_{j}": m for j, m in enumerate(means)}}
 
 
-def _accumulators(partial: dict | None, k: int) -> tuple[torch.Tensor, int, float]:
-    """``(sums, batches, seconds)`` of this stage's epoch: zero, or what a stop signal left."""
-    if partial is None:
-        return torch.zeros(k, dtype=torch.float64), 0, 0.0
-    return partial["sums"].clone().double(), int(partial["batches"]), float(partial["seconds"])
-
-
 def _restore(ckpt: dict | None, model, optimizer, rank: int, device) -> Position:
     """The whole model, this stage's optimizer and generators from a checkpoint, else the start."""
     if ckpt is None:
         return Position()
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise ManppError(f"checkpoint does not fit this model: {state_dict_mismatch(exc)}") from None
+    load_model_state(model, ckpt)
     try:
         optimizer.load_state_dict(ckpt["optimizers"][rank])
     except (ValueError, KeyError, IndexError) as exc:
         raise ManppError(f"the checkpoint's optimizer state of stage {rank} does not fit: {exc}") from None
     set_rng_state(ckpt["rng_ranks"][rank], device)
-    return Position(ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"], ckpt["history"], ckpt.get("memory"),
-                    ckpt.get("partial"))
+    return Position.of(ckpt)
 
 
 def _to_cpu(obj):

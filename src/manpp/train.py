@@ -23,7 +23,7 @@ from . import distributed as D
 from .build import (RANK_SEED, build_model, build_optimizer, build_scaler, check_options, epoch_loader, load_data,
                     lr_at, memory_format, parameter_groups, resolved, seed_everything, set_lr)
 from .build import steps_per_epoch as steps_per_epoch_of
-from .checkpoint import check_resumable, rng_state, set_rng_state, state_dict_mismatch
+from .checkpoint import check_resumable, load_model_state, rng_state, set_rng_state
 from .errors import ManppError
 from .lifecycle import Diverged, Position, RunLifecycle, agreed_signal, ending
 from .memory import format_bytes, measure_step
@@ -136,7 +136,7 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
         if verbose:
             _announce(cfg, model, memory, len(train_set), n_test, device, out, world)
 
-        epoch, step, batch_in_epoch, partial = at.epoch, at.step, at.batch_in_epoch, at.partial
+        epoch, step, batch_in_epoch = at.epoch, at.step, at.batch_in_epoch
         max_steps, fmt = cfg.max_steps, memory_format(cfg)
         total = cfg.epochs * steps_per_epoch if max_steps is None else min(max_steps, cfg.epochs * steps_per_epoch)
         log = RunLog(out, cfg, write=main, verbose=verbose, total_steps=total)
@@ -161,8 +161,8 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
             model.train()
             # per module: summed mean losses; then training hits, what they were counted on, and images
             # (all processes: the global batch); carried over when a stop signal cut the epoch short
-            sums, n_batches, skipped, elapsed = _accumulators(partial, model.k)
-            partial, asked = None, False
+            sums, n_batches, skipped, elapsed = at.take_partial(model.k + 3)
+            asked = False
             started = time.perf_counter()
             bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
                        disable=None if verbose else True, dynamic_ncols=True, file=sys.stderr)
@@ -218,20 +218,11 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
     return RunResult(result, model, out)
 
 
-def _accumulators(partial: dict | None, k: int) -> tuple[torch.Tensor, int, int, float]:
-    """``(sums, batches, skipped, seconds)`` of the epoch: zero, or what a stop signal left."""
-    if partial is None:
-        return torch.zeros(k + 3, dtype=torch.float64), 0, 0, 0.0
-    return partial["sums"].clone().double(), int(partial["batches"]), int(partial["skipped"]), float(partial["seconds"])
-
 def _restore(ckpt: dict | None, model, optimizer, scaler, cfg: C.TrainConfig, rank: int, device) -> Position:
     """Where a checkpoint left off (loaded into the model, optimizer, loss scale and RNG), else the start."""
     if ckpt is None:
         return Position()
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise ManppError(f"checkpoint does not fit this model: {state_dict_mismatch(exc)}") from None
+    load_model_state(model, ckpt)
     if "optimizer" not in ckpt:
         raise ManppError(f"the checkpoint was written by a run of {ckpt.get('parallel_stages', '?')} pipelined stages: "
                          f"resume it with parallel=modules on as many processes")
@@ -246,8 +237,7 @@ def _restore(ckpt: dict | None, model, optimizer, scaler, cfg: C.TrainConfig, ra
         set_rng_state(ranks[rank], device)
     else:  # more processes than when it was saved: a fresh stream for this one
         seed_everything(cfg.seed + 1 + rank * RANK_SEED + ckpt["step"])
-    return Position(ckpt["epoch"], ckpt["step"], ckpt["batch_in_epoch"], ckpt["history"], ckpt.get("memory"),
-                    ckpt.get("partial"))
+    return Position.of(ckpt)
 
 
 def _measure(model, train_set, task, cfg: C.TrainConfig, device, world: int) -> dict:
