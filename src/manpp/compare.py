@@ -13,7 +13,7 @@ from .memory import format_bytes
 from .extras import available, require
 from .registry import METHODS, OBJECTIVES, objective_takers
 from .rundir import has_weights
-from .runlock import FolderLock
+from .runlock import FolderLock, holder
 from .safeio import make_folder, write_bytes, write_text
 from .train import train
 
@@ -53,6 +53,10 @@ def run_compare(cfg: C.TrainConfig, methods: list[str], *, json_path: str | None
     out = Path(cfg.out or Path("runs") / f"compare-{cfg.model}-{cfg.dataset}")
     if out.exists() and not out.is_dir():
         raise ManppError(f"compare folder '{out}' is an existing file, not a folder: give --out a folder path")
+    busy = [f"{m} ({holder(out / m)})" for m in methods if holder(out / m)]
+    if busy:
+        raise ManppError(f"'{out}' has run folders in use: {', '.join(busy)}; wait for them to end, or choose "
+                         f"another --out")
     taken = [m for m in methods if has_weights(out / m)]
     if taken and not overwrite:
         raise ManppError(f"'{out}' already holds runs of {', '.join(taken)}: replace them with --overwrite, or "

@@ -130,6 +130,9 @@ def write_atomic(path: str | Path, write: Callable[[BinaryIO], None]) -> Path:
 def make_folder(folder: str | Path, doing: str = "create the folder") -> Path:
     """``mkdir -p``, with a failure as one line."""
     folder = Path(folder)
+    blocking = next((p for p in (folder, *folder.parents) if p.exists() and not p.is_dir()), None)
+    if blocking is not None:
+        raise ManppError(f"cannot {doing} '{folder}': '{blocking}' is a file, not a folder")
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as exc:

@@ -96,7 +96,7 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
     out = run_folder(cfg, resume)
     life = RunLifecycle(out, resume=resume is not None, overwrite=overwrite, ckpt=ckpt, stop=stop)
     life.claim()  # locked and checked; nothing of the run is written before life.begin
-    with life.guard():
+    with life.guard(), contextlib.ExitStack() as stack:
         seed_everything(cfg.seed)
         if not main:
             D.barrier()  # rank 0 builds (and downloads) the datasets first
@@ -139,7 +139,7 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
         epoch, step, batch_in_epoch = at.epoch, at.step, at.batch_in_epoch
         max_steps, fmt = cfg.max_steps, memory_format(cfg)
         total = cfg.epochs * steps_per_epoch if max_steps is None else min(max_steps, cfg.epochs * steps_per_epoch)
-        log = RunLog(out, cfg, write=main, verbose=verbose, total_steps=total)
+        log = stack.enter_context(contextlib.closing(RunLog(out, cfg, write=main, verbose=verbose, total_steps=total)))
 
         def save(row: dict | None, partial: dict | None = None) -> None:
             rngs = D.gather_objects(rng_state(device))  # every process's generators, for an exact resume
@@ -213,7 +213,6 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
                 epoch, batch_in_epoch = epoch + 1, 0
             save(row)
             signum = agreed_signal(stop.signum)  # one that came during the evaluation or the save counts too
-        log.close()
         result = life.end(*ending(cfg, out, epoch, step, batch_in_epoch, signum), signal=signum, step=step)
     return RunResult(result, model, out)
 
