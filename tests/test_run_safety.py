@@ -474,9 +474,31 @@ def test_a_signal_stops_a_comparison_before_its_next_method(tmp_path, capsys, mo
     from fault_runner import install
 
     install("SIGTERM@step:2", patch=monkeypatch.setattr)
-    argv = ["compare", *[a for a in RUN if a not in ("--method", "manpp")], "--methods", "e2e,manpp",
-            "--out", str(tmp_path / "C")]
+    argv = ["compare", *_without(RUN, "--method"), "--methods", "e2e,manpp", "--out", str(tmp_path / "C")]
     assert main(argv) == 143
     table = (tmp_path / "C" / "compare.md").read_text()
     assert "e2e (stopped)" in table and "manpp (not run)" in table
     assert not (tmp_path / "C" / "manpp").exists() and ckpt(tmp_path / "C" / "e2e")["step"] == 2
+
+
+def _without(args: list[str], *options: str) -> list[str]:
+    """``args`` less the named options and their values."""
+    out, skip = [], False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in options:
+            skip = True
+        else:
+            out.append(a)
+    return out
+
+
+def test_compare_checks_every_method_before_it_replaces_any(tmp_path, capsys):
+    argv = ["compare", *_without(RUN, "--method", "--k"), "--methods", "e2e,manpp",
+            "--out", str(tmp_path / "C"), "--max-steps", "1"]
+    assert main(argv) == 0
+    before = snapshot(tmp_path / "C")
+    assert main([*argv, "--overwrite", "--k", "17"]) == 2  # e2e ignores K; manpp's K=17 is refused first
+    assert "K=17" in one_line(capsys.readouterr().err)
+    assert snapshot(tmp_path / "C") == before

@@ -160,6 +160,13 @@ def build_model(cfg: C.TrainConfig, info, device: torch.device | str = "cpu") ->
     return model.compile_parts(**({"mode": cfg.compile_mode} if cfg.compile_mode else {}))
 
 
+def check_buildable(cfg: C.TrainConfig) -> None:
+    """Every setting checked and the model built once on the CPU (and dropped), reading no data: what
+    a run would refuse (K, the objective's settings, the backbone, pretrained weights) is refused now."""
+    check_config(cfg)
+    build_model(dataclasses.replace(cfg, compile=False), data_info(cfg), "cpu")
+
+
 def load_pretrained(backbone, cfg: C.TrainConfig) -> None:
     """``pretrained``: a plain torchvision ResNet state dict file, loaded into the backbone's ResNet units."""
     from .models.imagenet import load_resnet_weights

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 from . import config as C
+from .build import check_buildable
 from .errors import ManppError
 from .memory import format_bytes
 from .extras import available, require
@@ -61,12 +62,13 @@ def run_compare(cfg: C.TrainConfig, methods: list[str], *, json_path: str | None
     if taken and not overwrite:
         raise ManppError(f"'{out}' already holds runs of {', '.join(taken)}: replace them with --overwrite, or "
                          f"choose another --out")
+    for method in methods:  # every method's model is built once before any run starts: none is replaced in vain
+        check_buildable(_method_config(cfg, method, out))
     make_folder(out, "write the compare folder")
     with FolderLock(out, "manpp compare"):  # one compare per folder; each run also locks its own
         records = []
         for method in methods:
-            run_cfg = dataclasses.replace(cfg, method=method, k=None if method == "e2e" else cfg.k,
-                                          out=str(out / method))
+            run_cfg = _method_config(cfg, method, out)
             if verbose:
                 print(f"\n== {method} ==")
             result = train(run_cfg, verbose=verbose, overwrite=overwrite)
@@ -93,6 +95,11 @@ def run_compare(cfg: C.TrainConfig, methods: list[str], *, json_path: str | None
         print(f"\nwrote {out / 'compare.json'}, {out / 'compare.md'}" + (f", {plot}" if plot else "")
               + (f" and {json_path}" if json_path else ""))
     return records
+
+
+def _method_config(cfg: C.TrainConfig, method: str, out: Path) -> C.TrainConfig:
+    """One method's run: the shared recipe, its own folder; ``k`` applies to the local methods only."""
+    return dataclasses.replace(cfg, method=method, k=None if method == "e2e" else cfg.k, out=str(out / method))
 
 
 def format_table(records: list[dict]) -> str:
