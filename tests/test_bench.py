@@ -1,5 +1,7 @@
 import json
 
+import pytest
+
 from manpp import config as C
 from manpp.bench import bench
 from manpp.cli import main
@@ -42,6 +44,7 @@ def test_bench_method_objective_pairs(capsys):
     assert "only man and manpp" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_the_device_check_runs_in_quick_mode_on_the_cpu(tmp_path):
     """benchmarks/gpu.sh --device cpu --quick: the GPU check's code path (every setting family,
     method and mode, the fast path through compile_parts, the accuracy run), so it cannot rot."""

@@ -17,6 +17,7 @@ def cfg(tmp_path, **kw):
     return C.apply(C.TrainConfig(), {**SMALL, "out": str(tmp_path / "run"), **kw})
 
 
+@pytest.mark.slow  # the fast tier's loss decrease on digits: tests/test_lightning.py, tests/test_predsim.py
 def test_loss_goes_down_on_digits(tmp_path):
     result = train(cfg(tmp_path, method="manpp", objective="dgl", k=3, epochs=3), verbose=False)
     hist = result.summary["history"]
@@ -36,10 +37,12 @@ def _state(model):
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-@pytest.mark.parametrize("split_at", [{"max_steps": 22}, {"max_steps": 5}])  # epoch boundary, mid-epoch
+@pytest.mark.parametrize("split_at", [pytest.param({"max_steps": 5}, marks=pytest.mark.slow),  # epoch boundary
+                                      {"max_steps": 3}])  # mid-epoch (the signal tests resume at boundaries too)
 def test_resume_continues_exactly(tmp_path, split_at):
-    full = train(cfg(tmp_path / "a", method="manpp", objective="infopro", k=3, epochs=2), verbose=False)
-    first = cfg(tmp_path / "b", method="manpp", objective="infopro", k=3, epochs=2)
+    small = dict(method="manpp", objective="infopro", k=3, epochs=2, train_subset=320, test_subset=128)  # 5 steps/epoch
+    full = train(cfg(tmp_path / "a", **small), verbose=False)
+    first = cfg(tmp_path / "b", **small)
     train(C.apply(first, split_at), verbose=False)
     resumed = train(first, resume=str(tmp_path / "b" / "run"), verbose=False)
     a, b = _state(full.model), _state(resumed.model)
@@ -51,9 +54,9 @@ def test_resume_continues_exactly(tmp_path, split_at):
 
 def test_resume_restores_adamw_and_the_fp16_loss_scale(tmp_path):
     """AdamW moments, the one GradScaler of fp16 and the MAN++ state survive an interruption."""
-    kw = dict(model="resnet8", dataset="synthetic", train_subset=48, test_subset=16, batch_size=16, epochs=2,
-              method="manpp", objective="dgl", k=3, optimizer="adamw", lr=1e-3, weight_decay=0.05, amp="fp16",
-              device="cpu", warmup_epochs=0.0)
+    kw = dict(model="resnet8", dataset="synthetic", image_size=16, train_subset=48, test_subset=16, batch_size=16,
+              epochs=2, method="manpp", objective="dgl", k=3, optimizer="adamw", lr=1e-3, weight_decay=0.05,
+              amp="fp16", device="cpu", warmup_epochs=0.0)  # fp16 convolutions are slow on a CPU: small images
     full = train(C.apply(C.TrainConfig(), {**kw, "out": str(tmp_path / "a")}), verbose=False)
     first = C.apply(C.TrainConfig(), {**kw, "out": str(tmp_path / "b")})
     train(C.apply(first, {"max_steps": 2}), verbose=False)

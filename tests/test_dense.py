@@ -47,7 +47,8 @@ def _grads(model, j):
             for i in model.partition.units_of(j) for p in model.backbone.units[i].parameters()]
 
 
-@pytest.mark.parametrize("name", list(SIZE))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n.startswith("deeplab") else n
+                                  for n in SIZE])
 def test_dense_modules_are_gradient_isolated(name):
     """Changing the last module (layer4 + FPN/ASPP + heads) leaves the first three modules' gradients
     unchanged: C3 and C4 reach the FPN detached, as in the release."""
@@ -136,7 +137,8 @@ def test_coco_ap_of_perfect_shifted_and_no_detections():
     assert coco_map(gt, [])["map"] == 0.0
 
 
-@pytest.mark.parametrize("model,metric", [("retinanet_resnet18", "map"), ("deeplabv3_resnet50", "miou")])
+@pytest.mark.parametrize("model,metric", [("retinanet_resnet18", "map"),
+                                          pytest.param("deeplabv3_resnet50", "miou", marks=pytest.mark.slow)])
 def test_train_command_on_shapes(tmp_path, model, metric, capsys):
     out = tmp_path / "run"
     code = main(["train", "--model", model, "--dataset", "shapes", "--method", "manpp", "--objective", "dgl",
@@ -154,6 +156,7 @@ def test_train_command_on_shapes(tmp_path, model, metric, capsys):
     assert not any("aux" in k for k in state)
 
 
+@pytest.mark.slow
 def test_bench_shows_lower_memory_for_k4_on_both_tasks():
     from manpp.bench import bench
 

@@ -121,6 +121,7 @@ def _reference_steps(cfg: C.TrainConfig, world: int) -> torch.nn.Module:
     return model
 
 
+@pytest.mark.slow  # the fast tier starts torchrun in tests/test_run_safety.py (ranks stopping together)
 @pytest.mark.parametrize("optimizer,objective,k,overlap", [("sgd", "dgl", 3, True), ("sgd", "dgl", 3, False),
                                                          ("adamw", "infopro", 2, False)])
 def test_two_gloo_processes_equal_single_process_training(tmp_path, optimizer, objective, k, overlap):
@@ -197,6 +198,7 @@ os._exit(0)
 """
 
 
+@pytest.mark.slow
 def test_a_hung_process_makes_the_others_fail_after_dist_timeout():
     """Rank 1 stays alive but never reaches the all-reduce: rank 0 fails after dist_timeout seconds
     (torch's default would be 30 minutes)."""

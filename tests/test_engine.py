@@ -265,6 +265,7 @@ def test_auto_recompute_is_decided_at_the_first_step_and_bad_values_are_refused(
         make("manpp", 4, objective="dgl", depth=8, recompute_ema="sometimes")
 
 
+@pytest.mark.slow
 def test_compiled_parts_match_eager(batch):
     x, y = batch
     eager = make("manpp", 2, objective="dgl", depth=8)

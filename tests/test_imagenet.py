@@ -173,23 +173,31 @@ IMAGENET_CONFIGS = sorted(ROOT.glob("src/manpp/configs/imagenet_*.yaml"))
 
 
 @pytest.mark.parametrize("path", IMAGENET_CONFIGS, ids=lambda p: p.stem)
-def test_imagenet_paper_configs_load_and_build(path):
-    from manpp.data import dataset_info
-    from manpp.build import build_model
-
+def test_imagenet_paper_configs_load_and_cut(path):
     cfg = C.from_dict(C.load_yaml(path))
     assert cfg.dataset == "imagenet" and cfg.split == "paper" and cfg.epochs == 90 and cfg.batch_size == 1024
     assert cfg.image_size == 224 and cfg.warmup_epochs == 0
     vit = cfg.model.startswith("vit_")
     assert (cfg.optimizer, cfg.lr) == (("adamw", 1e-3) if vit else ("sgd", 0.4))
-    # building at 32 px keeps the test fast; the partition does not depend on the size
+    # checked at the partition level: the backbone alone (at 32 px; the cut does not depend on the size)
+    net = manpp.build_backbone(cfg.model, num_classes=10, image_size=32)
+    assert manpp.make_partition(net, cfg.k, cfg.split).k == cfg.k
+    if not vit:  # the release's constant ImageNet weights (one full build checks them: see below)
+        assert (cfg.heads["ixx_1"], cfg.heads["ixy_1"], cfg.heads["lambda_schedule"]) == (5.0, 0.75, "constant")
+
+
+def test_an_imagenet_paper_config_builds_the_release_heads():
+    from manpp.build import build_model
+    from manpp.data import dataset_info
+
+    cfg = C.from_dict(C.load_yaml(ROOT / "src/manpp/configs/imagenet_resnet101_k4_infopro_manpp.yaml"))
     model = build_model(C.apply(cfg, {"image_size": 32}), dataset_info("imagenet", image_size=32))
     assert model.k == cfg.k and len(model.aux) == cfg.k - 1
     assert all(isinstance(a, MomentumAux) for a in model.aux)
-    if not vit:  # the release's constant ImageNet weights
-        assert all((a.head.lambda1, a.head.lambda2) == (5.0, 0.75) for a in model.aux)
+    assert all((a.head.lambda1, a.head.lambda2) == (5.0, 0.75) for a in model.aux)
 
 
+@pytest.mark.slow
 def test_a_paper_config_trains_and_exports_from_an_imagenet_folder(tmp_path):
     root = make_folder(tmp_path / "in", n_train=2, n_val=1)
     out = tmp_path / "run"

@@ -44,6 +44,7 @@ def test_train_help_shows_defaults_choices_examples_and_every_model(capsys):
         assert needle in text, needle
 
 
+@pytest.mark.slow
 def test_the_wheel_holds_presets_py_typed_license_and_the_version(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(tmp_path), str(ROOT)],
                           capture_output=True, text=True, timeout=600)

@@ -55,6 +55,7 @@ def test_stages_take_contiguous_groups_of_modules():
         stage_modules(2, 3)
 
 
+@pytest.mark.slow
 def test_two_stage_pipeline_equals_sequential_local_training(tmp_path):
     """Stage 0 and stage 1 run concurrently, each stepping its own optimizer; with the EMA source
     sent every step, every parameter and EMA copy after 4 steps equals sequential training."""
@@ -89,6 +90,19 @@ def test_two_stage_pipeline_equals_sequential_local_training(tmp_path):
     assert (cut / "best.pt").exists() and json.loads((cut / "summary.json").read_text())["steps"] == 4
 
 
+def test_a_signal_to_rank_0_stops_every_stage_after_the_same_step(tmp_path):
+    """SIGTERM to rank 0 at step 2 travels down the pipeline: both stages stop after step 2 and one
+    checkpoint holds both optimizers (the slow tier also resumes it and compares with a run never stopped)."""
+    cut = tmp_path / "cut"
+    stop = _run(cut, "parallel=modules", stages=2, fault="SIGTERM@step:2", env={"FAULT_RANK": "0"})
+    assert stop.returncode != 0 and "SIGTERM received" in stop.stderr
+    saved = torch.load(cut / "checkpoint.pt", map_location="cpu", weights_only=True)
+    assert saved["step"] == 2 and len(saved["optimizers"]) == 2 and len(saved["rng_ranks"]) == 2
+    summary = json.loads((cut / "summary.json").read_text())
+    assert summary["status"] == "stopped" and summary["signal"] == 15
+
+
+@pytest.mark.slow
 def test_a_failing_stage_ends_the_run_with_a_clear_error(tmp_path):
     started = time.perf_counter()
     proc = _run(tmp_path / "boom", "parallel=modules", "lr=1e30", "max_steps=20", stages=2, timeout=180)

@@ -342,7 +342,7 @@ TORCHVISION = {
 }
 
 
-@pytest.mark.parametrize("name", list(TORCHVISION))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n == "vgg11" else n for n in TORCHVISION])
 def test_wrap_cuts_torchvision_models_and_trains_them(name):
     torch.manual_seed(0)
     model = TORCHVISION[name]()
