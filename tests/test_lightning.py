@@ -200,3 +200,39 @@ def test_plain_loop_trains_on_digits(digits):
     assert all(torch.isfinite(torch.tensor(losses)).flatten())
     assert mean(task[-5:]) < 0.9 * mean(task[:5]), task
     assert mean(first_module[-5:]) < mean(first_module[:5]), first_module
+
+
+# --- (d) the caller's autocast is honoured --------------------------------------------------------
+
+def _unit_dtypes(model) -> tuple[list, object]:
+    """The dtype of every unit's output, recorded while training (a forward hook on each unit)."""
+    seen = []
+    hooks = [u.register_forward_hook(lambda _m, _i, out: seen.append(out.dtype)) for u in model.backbone.units]
+    return seen, hooks
+
+
+def test_an_outer_autocast_reaches_every_module(digits):
+    model = digits_model("manpp", 3)
+    seen, hooks = _unit_dtypes(model)
+    x, y = next(iter(train_loader(digits[0])))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model.train_step(x, y)
+    for h in hooks:
+        h.remove()
+    assert seen and set(seen) == {torch.bfloat16}, seen
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+@pytest.mark.filterwarnings("ignore:.*LeafSpec")
+def test_lightning_bf16_mixed_precision_trains_in_bf16(example, digits):
+    import lightning as L
+
+    L.seed_everything(0, verbose=False)
+    model = example.build_model(ARCH, "manpp", k=3, **NO_MEMORY_PROBE)
+    seen, hooks = _unit_dtypes(model)
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, precision="bf16-mixed")
+    trainer.fit(example.LocalLearningModule(model, lr=0.05), train_loader(digits[0]))
+    for h in hooks:
+        h.remove()
+    assert trainer.global_step == 2 and seen and set(seen) == {torch.bfloat16}, set(seen)

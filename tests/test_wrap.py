@@ -376,3 +376,95 @@ def test_wrapped_modules_are_gradient_isolated():
     for i in a.partition.units_of(0):
         for pa, pb in zip(a.backbone.units[i].parameters(), b.backbone.units[i].parameters()):
             assert torch.equal(pa.grad, pb.grad)
+
+
+# --- wrap as users really use it (issue 20, section 5) -----------------------------------------
+
+@pytest.mark.parametrize("method", ["man", "manpp"])
+def test_a_module_starting_with_a_unit_without_parameters(method):
+    """Module 1 starts with a MaxPool: its EMA copy has no parameters to follow (it once crashed)."""
+    torch.manual_seed(0)
+    net = nn.Sequential(conv_block(3, 8), nn.MaxPool2d(2), conv_block(8, 8), pool_head(8))
+    local = manpp.wrap(net, k=3, method=method, objective="dgl", image_size=32, split="0,1", recompute_ema=False)
+    assert isinstance(local.aux[0].source, nn.MaxPool2d) and not list(local.aux[0].source.parameters())
+    x, y = images()
+    result = step(local, x, y)
+    assert all(torch.isfinite(v) for v in result.losses) and local.aux[0].ema_distance() == 0.0
+
+
+def test_the_default_objective_trains_at_any_input_size():
+    """wrap's probe batch is 224 px by default; InfoPro's decoders follow the images they are given."""
+    torch.manual_seed(0)
+    local = manpp.wrap(torchvision.models.resnet18(num_classes=10), k=4, recompute_ema=False)
+    assert local.objective == "infopro" and local.backbone.image_size == 224
+    for side in (48, 64):
+        result = local.train_step(torch.randn(2, 3, side, side), torch.tensor([0, 1]))
+        assert all(torch.isfinite(v) for v in result.losses)
+
+
+def test_ddp_around_a_local_model_is_refused_with_the_supported_way(tmp_path):
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous'}", rank=0, world_size=1)
+    try:
+        local = manpp.wrap(nn.Sequential(conv_block(3, 8), conv_block(8, 8), pool_head(8)), k=2, objective="dgl",
+                           image_size=32)
+        wrapped = DistributedDataParallel(local)
+        x, y = images()
+        with pytest.raises(ManppError, match=r"wrapped in DistributedDataParallel.*all_reduce_gradients"):
+            wrapped.module.train_step(x, y)
+        plain = manpp.wrap(nn.Sequential(conv_block(3, 8), conv_block(8, 8), pool_head(8)), k=2, objective="dgl",
+                           image_size=32)
+        plain.train_step(x, y)  # the supported way: the model itself, gradients averaged by hand
+        manpp.distributed.all_reduce_gradients(plain.parameters_to_optimize())
+    finally:
+        dist.destroy_process_group()
+
+
+class SameShapes(nn.Module):
+    """Two blocks of the same shape: listed in the wrong order they would run without an error."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = conv_block(3, 8)
+        self.a, self.b = conv_block(8, 8), conv_block(8, 8)
+        self.fc = pool_head(8)
+
+    def forward(self, x):
+        return self.fc(self.b(self.a(self.stem(x))))
+
+
+@pytest.mark.parametrize("head", ["fc", "outside"])
+def test_units_listed_out_of_order_are_refused(head):
+    model = SameShapes()
+    given = pool_head(8) if head == "outside" else head
+    units = ["stem", "b", "a"]
+    if head == "outside":  # the model's own head is then not trained: a body-only model
+        model.fc = nn.Identity()
+    with pytest.raises(ManppError, match=r"units= lists 'b' before 'a', but SameShapes's forward runs 'a' first"):
+        manpp.wrap(model, k=2, units=units, head=given, image_size=32)
+    assert manpp.wrap(model, k=2, units=["stem", "a", "b"], head=given, image_size=32).k == 2
+
+
+@needs_timm
+def test_a_timm_features_only_model_gets_the_right_diagnosis():
+    model = timm.create_model("resnet18", pretrained=False, features_only=True)
+    with pytest.raises(ManppError, match=r"features_only model .*without features_only=True"):
+        manpp.wrap(model, k=2, image_size=32)
+
+
+def test_squeezenet_is_cut_with_its_convolutional_classifier():
+    torch.manual_seed(0)
+    model = torchvision.models.squeezenet1_1(num_classes=10)
+    backbone = as_backbone(model, image_size=64)
+    x = torch.randn(2, 3, 64, 64)
+    model.eval(), backbone.eval()
+    with torch.no_grad():
+        assert torch.allclose(backbone(x), model(x), atol=1e-5)
+
+
+@needs_timm
+def test_timm_regnet_is_cut_per_block():
+    backbone = as_backbone(timm.create_model("regnetx_002", pretrained=False, num_classes=10), image_size=32)
+    assert "s4.b7" in backbone.unit_names and len(backbone.units) == 1 + 1 + 1 + 4 + 7  # stem, then 1, 1, 4, 7 blocks

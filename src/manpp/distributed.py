@@ -239,6 +239,42 @@ def all_reduce_gradients(params: Sequence[torch.nn.Parameter]) -> None:
     _finish(_launch(params, async_op=False))
 
 
+def ddp_wrapper_of(module: torch.nn.Module):
+    """The ``DistributedDataParallel`` that wraps ``module``, if one does (found through the objects that
+    refer to it: DDP keeps it in its ``_modules``); None otherwise, and always without a process group."""
+    if not is_initialized():
+        return None
+    import gc
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    frontier: list = [module]
+    for _ in range(3):  # module <- DDP._modules <- DDP.__dict__ <- DDP
+        found = []
+        for obj in gc.get_referrers(*frontier):
+            if isinstance(obj, DistributedDataParallel) and obj.module is module:
+                return obj
+            if isinstance(obj, dict):
+                found.append(obj)
+        if not found:
+            return None
+        frontier = found
+    return None
+
+
+def refuse_ddp_wrapper(module: torch.nn.Module) -> None:
+    """DDP cannot average a local model's gradients: it expects one backward per forward of the wrapped
+    module, while a local step runs K backward passes outside its forward. The processes would silently
+    drift apart, so this is one clear error instead."""
+    if ddp_wrapper_of(module) is not None:
+        raise ManppError("this LocalModel is wrapped in DistributedDataParallel, which does not see its K local "
+                         "backward passes: the gradients would not be averaged and the processes would drift apart. "
+                         "Train the LocalModel itself and average the gradients before the optimizer step: "
+                         "model.train_step(x, y); manpp.distributed.all_reduce_gradients("
+                         "model.parameters_to_optimize()); optimizer.step() (or use torchrun -m manpp train; "
+                         "docs/distributed.md)")
+
+
 class _Pending:
     """One group's gradients on their way through all-reduce: the flat buffers and their handles."""
 
@@ -352,7 +388,8 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-__all__ = ["BACKENDS", "LaunchEnv", "OverlappedReducer", "all_reduce_gradients", "all_reduce_sum", "barrier", "broadcast_buffers",
+__all__ = ["BACKENDS", "LaunchEnv", "OverlappedReducer", "all_reduce_gradients", "all_reduce_sum", "barrier",
+           "broadcast_buffers", "ddp_wrapper_of", "refuse_ddp_wrapper",
            "broadcast_object", "broadcast_state", "broadcast_tensors", "check_batch_size", "gather_objects",
            "is_initialized", "is_main", "launch_env", "planned_world_size", "process_device", "rank", "setup",
            "shard_bounds", "shutdown", "world_size"]

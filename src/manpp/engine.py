@@ -177,6 +177,11 @@ class LocalModel(nn.Module):
         ``manual_backward``, Fabric's or Accelerate's ``backward``), and is called K times.
         ``after_module(j)`` is called once module j's gradients are final (after its backward).
         """
+        if not self.__dict__.get("_wrapper_checked"):  # once: DDP around a local model would silently diverge
+            from .distributed import refuse_ddp_wrapper
+
+            refuse_ddp_wrapper(self)
+            self.__dict__["_wrapper_checked"] = True
         if self.first_step_hooks:
             self.run_first_step_hooks(inputs, targets)
         return local_step(self, inputs, targets, scaler, backward=backward, after_module=after_module)
@@ -203,6 +208,13 @@ class LocalModel(nn.Module):
         return {k: v.detach().clone() for k, v in self.backbone.state_dict().items()}
 
 
+def autocast_of(model: nn.Module, inputs: torch.Tensor):
+    """``model.amp_dtype``'s autocast; without one, nothing: an autocast the caller entered (Lightning's
+    ``precision="bf16-mixed"``, your own ``with torch.autocast(...)``) stays in force."""
+    dtype = getattr(model, "amp_dtype", None)
+    return torch.autocast(inputs.device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
 def local_step(model: LocalModel, inputs: torch.Tensor, targets, scaler: LossScale | None = None, *,
                modules: Sequence[int] | None = None, ctx: LocalContext | None = None,
                backward: Backward | None = None, after_module: Callable[[int], None] | None = None) -> StepResult:
@@ -224,10 +236,9 @@ def local_step(model: LocalModel, inputs: torch.Tensor, targets, scaler: LossSca
     ctx = ctx or LocalContext(inputs, targets, model.denormalize)
     losses = []
     x = inputs
-    amp = torch.autocast(inputs.device.type, dtype=model.amp_dtype, enabled=model.amp_dtype is not None)
     for j in modules if modules is not None else range(model.k):
         stage = model.stages[j]
-        with amp, saved_in(model.saved_dtype):
+        with autocast_of(model, inputs), saved_in(model.saved_dtype):
             h = stage(x)
             loss = model.local_loss(j)(h, ctx)
         if loss.requires_grad:
@@ -257,8 +268,7 @@ def evaluate(model: nn.Module, batches: Iterable, device: torch.device | str = "
     correct, total, loss_sum = 0, 0, 0.0
     for inputs, targets in batches:
         inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-        with torch.autocast(inputs.device.type, dtype=getattr(model, "amp_dtype", None),
-                            enabled=getattr(model, "amp_dtype", None) is not None):
+        with autocast_of(model, inputs):
             logits = model(inputs).float()
         loss_sum += float(nn.functional.cross_entropy(logits, targets, reduction="sum"))
         correct += int((logits.argmax(1) == targets).sum())

@@ -130,14 +130,19 @@ class MomentumAux(nn.Module):
 
     @torch.no_grad()
     def after_backward(self) -> None:
-        """The EMA step over parameters (not BN buffers), one fused multi-tensor lerp."""
-        torch._foreach_lerp_(list(self.ema.parameters()), self.source_parameters(), 1.0 - self.momentum)
+        """The EMA step over parameters (not BN buffers), one fused multi-tensor lerp; nothing to do for a
+        unit without parameters (a pooling or an activation given as a unit)."""
+        ema = list(self.ema.parameters())
+        if ema:
+            torch._foreach_lerp_(ema, self.source_parameters(), 1.0 - self.momentum)
 
     def ema_distance(self) -> float:
         """||theta_EMA - theta_U||, for logging how closely the copy follows its unit."""
+        ema = [p.detach() for p in self.ema.parameters()]
+        if not ema:
+            return 0.0
         with torch.no_grad():
-            diffs = torch._foreach_sub([p.detach() for p in self.ema.parameters()],
-                                       [p.detach() for p in self._source.parameters()])
+            diffs = torch._foreach_sub(ema, [p.detach() for p in self._source.parameters()])
             return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(diffs))))
 
 

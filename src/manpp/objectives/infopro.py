@@ -49,7 +49,9 @@ class InfoProSettings:
 
 
 class Decoder(nn.Module):
-    """Bilinear resize to the image size, 3x3 conv C->12 -> BN -> ReLU -> 3x3 conv -> image channels."""
+    """Bilinear resize to the image size, 3x3 conv C->12 -> BN -> ReLU -> 3x3 conv -> image channels.
+
+    The size is the target image's, whatever the input size (``image_size`` is the one it is built for)."""
 
     def __init__(self, channels: int, image_size: int, image_channels: int = 3, widen: int = 1):
         super().__init__()
@@ -63,7 +65,7 @@ class Decoder(nn.Module):
         self.factored = True  # False: the straightforward resize-then-conv (for comparison)
 
     def forward(self, x: torch.Tensor, image01: torch.Tensor) -> torch.Tensor:
-        x = self.net[1:](resized_conv(x, self.net[0], (self.image_size, self.image_size), self.factored))
+        x = self.net[1:](resized_conv(x, self.net[0], tuple(image01.shape[-2:]), self.factored))
         return reconstruction_loss(x, image01)
 
 
@@ -148,7 +150,8 @@ class ImageNetDecoder(nn.Module):
     1x1 conv to 128 (192 above 512 channels), then steps of x2 bilinear upsampling (the last one
     to the exact image size) each followed by a conv, through widths ... 64, 32, 12 to the image
     channels. For 512 channels at 28 px and 1024 at 14 px of a 224 px image these are exactly
-    the release's Decoder(512) and Decoder(1024).
+    the release's Decoder(512) and Decoder(1024). At another input size the steps follow the
+    features' and the target image's sizes (the same number of steps).
     """
 
     def __init__(self, channels: int, size: int, image_size: int, image_channels: int = 3):
@@ -169,11 +172,13 @@ class ImageNetDecoder(nn.Module):
 
     def forward(self, x: torch.Tensor, image01: torch.Tensor) -> torch.Tensor:
         x = self.reduce(x)
-        for size, conv in zip(self.sizes, self.convs):
+        h, w = x.shape[-2:]
+        sizes = [(h * 2 ** (i + 1), w * 2 ** (i + 1)) for i in range(len(self.sizes) - 1)] + [tuple(image01.shape[-2:])]
+        for size, conv in zip(sizes, self.convs):
             if isinstance(conv, nn.Conv2d):
-                x = resized_conv(x, conv, (size, size), self.factored)
+                x = resized_conv(x, conv, size, self.factored)
             else:
-                x = conv[1:](resized_conv(x, conv[0], (size, size), self.factored))
+                x = conv[1:](resized_conv(x, conv[0], size, self.factored))
         return reconstruction_loss(x, image01)
 
 
