@@ -10,7 +10,6 @@ import dataclasses
 import math
 import random
 import warnings
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -144,10 +143,14 @@ def build_model(cfg: C.TrainConfig, info, device: torch.device | str = "cpu") ->
     from .models import build_backbone
     from .tasks import task_of
 
+    from .models.library import is_library_name
+
+    library = is_library_name(cfg.model)
     backbone = build_backbone(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
-                              image_size=info.image_size, anchor_base=cfg.anchor_base)
+                              image_size=info.image_size, anchor_base=cfg.anchor_base,
+                              pretrained=cfg.pretrained if library else None)
     cfg = F.resolve(cfg, backbone)
-    if cfg.pretrained:
+    if cfg.pretrained and not library:
         load_pretrained(backbone, cfg)
     model = build_local_model(backbone, cfg.local_settings(), num_classes=info.num_classes,
                               image_channels=info.in_channels, image_size=info.image_size,
@@ -168,20 +171,15 @@ def check_buildable(cfg: C.TrainConfig) -> None:
 
 
 def load_pretrained(backbone, cfg: C.TrainConfig) -> None:
-    """``pretrained``: a plain torchvision ResNet state dict file, loaded into the backbone's ResNet units."""
+    """``pretrained``: a plain torchvision ResNet state dict file, loaded into the backbone's ResNet units
+    (a library model, ``timm/...`` or ``torchvision/...``, loads its own when it is built)."""
+    from .checkpoint import load_weights
     from .models.imagenet import load_resnet_weights
 
     arch = str(getattr(backbone, "arch", "")).replace("retinanet_", "").replace("deeplabv3_", "")
     if not hasattr(backbone, "unit_names") or not arch.startswith(("resnet", "resnext", "wide_resnet")):
         raise ManppError(f"pretrained weights are for torchvision ResNet backbones; model '{cfg.model}' is not one")
-    path = Path(cfg.pretrained)
-    if not path.is_file():
-        raise ManppError(f"pretrained weights file '{path}' does not exist")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is the user's input
-        raise ManppError(f"cannot read pretrained weights '{path}': {exc}") from None
-    load_resnet_weights(backbone, state.get("state_dict", state) if isinstance(state, dict) else state)
+    load_resnet_weights(backbone, load_weights(cfg.pretrained))
 
 
 def resolved(cfg: C.TrainConfig, model: LocalModel) -> C.TrainConfig:

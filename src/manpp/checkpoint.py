@@ -134,6 +134,22 @@ def load(path: str | Path, *, purpose: str = "resume") -> dict:
     return ckpt
 
 
+def load_weights(path: str | Path) -> dict:
+    """A weights file (``pretrained=``): a state dict of tensors, or one inside ``state_dict`` / ``model``;
+    read safely, each way it can fail named."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManppError(f"pretrained weights file '{path}' does not exist" if not path.exists()
+                         else f"pretrained weights '{path}' is a folder, not a file")
+    state = _read(path)
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ManppError(f"pretrained weights '{path}' hold no state dict (a mapping of names to tensors)")
+    return state
+
+
 def is_finished(ckpt: dict) -> bool:
     """Whether the checkpoint's run trained all its epochs."""
     epochs = ckpt["config"].get("epochs", 0)
@@ -190,5 +206,5 @@ def check_resumable(cfg: C.TrainConfig, saved: dict, where: str = "checkpoint") 
 
 
 __all__ = ["BEST", "CHECKPOINT", "CHECKPOINT_VERSION", "KINDS", "check_resumable", "is_finished", "load",
-           "load_model_state",
+           "load_model_state", "load_weights",
            "nonfinite", "rng_state", "save", "set_rng_state", "state_dict_mismatch"]

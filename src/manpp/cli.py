@@ -29,7 +29,7 @@ COMMON = {"model": "model", "dataset": "dataset", "data_dir": "data_dir", "objec
           "epochs": "epochs", "batch_size": "batch_size", "max_steps": "max_steps", "device": "device",
           "seed": "seed", "out": "out", "split": "split", "lr": "lr", "channels_last": "channels_last",
           "amp": "amp", "image_size": "image_size", "compile": "compile", "optimizer": "optimizer", "dist_backend": "dist_backend",
-          "parallel": "parallel"}
+          "parallel": "parallel", "pretrained": "pretrained"}
 
 
 def _default(name: str) -> str:
@@ -48,7 +48,11 @@ def _add_common(p: argparse.ArgumentParser, *, method: bool = True) -> None:
     p.add_argument("--preset", metavar="NAME", help=f"a paper config shipped with manpp: {', '.join(preset_names())}")
     p.add_argument("--model", metavar="MODEL",
                    help=f"backbone (default {_default('model')}): {', '.join(model_names())}; CIFAR ResNets take "
-                   f"any depth 6n+2 (resnet<depth>)")
+                   f"any depth 6n+2 (resnet<depth>); timm/<name> and torchvision/<name> build any classifier of "
+                   f"those libraries and cut it as manpp.wrap does")
+    p.add_argument("--pretrained", nargs="?", const="library", metavar="FILE",
+                   help="start from pretrained weights: a state-dict file, or (no value) the library's own weights "
+                   "of a timm/ or torchvision/ model, from its cache on disk or downloaded")
     p.add_argument("--dataset", metavar="DATASET",
                    help=f"default {_default('dataset')}: {', '.join(DATASETS)} (imagenet, coco and cityscapes read "
                    f"a folder given by --data-dir; shapes and synthetic are generated)")

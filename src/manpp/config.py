@@ -109,7 +109,7 @@ class TrainConfig:
 
     def run_name(self) -> str:
         k = "" if self.method == "e2e" or self.k is None else f"-k{self.k}"
-        return f"{self.model}-{self.dataset}-{self.method}{k}"
+        return f"{self.model.replace('/', '-')}-{self.dataset}-{self.method}{k}"
 
 
 # fields of one invocation, not of the run: a resumed run does not inherit them from its checkpoint

@@ -33,6 +33,7 @@ from .checkpoint import load as load_checkpoint
 from .errors import ManppError, choices
 from .extras import available, require
 from .models import build_backbone
+from .models.library import is_library_name, loads_into
 from .rundir import RUN_FILES, holds_run, read_summary, status_of
 from .runlock import LOCK
 from .safeio import make_folder, write_bytes
@@ -92,7 +93,9 @@ def export_backbone(checkpoint: str | Path, out: str | Path, *, best: bool = Fal
     written = [str(write_bytes(path, data)) for path, data in encoded.items()]
     loader = (f"torchvision.models.{backbone.arch}" if hasattr(backbone, "export_state_dict")
               else f"manpp.build_backbone('{cfg.model}', ...)")
-    if cfg.model.startswith("vit_"):
+    if is_library_name(cfg.model):
+        loader = loads_into(cfg.model, int(num_classes))
+    elif cfg.model.startswith("vit_"):
         loader = "torchvision.models.vision_transformer.VisionTransformer"
     elif cfg.model.startswith("retinanet_"):
         loader = "torchvision.models.detection.RetinaNet (ResNet-FPN body, P6 from C5; see the README)"

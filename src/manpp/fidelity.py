@@ -57,8 +57,12 @@ def resolve(cfg, backbone=None):
     ``split`` and the objective's release settings need the backbone (its paper presets and its
     default objective); without one they are left as they are.
     """
+    from .models.library import is_library_name
+
     release = is_release(cfg)
     values = {name: pair[release] for name, pair in SWITCHES.items() if getattr(cfg, name) is None}
+    if cfg.gray_to_rgb is None and is_library_name(cfg.model):
+        values["gray_to_rgb"] = True  # timm and torchvision models read RGB (and their weights expect it)
     if backbone is not None:
         if cfg.split is None:
             values["split"] = _release_split(cfg, backbone) if release else "even"

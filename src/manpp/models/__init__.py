@@ -19,15 +19,18 @@ from ..errors import ManppError, choices
 from .cifar_resnet import CifarResNet, cifar_resnet_depths
 from .dense import DETECTORS, SEGMENTERS, DeepLabV3Backbone, RetinaNetBackbone
 from .imagenet import RESNETS, VITS, TorchvisionResNet, TorchvisionViT
+from .library import LIBRARIES, build_library_backbone, split_name
 
 __all__ = ["CifarResNet", "DeepLabV3Backbone", "MODELS", "RetinaNetBackbone", "TorchvisionResNet", "TorchvisionViT",
            "build_backbone", "model_names", "model_task"]
 
 
 def model_names() -> list[str]:
-    """Model names ``build_backbone`` accepts (CIFAR ResNets take any depth 6n+2)."""
+    """Model names ``build_backbone`` accepts (CIFAR ResNets take any depth 6n+2; ``timm/<name>`` and
+    ``torchvision/<name>`` take any classifier of those libraries)."""
     cifar = [f"resnet{d}" for d in cifar_resnet_depths() if f"resnet{d}" not in RESNETS]
-    return cifar + list(RESNETS) + list(VITS) + list(DETECTORS) + list(SEGMENTERS)
+    return cifar + list(RESNETS) + list(VITS) + list(DETECTORS) + list(SEGMENTERS) + \
+        [f"{library}/<name>" for library in LIBRARIES]
 
 
 MODELS = tuple(model_names())
@@ -40,15 +43,19 @@ def model_task(name: str) -> str:
 
 
 def build_backbone(name: str, *, num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
-                   anchor_base: int | None = None):
+                   anchor_base: int | None = None, pretrained: str | None = None):
     """Build a backbone by name.
 
     ``resnet<6n+2>`` (``resnet32``, ``resnet110``, ...) is a CIFAR ResNet, except the torchvision
     names ``resnet18/34/50/101/152``, which are the ImageNet ResNets; ``cifar_resnet<6n+2>`` is
     always the CIFAR one. ``resnext50_32x4d``, ``resnext101_32x8d``, ``wide_resnet50_2`` and
     ``vit_tiny``/``vit_small``/``vit_base`` (patch 16, depth 12, any image size divisible by 16)
-    are ImageNet backbones.
+    are ImageNet backbones. ``timm/<name>`` and ``torchvision/<name>`` build that library's classifier
+    and cut it as :func:`manpp.wrap` does (:mod:`manpp.models.library`; ``pretrained``: its weights).
     """
+    if split_name(name) is not None:  # timm/<name>, torchvision/<name>: the library's model, cut by wrap
+        return build_library_backbone(name, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                                      pretrained=pretrained)
     key = str(name).lower()
     if key in DETECTORS:  # anchors 32..512 (the paper) at image sizes of 300 px and more; 8..128 below
         base = anchor_base or (32 if image_size >= 300 else 8)
@@ -69,5 +76,5 @@ def build_backbone(name: str, *, num_classes: int = 10, in_channels: int = 3, im
         f"unknown model '{name}': accepted are CIFAR ResNets 'resnet<6n+2>' such as "
         f"{choices(['resnet20', 'resnet32', 'resnet56', 'resnet110'])} (also as 'cifar_resnet<6n+2>'), "
         f"ImageNet {choices(list(RESNETS))} and {choices(list(VITS))}, detection {choices(list(DETECTORS))}, "
-        f"segmentation {choices(list(SEGMENTERS))}"
+        f"segmentation {choices(list(SEGMENTERS))}, or any classifier as timm/<name> or torchvision/<name>"
     )
