@@ -468,3 +468,17 @@ def test_squeezenet_is_cut_with_its_convolutional_classifier():
 def test_timm_regnet_is_cut_per_block():
     backbone = as_backbone(timm.create_model("regnetx_002", pretrained=False, num_classes=10), image_size=32)
     assert "s4.b7" in backbone.unit_names and len(backbone.units) == 1 + 1 + 1 + 4 + 7  # stem, then 1, 1, 4, 7 blocks
+
+
+def test_a_unit_that_writes_into_its_input_gets_copies_of_it():
+    """A unit starting with ReLU(inplace=True) would overwrite the module's output, which the module's own
+    backward still needs: its learnable and EMA copies read copies of it (timm's VGG and DLA once crashed)."""
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.ReLU(inplace=True), nn.Conv2d(8, 8, 3, padding=1))
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), body, conv_block(8, 8), pool_head(8))
+    for recompute in (False, True):
+        local = manpp.wrap(copy.deepcopy(net), k=3, objective="dgl", image_size=32, recompute_ema=recompute)
+        x, y = images()
+        result = step(local, x, y)
+        assert all(torch.isfinite(v) for v in result.losses)
+        assert [a.inplace_input for a in local.aux] == [True, False]

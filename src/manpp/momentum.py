@@ -104,6 +104,7 @@ class MomentumAux(nn.Module):
         else:
             self.register_buffer("scale", torch.ones(()), persistent=False)
         object.__setattr__(self, "_source", unit)  # not a submodule
+        self.inplace_input: bool | None = None  # whether the unit writes into its input (found at the first call)
         # where the EMA update reads the unit's current parameters from: the unit itself, or (a
         # pipeline stage whose next unit lives in another process) a callback that receives them
         self.source_callback = None
@@ -118,12 +119,37 @@ class MomentumAux(nn.Module):
             return list(self.source_callback())
         return [p.detach() for p in self._source.parameters()]
 
+    def _writes_into_its_input(self, h: torch.Tensor) -> bool:
+        """Whether the unit modifies its input in place (a block that starts with ``ReLU(inplace=True)``,
+        or adds into ``x``): tried once, on a copy, in eval mode (no statistics change)."""
+        probe = h.detach().clone()
+        version = probe._version
+        mode = self.lb.training
+        self.lb.eval()
+        try:
+            with torch.no_grad():
+                self.lb(probe)
+        finally:
+            self.lb.train(mode)
+        return probe._version != version
+
+    def _lb(self, h: torch.Tensor) -> torch.Tensor:
+        return self.lb(h.clone() if self.inplace_input else h)
+
+    def _ema(self, h: torch.Tensor) -> torch.Tensor:
+        return self.ema(h.clone() if self.inplace_input else h)
+
     def mix(self, h: torch.Tensor) -> torch.Tensor:
-        """a = s * LB(h) + (2 - s) * EMA(h); with s fixed at 1 this is MAN's LB(h) + EMA(h)."""
+        """a = s * LB(h) + (2 - s) * EMA(h); with s fixed at 1 this is MAN's LB(h) + EMA(h).
+
+        A unit that writes into its input would overwrite h, which module j's own graph still needs:
+        such a unit's copies each read a copy of h (one more activation, only for such units)."""
+        if self.inplace_input is None:
+            self.inplace_input = self._writes_into_its_input(h)
         s = self.scale
         if self.recompute_ema and torch.is_grad_enabled() and h.requires_grad:
-            return _RecomputedMix.apply(h, self.lb(h), s, self.ema)
-        return s * self.lb(h) + (2 - s) * self.ema(h)
+            return _RecomputedMix.apply(h, self._lb(h), s, self._ema)
+        return s * self._lb(h) + (2 - s) * self._ema(h)
 
     def forward(self, h: torch.Tensor, ctx) -> torch.Tensor:
         return self.head(self.mix(h), ctx)
