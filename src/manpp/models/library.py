@@ -101,6 +101,8 @@ def _torchvision(model: str, num_classes: int, image_size: int, with_library_wei
 
     builder = torchvision.models.get_model_builder(model)
     kwargs = {"image_size": image_size} if model.startswith("vit_") else {}
+    if model in ("googlenet", "inception_v3"):  # their auxiliary classifiers train only with their own loss
+        kwargs.update(aux_logits=False, init_weights=True)
     if not with_library_weights:
         return builder(weights=None, num_classes=num_classes, **kwargs)
     net = builder(weights="DEFAULT", **({"image_size": image_size} if kwargs and image_size == 224 else {}))

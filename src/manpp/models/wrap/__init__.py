@@ -47,26 +47,27 @@ from ...errors import ManppError
 from .adapters import Permute, WrappedBackbone
 from .cut import HOW_TO, Cut, kind_of
 from .probe import default_image_size, export_keys, first_conv_channels, probe, stages_from_shapes
-from . import timm_models, torchvision_models
+from . import children, timm_models, torchvision_models
 from .user import cut_list, cut_named, cut_sequential
 
 __all__ = ["Permute", "WrappedBackbone", "as_backbone"]
 
 
-# every family manpp cuts by itself, as (predicate, cutter) pairs tried in order: a new family is a
-# file with its own FAMILIES list, added here
-RECOGNISED = [*timm_models.FAMILIES, *torchvision_models.FAMILIES]
+# every family manpp cuts by itself, as (predicate, cutter) pairs tried in order (the generic chain of
+# children last); a new family is a file with its own FAMILIES list, added here
+RECOGNISED = [*timm_models.FAMILIES, *torchvision_models.FAMILIES, *children.FAMILIES]
 
 
-def cut_recognised(model: nn.Module, x: torch.Tensor) -> Cut:
-    """The cut of a timm or torchvision classifier, else one clear error."""
-    for recognises, cutter in RECOGNISED:
-        if recognises(model):
-            return cutter(model, x)
-    named = [n for n, _ in model.named_children()]
-    raise ManppError(f"cannot cut {kind_of(model)} into units: it is not a torchvision or timm classifier manpp "
-                     f"recognises (none of its modules ({', '.join(named) or 'none'}) is a known stage list such as "
-                     f"ResNet 'layer1..4', 'features', timm 'stages'/'blocks' or a ViT 'encoder.layers'); {HOW_TO}")
+def recognised_cutters(model: nn.Module) -> list:
+    """The cutters that may cut ``model``, most specific first; one clear error when none applies."""
+    cutters = [cutter for recognises, cutter in RECOGNISED if recognises(model)]
+    if not cutters:
+        named = [n for n, _ in model.named_children()]
+        raise ManppError(f"cannot cut {kind_of(model)} into units: it is not a torchvision or timm classifier manpp "
+                         f"recognises (none of its modules ({', '.join(named) or 'none'}) is a known stage list such "
+                         f"as ResNet 'layer1..4', 'features', timm 'stages'/'blocks' or a ViT 'encoder.layers'); "
+                         f"{HOW_TO}")
+    return cutters
 
 
 def as_backbone(model: nn.Module | Sequence[nn.Module], *, units: Sequence | None = None, head=None,
@@ -103,15 +104,35 @@ def as_backbone(model: nn.Module | Sequence[nn.Module], *, units: Sequence | Non
     elif head is not None:
         raise ManppError(f"head= without units= is for an nn.Sequential or a list of units; for {kind_of(model)} "
                          f"pass units= too, or neither to let manpp cut it")
-    else:
-        try:
-            cut = cut_recognised(model, x)
-        except ManppError:
-            raise
-        except (AttributeError, KeyError, TypeError, IndexError, ValueError) as exc:
-            raise ManppError(f"cannot cut {kind_of(model)} into units: its structure is not the one manpp expected "
-                             f"({type(exc).__name__}: {exc}); {HOW_TO}") from exc
+    else:  # a model manpp cuts by itself: the first cutter whose cut computes what the model does
+        cutters = recognised_cutters(model)
+        first_error = None
+        for cutter in cutters:
+            try:
+                return _checked(_cut_with(cutter, model, x), in_channels, image_size, num_classes, x)
+            except ManppError as exc:
+                first_error = first_error or exc
+        if cutters == [children.cut_children]:  # no family knows it, and it is not a plain chain either
+            named = [n for n, _ in model.named_children()]
+            why = str(first_error).split(": ", 1)[-1].split("; pass its parts")[0]
+            raise ManppError(f"cannot cut {kind_of(model)} into units: it is not a torchvision or timm classifier manpp "
+                             f"recognises (its modules: {', '.join(named)}), and {why}; {HOW_TO}") from first_error
+        raise first_error
+    return _checked(cut, in_channels, image_size, num_classes, x)
 
+
+def _cut_with(cutter, model: nn.Module, x: torch.Tensor) -> Cut:
+    try:
+        return cutter(model, x)
+    except ManppError:
+        raise
+    except (AttributeError, KeyError, TypeError, IndexError, ValueError) as exc:
+        raise ManppError(f"cannot cut {kind_of(model)} into units: its structure is not the one manpp expected "
+                         f"({type(exc).__name__}: {exc}); {HOW_TO}") from exc
+
+
+def _checked(cut: Cut, in_channels: int, image_size: int, num_classes: int | None, x: torch.Tensor) -> WrappedBackbone:
+    """The backbone of ``cut``, with its export keys, after the probe's checks."""
     backbone = WrappedBackbone([m for _, m, _ in cut.units], [n for n, _, _ in cut.units],
                                [s or 0 for _, _, s in cut.units], cut.head, arch=cut.arch, aux_family="imagenet",
                                num_classes=num_classes or 0, in_channels=in_channels, image_size=image_size)
