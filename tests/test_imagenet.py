@@ -118,7 +118,9 @@ def test_export_loads_into_the_plain_torchvision_model(arch, size):
 
 def test_cifar_names_stay_cifar_and_torchvision_names_are_imagenet():
     assert type(manpp.build_backbone("resnet32")).__name__ == "CifarResNet"
-    assert type(manpp.build_backbone("resnet50")).__name__ == "TorchvisionResNet"
+    resnet50 = manpp.build_backbone("resnet50")  # torchvision's, cut by the cutter manpp.wrap uses
+    assert type(resnet50).__name__ == "WrappedBackbone" and (resnet50.arch, resnet50.aux_family) == ("resnet50",
+                                                                                                  "imagenet")
     cifar50 = manpp.build_backbone("cifar_resnet50")
     assert type(cifar50).__name__ == "CifarResNet" and len(cifar50.units) == 25
     with pytest.raises(ManppError, match="paper preset"):

@@ -47,9 +47,9 @@ def _add_common(p: argparse.ArgumentParser, *, method: bool = True) -> None:
                    help="YAML config file, or a preset's bare name (see --preset)")
     p.add_argument("--preset", metavar="NAME", help=f"a paper config shipped with manpp: {', '.join(preset_names())}")
     p.add_argument("--model", metavar="MODEL",
-                   help=f"backbone (default {_default('model')}): {', '.join(model_names())}; CIFAR ResNets take "
-                   f"any depth 6n+2 (resnet<depth>); timm/<name> and torchvision/<name> build any classifier of "
-                   f"those libraries and cut it as manpp.wrap does")
+                   help=f"backbone (default {_default('model')}): {', '.join(model_names())}; resnet<6n+2> is a "
+                   f"CIFAR ResNet of that depth; <library>/<name> (timm/<name>, torchvision/<name>) builds any "
+                   f"classifier of those libraries and cuts it as manpp.wrap does")
     p.add_argument("--pretrained", nargs="?", const="library", metavar="FILE",
                    help="start from pretrained weights: a state-dict file, or (no value) the library's own weights "
                    "of a timm/ or torchvision/ model, from its cache on disk or downloaded")
@@ -176,6 +176,7 @@ def resolve_config(args: argparse.Namespace, base: C.TrainConfig | None = None) 
 def cmd_train(args) -> int:
     from .rundir import resume_source
     from .stopsignals import exit_code
+    from .tasks import metric_title
     from .train import train
 
     base = None
@@ -188,7 +189,7 @@ def cmd_train(args) -> int:
     code = exit_code(result.signal) if result.signal else 0
     if not is_main():  # under torchrun only rank 0 reports
         return code
-    name = {"accuracy": "accuracy", "miou": "mIoU", "map": "AP (COCO box AP@[.5:.95])"}.get(s["metric"], s["metric"])
+    name = metric_title(s["metric"])
     score = "-" if s["test_score"] is None else f"{s['test_score']:.2%} (best {s['best_test_score']:.2%})"
     if s["status"] == "finished":
         print(f"done: test {name} {score} after {s['epochs']} epoch(s); results in {result.out}")

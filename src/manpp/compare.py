@@ -14,6 +14,7 @@ from .memory import format_bytes
 from .extras import available, require
 from .registry import METHODS, OBJECTIVES, objective_takers
 from .rundir import has_weights
+from .tasks import metric_label, metric_title
 from .runlock import FolderLock, holder
 from .safeio import make_folder, write_bytes, write_text
 from .train import train
@@ -105,7 +106,7 @@ def _method_config(cfg: C.TrainConfig, method: str, out: Path) -> C.TrainConfig:
 def format_table(records: list[dict]) -> str:
     """A markdown table; memory and time also as ratios to the first method."""
     base = records[0]
-    name = {"accuracy": "acc", "miou": "mIoU", "map": "AP"}.get(base.get("metric") or "accuracy", base.get("metric"))
+    name = metric_label(base.get("metric") or "accuracy")
     lines = [f"| method | modules | test {name} | best {name} | peak activation | vs first | time / epoch | vs first |",
              "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in records:  # a run stopped before its first evaluation has no score and no epoch time: '-'
@@ -151,8 +152,7 @@ def compare_figure(records: list[dict]):
         acc = [100 * h["test_score"] for h in rows]
         ax_acc.plot(epochs, acc, marker="o", label=f"{r['method']} (K={r['modules']})")
     ax_acc.set_xlabel("epoch")
-    ax_acc.set_ylabel({"miou": "test mIoU (%)", "map": "test COCO box AP (%)"}.get(records[0].get("metric"),
-                                                                                "test accuracy (%)"))
+    ax_acc.set_ylabel(f"test {metric_title(records[0].get('metric') or 'accuracy')} (%)")
     ax_acc.set_title(f"{records[0]['model']} on {records[0]['dataset']}")
     ax_acc.grid(alpha=0.3)
     ax_acc.legend()

@@ -20,10 +20,10 @@ import torch
 
 from . import config as C
 from .engine import LocalModel
+from .tasks.registry import metric_label
 
 STATUSES = ("running", "finished", "stopped", "diverged", "failed")
 ENDED = ("finished", "stopped", "diverged", "failed")
-METRIC_NAMES = {"accuracy": "acc", "miou": "mIoU", "map": "AP"}
 
 
 def divergence(model: torch.nn.Module, row: dict) -> str | None:
@@ -44,7 +44,7 @@ def divergence(model: torch.nn.Module, row: dict) -> str | None:
 
 
 def metric_text(metric: str, value: float) -> str:
-    return f"{METRIC_NAMES.get(metric, metric)} {value:.2%}"
+    return f"{metric_label(metric)} {value:.2%}"
 
 
 def loss_text(means: list[float]) -> str:
@@ -94,4 +94,4 @@ def summary(cfg: C.TrainConfig, model: LocalModel, history: list[dict], memory: 
     }
 
 
-__all__ = ["ENDED", "METRIC_NAMES", "STATUSES", "divergence", "loss_text", "metric_text", "summary"]
+__all__ = ["ENDED", "STATUSES", "divergence", "loss_text", "metric_text", "summary"]

@@ -15,22 +15,18 @@ A backbone for manpp is an ``nn.Module`` with:
 
 from __future__ import annotations
 
-from ..errors import ManppError, choices
-from .cifar_resnet import CifarResNet, cifar_resnet_depths
-from .dense import DETECTORS, SEGMENTERS, DeepLabV3Backbone, RetinaNetBackbone
-from .imagenet import RESNETS, VITS, TorchvisionResNet, TorchvisionViT
-from .library import LIBRARIES, build_library_backbone, split_name
+from . import cifar_resnet, dense, imagenet, library  # noqa: F401  (each registers its backbones)
+from .cifar_resnet import CifarResNet
+from .dense import DeepLabV3Backbone, RetinaNetBackbone
+from .registry import BACKBONES, Backbone, register_backbone
 
-__all__ = ["CifarResNet", "DeepLabV3Backbone", "MODELS", "RetinaNetBackbone", "TorchvisionResNet", "TorchvisionViT",
-           "build_backbone", "model_names", "model_task"]
+__all__ = ["BACKBONES", "Backbone", "CifarResNet", "DeepLabV3Backbone", "MODELS", "RetinaNetBackbone",
+           "build_backbone", "model_names", "model_task", "register_backbone"]
 
 
 def model_names() -> list[str]:
-    """Model names ``build_backbone`` accepts (CIFAR ResNets take any depth 6n+2; ``timm/<name>`` and
-    ``torchvision/<name>`` take any classifier of those libraries)."""
-    cifar = [f"resnet{d}" for d in cifar_resnet_depths() if f"resnet{d}" not in RESNETS]
-    return cifar + list(RESNETS) + list(VITS) + list(DETECTORS) + list(SEGMENTERS) + \
-        [f"{library}/<name>" for library in LIBRARIES]
+    """Model names ``build_backbone`` accepts, patterns included (``resnet<6n+2>``, ``<library>/<name>``)."""
+    return BACKBONES.names()
 
 
 MODELS = tuple(model_names())
@@ -38,13 +34,12 @@ MODELS = tuple(model_names())
 
 def model_task(name: str) -> str:
     """'detection', 'segmentation' or 'classification' (what the model named ``name`` does)."""
-    key = str(name).lower()
-    return "detection" if key in DETECTORS else "segmentation" if key in SEGMENTERS else "classification"
+    return BACKBONES.find(name).task
 
 
 def build_backbone(name: str, *, num_classes: int = 10, in_channels: int = 3, image_size: int = 32,
                    anchor_base: int | None = None, pretrained: str | None = None):
-    """Build a backbone by name.
+    """Build a registered backbone by name (:mod:`manpp.models.registry`).
 
     ``resnet<6n+2>`` (``resnet32``, ``resnet110``, ...) is a CIFAR ResNet, except the torchvision
     names ``resnet18/34/50/101/152``, which are the ImageNet ResNets; ``cifar_resnet<6n+2>`` is
@@ -53,28 +48,6 @@ def build_backbone(name: str, *, num_classes: int = 10, in_channels: int = 3, im
     are ImageNet backbones. ``timm/<name>`` and ``torchvision/<name>`` build that library's classifier
     and cut it as :func:`manpp.wrap` does (:mod:`manpp.models.library`; ``pretrained``: its weights).
     """
-    if split_name(name) is not None:  # timm/<name>, torchvision/<name>: the library's model, cut by wrap
-        return build_library_backbone(name, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-                                      pretrained=pretrained)
-    key = str(name).lower()
-    if key in DETECTORS:  # anchors 32..512 (the paper) at image sizes of 300 px and more; 8..128 below
-        base = anchor_base or (32 if image_size >= 300 else 8)
-        return RetinaNetBackbone(key, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
-                                 anchor_base=base)
-    if key in SEGMENTERS:
-        return DeepLabV3Backbone(key, num_classes=num_classes, in_channels=in_channels)
-    if key in RESNETS:
-        return TorchvisionResNet(key, num_classes=num_classes, in_channels=in_channels)
-    if key in VITS:
-        return TorchvisionViT(key, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
-    cifar = key[len("cifar_"):] if key.startswith("cifar_") else key
-    if cifar.startswith("resnet") and cifar[6:].isdigit():
-        depth = int(cifar[6:])
-        if (depth - 2) % 6 == 0 and depth >= 8:
-            return CifarResNet(depth, num_classes=num_classes, in_channels=in_channels)
-    raise ManppError(
-        f"unknown model '{name}': accepted are CIFAR ResNets 'resnet<6n+2>' such as "
-        f"{choices(['resnet20', 'resnet32', 'resnet56', 'resnet110'])} (also as 'cifar_resnet<6n+2>'), "
-        f"ImageNet {choices(list(RESNETS))} and {choices(list(VITS))}, detection {choices(list(DETECTORS))}, "
-        f"segmentation {choices(list(SEGMENTERS))}, or any classifier as timm/<name> or torchvision/<name>"
-    )
+    entry = BACKBONES.find(name)
+    return entry.build(str(name).strip() if entry.matches is not None else entry.name, num_classes=num_classes,
+                       in_channels=in_channels, image_size=image_size, anchor_base=anchor_base, pretrained=pretrained)

@@ -8,12 +8,14 @@ as in the InfoPro/MAN++ releases. Weights: conv N(0, sqrt(2 / (k*k*C_out))), BN 
 from __future__ import annotations
 
 import math
+import re
 
 import torch
 from torch import nn
 
 from ..errors import ManppError
 from .imagenet import RESNETS
+from .registry import register_backbone
 
 
 def cifar_resnet_depths() -> list[int]:
@@ -112,3 +114,17 @@ class CifarResNet(nn.Module):
         for unit in self.units:
             x = unit(x)
         return self.head(x)
+
+
+def is_cifar_name(name: str) -> bool:
+    """``resnet<6n+2>`` (the torchvision names, registered exactly, win) or ``cifar_resnet<6n+2>``."""
+    found = re.fullmatch(r"(cifar_)?resnet(\d+)", str(name).strip().lower())
+    return found is not None and int(found.group(2)) >= 8 and (int(found.group(2)) - 2) % 6 == 0
+
+
+@register_backbone("resnet<6n+2>", family="cifar", matches=is_cifar_name,
+                   summary="a CIFAR ResNet of any depth 6n+2, e.g. resnet20, resnet32, resnet56, resnet110; "
+                   "cifar_resnet<6n+2> where the name is also torchvision's")
+def build_cifar_resnet(name: str, *, num_classes: int = 10, in_channels: int = 3, **_) -> CifarResNet:
+    depth = int(re.sub(r"^(cifar_)?resnet", "", str(name).strip().lower()))
+    return CifarResNet(depth, num_classes=num_classes, in_channels=in_channels)

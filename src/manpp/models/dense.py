@@ -25,7 +25,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .imagenet import TorchvisionResNet, PlainStateDict
+from .imagenet import PlainStateDict, resnet_reinit, resnet_units, torchvision_resnet
+from .registry import register_backbone
 
 DETECTORS = ("retinanet_resnet18", "retinanet_resnet34", "retinanet_resnet50", "retinanet_resnet101",
              "retinanet_resnet152")
@@ -103,10 +104,6 @@ def _width(block: nn.Module) -> int:
     return last.num_features
 
 
-def _resnet_units(base: TorchvisionResNet):
-    return list(base.units), list(base.unit_names), list(base.unit_stages)
-
-
 class RetinaNetBackbone(PlainStateDict, nn.Module):
     """RetinaNet with a ResNet + FPN backbone, cut into units (see the module docstring)."""
 
@@ -117,8 +114,7 @@ class RetinaNetBackbone(PlainStateDict, nn.Module):
                  image_size: int | None = None, anchor_base: int = 32, max_size: int | None = None):
         super().__init__()
         resnet = arch.split("_", 1)[1]
-        base = TorchvisionResNet(resnet, num_classes=1, in_channels=in_channels)
-        units, self.unit_names, self.unit_stages = _resnet_units(base)
+        units, self.unit_names, self.unit_stages = resnet_units(torchvision_resnet(resnet, 1, in_channels))
         last = {s: max(i for i, st in enumerate(self.unit_stages) if st == s) for s in (2, 3)}
         self.units = nn.ModuleList(PyramidUnit(u, keep=i in last.values()) for i, u in enumerate(units))
         widths = [_width(units[last[2]]), _width(units[last[3]]), _width(units[-1])]
@@ -131,7 +127,7 @@ class RetinaNetBackbone(PlainStateDict, nn.Module):
         object.__setattr__(self, "detector", detector)  # shares the head's modules; not registered twice
 
     def reinit_(self, module: nn.Module) -> None:
-        TorchvisionResNet.reinit_(self, module)
+        resnet_reinit(module)
 
     def forward(self, x: torch.Tensor) -> dict:
         for unit in self.units:
@@ -173,16 +169,15 @@ class DeepLabV3Backbone(PlainStateDict, nn.Module):
         from torchvision.models.segmentation.deeplabv3 import DeepLabHead
 
         resnet = arch.split("_", 1)[1]
-        base = TorchvisionResNet(resnet, num_classes=1, in_channels=in_channels,
-                                 replace_stride_with_dilation=[False, True, True])
-        units, self.unit_names, self.unit_stages = _resnet_units(base)
+        units, self.unit_names, self.unit_stages = resnet_units(
+            torchvision_resnet(resnet, 1, in_channels, replace_stride_with_dilation=[False, True, True]))
         self.units = nn.ModuleList(units)
         self.head = DeepLabHead(_width(units[-1]), num_classes)
         self.arch, self.resnet, self.num_classes, self.in_channels = arch, resnet, num_classes, in_channels
         self.ignore_index = ignore_index
 
     def reinit_(self, module: nn.Module) -> None:
-        TorchvisionResNet.reinit_(self, module)
+        resnet_reinit(module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         size = x.shape[-2:]
@@ -203,3 +198,17 @@ class DeepLabV3Backbone(PlainStateDict, nn.Module):
         if self.in_channels != 3:
             net.backbone.conv1 = nn.Conv2d(self.in_channels, 64, 7, 2, 3, bias=False)
         return net
+
+
+@register_backbone(*DETECTORS, family="detection", task="detection")
+def build_retinanet(name: str, *, num_classes: int = 80, in_channels: int = 3, image_size: int = 600,
+                    anchor_base: int | None = None, **_) -> RetinaNetBackbone:
+    """Anchors 32..512 (the paper) at image sizes of 300 px and more; 8..128 below."""
+    base = anchor_base or (32 if image_size >= 300 else 8)
+    return RetinaNetBackbone(name, num_classes=num_classes, in_channels=in_channels, image_size=image_size,
+                             anchor_base=base)
+
+
+@register_backbone(*SEGMENTERS, family="segmentation", task="segmentation")
+def build_deeplabv3(name: str, *, num_classes: int = 19, in_channels: int = 3, **_) -> DeepLabV3Backbone:
+    return DeepLabV3Backbone(name, num_classes=num_classes, in_channels=in_channels)

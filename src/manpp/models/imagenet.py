@@ -9,10 +9,11 @@
   named ``embed``, ``blocks.0``, ...; the head is the final LayerNorm, the class token and a linear
   layer.
 
-The modules are torchvision's own (same initialisation, same parameter shapes), so
-:meth:`TorchvisionResNet.export_state_dict` gives a state dict that loads into the plain
-torchvision model with ``strict=True``, and :meth:`load_plain_state_dict` takes one (for
-example ImageNet-pretrained weights) in.
+Both are built by torchvision and cut by the same cutter as :func:`manpp.wrap`
+(:mod:`manpp.models.wrap`), so their modules are torchvision's own (same initialisation, same
+parameter shapes) and their export is wrap's: ``export_state_dict()`` gives the plain torchvision
+model's keys (``strict=True`` loads them), ``load_plain_state_dict`` takes such a state dict in (for
+example ImageNet-pretrained weights), and ``plain_model()`` gives the plain model itself.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 
 from ..errors import ManppError
+from .registry import register_backbone
 
 RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
            "resnext101_32x8d", "wide_resnet50_2")
@@ -56,55 +58,72 @@ class PlainStateDict:
         raise KeyError(f"no mapping for state-dict key '{key}'")
 
 
-class TorchvisionResNet(PlainStateDict, nn.Module):
-    """A torchvision ResNet/ResNeXt cut into units: [stem, layer1.0, ..., layer4.(n-1)]."""
+def torchvision_resnet(arch: str, num_classes: int = 1000, in_channels: int = 3,
+                       replace_stride_with_dilation: list[bool] | None = None) -> nn.Module:
+    """torchvision's ResNet/ResNeXt ``arch``, its first convolution made for ``in_channels`` when not 3."""
+    import torchvision
 
-    aux_family = "imagenet"  # InfoPro heads of the release's ImageNet code
+    net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes,
+                                            replace_stride_with_dilation=replace_stride_with_dilation)
+    if in_channels != 3:
+        old = net.conv1
+        net.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
+        nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
+    return net
 
-    def __init__(self, arch: str = "resnet101", num_classes: int = 1000, in_channels: int = 3,
-                 replace_stride_with_dilation: list[bool] | None = None):
-        super().__init__()
-        import torchvision
 
-        self.arch = arch
-        self.num_classes, self.in_channels = num_classes, in_channels
-        net = getattr(torchvision.models, arch)(weights=None, num_classes=num_classes,
-                                                replace_stride_with_dilation=replace_stride_with_dilation)
-        if in_channels != 3:
-            old = net.conv1
-            net.conv1 = nn.Conv2d(in_channels, old.out_channels, old.kernel_size, old.stride, old.padding, bias=False)
-            nn.init.kaiming_normal_(net.conv1.weight, mode="fan_out", nonlinearity="relu")
-        units, names, stages = resnet_units(net)
-        self.units = nn.ModuleList(units)
-        self.unit_names, self.unit_stages = names, stages
-        self.head = PoolLinear(net.fc)
+def resnet_reinit(module: nn.Module) -> None:
+    """Re-draw a module's weights as torchvision initialises a ResNet (for random copies)."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
 
-    def reinit_(self, module: nn.Module) -> None:
-        """Re-draw a module's weights as torchvision initialises a ResNet (for random copies)."""
-        for m in module.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for unit in self.units:
-            x = unit(x)
-        return self.head(x)
+def vit_reinit(module: nn.Module) -> None:
+    """Re-draw a module's weights as torchvision initialises a ViT's blocks (for random copies)."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.normal_(m.bias, std=1e-6)
+        elif isinstance(m, nn.LayerNorm):
+            m.reset_parameters()
 
-    def _plain_prefixes(self) -> list[tuple[str, str]]:
-        pairs = [("units.0.0.", "conv1."), ("units.0.1.", "bn1."), ("head.fc.", "fc.")]
-        pairs += [(f"units.{i}.", f"{name}.") for i, name in enumerate(self.unit_names) if i > 0]
-        return pairs
 
-    def _make_plain(self) -> nn.Module:
-        import torchvision
+@register_backbone(*RESNETS, family="imagenet")
+def build_resnet(name: str, *, num_classes: int = 1000, in_channels: int = 3, image_size: int = 224, **_):
+    """A torchvision ResNet/ResNeXt cut by the same cutter as ``manpp.wrap``: the stem (conv1, bn1, relu,
+    maxpool), then every residual block; the head pools and applies ``fc``."""
+    from .wrap import as_backbone
 
-        net = getattr(torchvision.models, self.arch)(weights=None, num_classes=self.num_classes)
-        if self.in_channels != 3:
-            net.conv1 = nn.Conv2d(self.in_channels, 64, 7, 2, 3, bias=False)
-        return net
+    net = torchvision_resnet(name, num_classes, in_channels)
+    backbone = as_backbone(net, in_channels=in_channels, image_size=image_size, num_classes=num_classes)
+    backbone.arch, backbone.reinit_ = name, resnet_reinit
+    return backbone
+
+
+@register_backbone(*VITS, family="vit")
+def build_vit(name: str, *, num_classes: int = 1000, in_channels: int = 3, image_size: int = 224, **_):
+    """torchvision's VisionTransformer (patch 16, depth 12) at the Tiny/Small/Base widths, cut as
+    ``manpp.wrap`` cuts it: the embedding, then every encoder block (named ``blocks.i``)."""
+    from torchvision.models.vision_transformer import VisionTransformer
+
+    from .wrap import as_backbone
+
+    if image_size % VIT_PATCH:
+        raise ManppError(f"model '{name}' needs an image size divisible by its patch size {VIT_PATCH}, "
+                         f"got {image_size}")
+    width, heads = VITS[name]
+    net = VisionTransformer(image_size, VIT_PATCH, VIT_DEPTH, heads, width, 4 * width, num_classes=num_classes)
+    if in_channels != 3:
+        net.conv_proj = nn.Conv2d(in_channels, width, VIT_PATCH, VIT_PATCH)
+    backbone = as_backbone(net, in_channels=in_channels, image_size=image_size, num_classes=num_classes)
+    backbone.unit_names = ["embed"] + [f"blocks.{i}" for i in range(VIT_DEPTH)]
+    backbone.arch, backbone.reinit_ = name, vit_reinit
+    return backbone
 
 
 def resnet_units(net: nn.Module) -> tuple[list[nn.Module], list[str], list[int]]:
@@ -117,95 +136,6 @@ def resnet_units(net: nn.Module) -> tuple[list[nn.Module], list[str], list[int]]
             names.append(f"layer{s}.{i}")
             stages.append(s)
     return units, names, stages
-
-
-class PoolLinear(nn.Module):
-    def __init__(self, fc: nn.Linear):
-        super().__init__()
-        self.fc = fc
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
-
-
-class ViTEmbed(nn.Module):
-    """Patch projection, class token and position embedding: (B, C, H, W) -> (B, 1 + N, D)."""
-
-    def __init__(self, conv_proj: nn.Conv2d, class_token: nn.Parameter, pos_embedding: nn.Parameter,
-                 dropout: nn.Module):
-        super().__init__()
-        self.conv_proj, self.class_token, self.pos_embedding, self.dropout = conv_proj, class_token, pos_embedding, dropout
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_proj(x).flatten(2).transpose(1, 2)
-        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
-        return self.dropout(x + self.pos_embedding)
-
-
-class ClassTokenHead(nn.Module):
-    """LayerNorm, class token, Linear: the ViT's classifier (and its auxiliary heads' ending)."""
-
-    def __init__(self, ln: nn.LayerNorm, fc: nn.Linear):
-        super().__init__()
-        self.ln, self.fc = ln, fc
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc(self.ln(x)[:, 0])
-
-
-class TorchvisionViT(PlainStateDict, nn.Module):
-    """torchvision's VisionTransformer (patch 16, depth 12) at the Tiny/Small/Base widths, as units."""
-
-    aux_family = "vit"  # class-token heads
-
-    def __init__(self, arch: str = "vit_small", num_classes: int = 1000, in_channels: int = 3, image_size: int = 224):
-        super().__init__()
-        from torchvision.models.vision_transformer import VisionTransformer
-
-        if image_size % VIT_PATCH:
-            raise ManppError(f"model '{arch}' needs an image size divisible by its patch size {VIT_PATCH}, "
-                             f"got {image_size}")
-        width, heads = VITS[arch]
-        self.arch, self.num_classes, self.in_channels, self.image_size = arch, num_classes, in_channels, image_size
-        net = VisionTransformer(image_size, VIT_PATCH, VIT_DEPTH, heads, width, 4 * width, num_classes=num_classes)
-        if in_channels != 3:
-            net.conv_proj = nn.Conv2d(in_channels, width, VIT_PATCH, VIT_PATCH)
-        self._plain_args = (image_size, VIT_PATCH, VIT_DEPTH, heads, width, 4 * width)
-        embed = ViTEmbed(net.conv_proj, net.class_token, net.encoder.pos_embedding, net.encoder.dropout)
-        self.units = nn.ModuleList([embed, *net.encoder.layers])
-        self.unit_names = ["embed"] + [f"blocks.{i}" for i in range(VIT_DEPTH)]
-        self.unit_stages = [0] + [1] * VIT_DEPTH
-        self.head = ClassTokenHead(net.encoder.ln, net.heads.head)
-        self.width = width
-
-    def reinit_(self, module: nn.Module) -> None:
-        for m in module.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.normal_(m.bias, std=1e-6)
-            elif isinstance(m, nn.LayerNorm):
-                m.reset_parameters()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for unit in self.units:
-            x = unit(x)
-        return self.head(x)
-
-    def _plain_prefixes(self) -> list[tuple[str, str]]:
-        pairs = [("units.0.conv_proj.", "conv_proj."), ("units.0.class_token", "class_token"),
-                 ("units.0.pos_embedding", "encoder.pos_embedding"), ("head.ln.", "encoder.ln."),
-                 ("head.fc.", "heads.head.")]
-        pairs += [(f"units.{i + 1}.", f"encoder.layers.encoder_layer_{i}.") for i in range(VIT_DEPTH)]
-        return pairs
-
-    def _make_plain(self) -> nn.Module:
-        from torchvision.models.vision_transformer import VisionTransformer
-
-        net = VisionTransformer(*self._plain_args, num_classes=self.num_classes)
-        if self.in_channels != 3:
-            net.conv_proj = nn.Conv2d(self.in_channels, self.width, VIT_PATCH, VIT_PATCH)
-        return net
 
 
 def load_resnet_weights(backbone: nn.Module, state: dict[str, torch.Tensor]) -> int:

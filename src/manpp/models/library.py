@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import ManppError
 from ..extras import require
+from .registry import register_backbone
 
 LIBRARIES = ("timm", "torchvision")
 LIBRARY_WEIGHTS = "library"  # pretrained=library: the library's own pretrained weights
@@ -161,11 +162,14 @@ def loads_into(name: str, num_classes: int) -> str:
     return f"torchvision.models.get_model('{model}', num_classes={num_classes})"
 
 
+@register_backbone("<library>/<name>", family=None, matches=lambda name: "/" in str(name),
+                   summary="any classifier of timm or torchvision: timm/<name>, torchvision/<name>")
 def build_library_backbone(name: str, *, num_classes: int, in_channels: int, image_size: int,
-                           pretrained: str | None = None):
+                           pretrained: str | None = None, **_):
     """``timm/<name>`` or ``torchvision/<name>`` as a manpp backbone (see the module docstring)."""
     from .wrap import as_backbone
 
+    check_name(name)
     if in_channels != 3:
         raise ManppError(f"{name} reads 3-channel images, but the data has {in_channels}: leave gray_to_rgb at its "
                          f"default (true for library models) or set gray_to_rgb=true")

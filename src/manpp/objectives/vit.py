@@ -8,7 +8,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..models.imagenet import ClassTokenHead
+from ..models.wrap.adapters import ClassTokenHead
 
 
 class TokenHead(nn.Module):

@@ -7,12 +7,20 @@ from typing import Any
 import torch
 
 from ..engine import LocalContext, cross_entropy_loss, evaluate
+from .registry import register_task
 
 
 class Task:
     name = "classification"
     metric = "accuracy"  # the key of evaluate()'s result that scores a run
+    metric_label = "acc"  # the score in tables and progress lines
+    metric_title = "accuracy"  # the score in sentences
     collate = None  # DataLoader collate_fn (None: the default)
+
+    @classmethod
+    def for_backbone(cls, backbone) -> "Task":
+        """The task for ``backbone`` (dense tasks read their settings from it)."""
+        return cls()
 
     def prepare(self, batch, device: torch.device, memory_format=torch.contiguous_format):
         inputs, targets = batch
@@ -38,5 +46,6 @@ class Task:
         return self.prepare((x, y), device)
 
 
+@register_task
 class ClassificationTask(Task):
     """The task of every classifier (the base class's behaviour)."""

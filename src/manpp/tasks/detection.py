@@ -13,6 +13,7 @@ from .. import distributed
 from ..data import ShapesDetection, detection_collate
 from ..engine import LocalContext
 from .classification import Task
+from .registry import register_task
 
 
 @dataclass
@@ -28,12 +29,15 @@ class DetectionTargets:
         return len(self.boxes)
 
 
+@register_task
 class DetectionTask(Task):
     """RetinaNet: torchvision's transform, anchors, matching, focal + smooth-L1 loss, decoding and
     NMS; COCO AP with pycocotools' COCOeval."""
 
     name = "detection"
     metric = "map"
+    metric_label = "AP"
+    metric_title = "AP (COCO box AP@[.5:.95])"
     collate = staticmethod(detection_collate)
 
     def __init__(self, detector, anchor_base: int = 32):

@@ -9,13 +9,17 @@ from .. import distributed
 from ..data import IGNORE_INDEX
 from ..engine import LocalContext
 from .classification import Task
+from .registry import register_task
 
 
+@register_task
 class SegmentationTask(Task):
     """Per-pixel cross-entropy (``ignore_index`` ignored) on logits upsampled to the mask; mIoU."""
 
     name = "segmentation"
     metric = "miou"
+    metric_label = "mIoU"
+    metric_title = "mIoU"
 
     def __init__(self, num_classes: int, ignore_index: int = IGNORE_INDEX):
         self.num_classes, self.ignore_index = num_classes, ignore_index

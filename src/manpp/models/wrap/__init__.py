@@ -138,6 +138,7 @@ def _checked(cut: Cut, in_channels: int, image_size: int, num_classes: int | Non
                                num_classes=num_classes or 0, in_channels=in_channels, image_size=image_size)
     if cut.reference is not None:
         backbone.export_keys = export_keys(backbone, cut.reference, cut.label)
+        backbone.__dict__["reference_"] = cut.reference  # the model itself (sharing these modules), not registered
     backbone.aux_family, shapes, out = probe(cut, backbone, x)
     if any(s is None for _, _, s in cut.units):
         backbone.unit_stages = stages_from_shapes(shapes)

@@ -4,6 +4,7 @@ permutations for channels-last models)."""
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
@@ -42,6 +43,59 @@ class WrappedBackbone(nn.Module):
         if self.export_keys is None:
             return {k: v.detach().clone() for k, v in state.items()}
         return {key: state[ours].detach().clone() for key, ours in self.export_keys.items()}
+
+    def load_plain_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Weights saved from the wrapped model itself (its own keys, e.g. pretrained ones), loaded in."""
+        if self.export_keys is None:
+            self.load_state_dict(state)
+            return
+        missing = sorted(set(self.export_keys) - set(state))
+        unexpected = sorted(set(state) - set(self.export_keys))
+        if missing or unexpected:
+            raise KeyError(f"the state dict does not fit the wrapped model: missing {missing[:3]}, unexpected "
+                           f"{unexpected[:3]}")
+        self.load_state_dict({ours: state[key] for key, ours in self.export_keys.items()}, strict=False)
+
+    def plain_model(self) -> nn.Module:
+        """The wrapped model on its own, with these weights (a copy: training it leaves this one alone)."""
+        reference = self.__dict__.get("reference_")
+        if reference is None:
+            raise ValueError("no model was wrapped (a list of units): there is no plain model")
+        return copy.deepcopy(reference)
+
+
+class PoolLinear(nn.Module):
+    def __init__(self, fc: nn.Linear):
+        super().__init__()
+        self.fc = fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
+
+
+class ViTEmbed(nn.Module):
+    """Patch projection, class token and position embedding: (B, C, H, W) -> (B, 1 + N, D)."""
+
+    def __init__(self, conv_proj: nn.Conv2d, class_token: nn.Parameter, pos_embedding: nn.Parameter,
+                 dropout: nn.Module):
+        super().__init__()
+        self.conv_proj, self.class_token, self.pos_embedding, self.dropout = conv_proj, class_token, pos_embedding, dropout
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_proj(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.class_token.expand(x.shape[0], -1, -1), x], dim=1)
+        return self.dropout(x + self.pos_embedding)
+
+
+class ClassTokenHead(nn.Module):
+    """LayerNorm, class token, Linear: the ViT's classifier (and its auxiliary heads' ending)."""
+
+    def __init__(self, ln: nn.LayerNorm, fc: nn.Linear):
+        super().__init__()
+        self.ln, self.fc = ln, fc
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(self.ln(x)[:, 0])
 
 
 class Permute(nn.Module):
@@ -155,5 +209,5 @@ def root_tensors(model: nn.Module) -> dict[str, tuple[torch.Tensor, bool]]:
     return out
 
 
-__all__ = ["ModelMethods", "Permute", "PoolHead", "TimmHead", "TimmTokenEmbed", "WrappedBackbone", "attach_tensors",
-           "channels_first", "root_tensors", "TO_NCHW", "TO_NHWC"]
+__all__ = ["ClassTokenHead", "ModelMethods", "Permute", "PoolHead", "PoolLinear", "TO_NCHW", "TO_NHWC", "TimmHead",
+           "TimmTokenEmbed", "ViTEmbed", "WrappedBackbone", "attach_tensors", "channels_first", "root_tensors"]

@@ -8,8 +8,7 @@ import torch
 from torch import nn
 
 from ...errors import ManppError
-from ..imagenet import ClassTokenHead, PoolLinear, ViTEmbed
-from .adapters import TO_NCHW, TO_NHWC, Permute, PoolHead, channels_first
+from .adapters import TO_NCHW, TO_NHWC, ClassTokenHead, Permute, PoolHead, PoolLinear, ViTEmbed, channels_first
 from .cut import HOW_TO, Cut, around, call_order, evaluating, kind_of, run_model
 
 # layers not worth a unit of their own in a torchvision ``features`` list: they join the unit before
@@ -35,7 +34,9 @@ def cut_torchvision_vit(model: nn.Module, x: torch.Tensor | None = None) -> Cut:
     embed = ViTEmbed(model.conv_proj, model.class_token, model.encoder.pos_embedding, model.encoder.dropout)
     layers = list(model.encoder.layers)
     units = [("embed", embed, 0)] + [(f"encoder.layers.{i}", layer, 1) for i, layer in enumerate(layers)]
-    head = ClassTokenHead(model.encoder.ln, model.heads)
+    heads = list(model.heads.named_children())
+    fc = heads[0][1] if [n for n, _ in heads] == ["head"] else model.heads  # the plain linear head when it is one
+    head = ClassTokenHead(model.encoder.ln, fc)
     return Cut(units, head, kind_of(model).lower(), model, "error", label=kind_of(model))
 
 
