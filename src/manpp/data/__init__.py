@@ -19,19 +19,20 @@ from .info import (
     DATASETS,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    TASK_DATASETS,
     DatasetInfo,
     dataset_info,
+    datasets_for,
     denormalize,
     normalize,
+    register_dataset,
 )
 from .shapes import SHAPE_CLASSES, SHAPES_SAMPLES, ShapesDetection, ShapesSegmentation, make_shapes
 from .torchvision_sets import torchvision_transforms
 
 __all__ = [
     "CITYSCAPES_CLASSES", "DATASETS", "FASHION_FILES", "FASHION_SYSTEM_DIR", "IGNORE_INDEX", "IMAGENET_MEAN",
-    "IMAGENET_STD", "IMAGE_EXTENSIONS", "SHAPES_SAMPLES", "SHAPE_CLASSES", "TASK_DATASETS", "CityscapesSegmentation",
+    "IMAGENET_STD", "IMAGE_EXTENSIONS", "SHAPES_SAMPLES", "SHAPE_CLASSES", "CityscapesSegmentation",
     "CocoDetection", "DatasetInfo", "RandomCropFlip", "ShapesDetection", "ShapesSegmentation", "TensorImageDataset",
-    "build_datasets", "cityscapes_lookup", "dataset_info", "denormalize", "detection_collate", "imagenet_transforms",
-    "make_shapes", "normalize", "read_idx_images", "read_idx_labels", "torchvision_transforms",
+    "build_datasets", "cityscapes_lookup", "dataset_info", "datasets_for", "denormalize", "detection_collate", "imagenet_transforms",
+    "make_shapes", "normalize", "read_idx_images", "read_idx_labels", "register_dataset", "torchvision_transforms",
 ]

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from ..errors import ManppError, choices
 from .common import IGNORE_INDEX, coin_flip, data_root, describe_exception, existing_folder, is_integer
 from .images import decode_image_file, read_rgb
-from .info import DatasetInfo, normalize_imagenet
+from .info import IMAGENET_MEAN, IMAGENET_STD, DatasetInfo, normalize_imagenet, register_dataset
 
 CITYSCAPES_CLASSES: tuple[str, ...] = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "traffic light", "traffic sign", "vegetation",
@@ -140,3 +140,10 @@ def build_cityscapes(info: DatasetInfo, data_dir: str | Path | None,
     root = data_root(data_dir)
     train = CityscapesSegmentation(root, "train", augment=augment, crop_size=info.image_size)
     return train, CityscapesSegmentation(root, "val", augment=False), info
+
+
+# image_size: the training crop
+@register_dataset("cityscapes", channels=3, image_size=768, classes=19, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                  task="segmentation", resizable=True)
+def _build(info, *, data_dir, augment: bool, **_):
+    return build_cityscapes(info, data_dir, augment)

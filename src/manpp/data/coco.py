@@ -22,7 +22,7 @@ from ..errors import ManppError, choices
 from .common import coin_flip, data_root, describe_exception, existing_folder
 from .detection import flip_boxes
 from .images import read_rgb
-from .info import DatasetInfo
+from .info import IMAGENET_MEAN, IMAGENET_STD, DatasetInfo, register_dataset
 
 
 class CocoDetection(Dataset):
@@ -106,3 +106,10 @@ def build_coco(info: DatasetInfo, data_dir: str | Path | None, augment: bool) ->
     train = CocoDetection(root, "train", augment=augment)
     test = CocoDetection(root, "val", augment=False)
     return train, test, dataclasses.replace(info, num_classes=train.num_classes)
+
+
+# image_size: the shorter side after resizing
+@register_dataset("coco", channels=3, image_size=600, classes=80, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                  task="detection", resizable=True)
+def _build(info, *, data_dir, augment: bool, **_):
+    return build_coco(info, data_dir, augment)

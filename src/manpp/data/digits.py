@@ -7,8 +7,9 @@ import torch
 import torch.nn.functional as F
 
 from .common import RandomCropFlip, TensorImageDataset, normalized_black
-from .info import dataset_info, normalize
+from .info import dataset_info, normalize, register_dataset
 
+DIGITS_MEAN, DIGITS_STD = 0.3054, 0.3237  # computed once from the training split, at 32x32
 DIGITS_MAX_PIXEL = 16.0  # scikit-learn's digits have pixel values 0 to 16
 DIGITS_TEST_FRACTION = 0.2  # of the 1797 images, stratified by class
 DIGITS_SPLIT_SEED = 0  # the train/test split is the same whatever the run's seed
@@ -35,3 +36,8 @@ def build_digits(augment: bool) -> tuple[TensorImageDataset, TensorImageDataset]
     transform = RandomCropFlip(DIGITS_CROP_PADDING, flip=False, fill=normalized_black(info)) if augment else None
     return (TensorImageDataset(images[train_idx], labels[train_idx], transform),
             TensorImageDataset(images[test_idx], labels[test_idx]))
+
+
+@register_dataset("digits", channels=1, image_size=32, classes=10, mean=(DIGITS_MEAN,), std=(DIGITS_STD,))
+def _build(info, *, augment: bool, **_):
+    return build_digits(augment)

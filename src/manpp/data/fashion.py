@@ -16,8 +16,9 @@ from ..errors import ManppError
 from .common import (RandomCropFlip, TensorImageDataset, data_root, describe_exception, normalized_black,
                      removed_on_failure)
 from .idx import read_idx_images, read_idx_labels
-from .info import DatasetInfo, dataset_info, normalize
+from .info import DatasetInfo, dataset_info, normalize, register_dataset
 
+FASHION_MEAN, FASHION_STD = 0.2190, 0.3318  # computed once from the training split, padded to 32x32
 FASHION_SYSTEM_DIR = Path("/usr/share/datasets/fashion-mnist")  # Debian's dataset-fashion-mnist
 FASHION_FILES = {
     "train_images": "train-images-idx3-ubyte",
@@ -102,3 +103,8 @@ def build_fashion(data_dir: str | Path | None, download: bool,
     test = _load_split(files["test_images"], files["test_labels"], info)
     transform = RandomCropFlip(FASHION_CROP_PADDING, flip=True, fill=normalized_black(info)) if augment else None
     return TensorImageDataset(*train, transform), TensorImageDataset(*test)
+
+
+@register_dataset("fashion-mnist", channels=1, image_size=32, classes=10, mean=(FASHION_MEAN,), std=(FASHION_STD,))
+def _build(info, *, data_dir, download: bool, augment: bool, **_):
+    return build_fashion(data_dir, download, augment)

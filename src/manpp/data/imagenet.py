@@ -12,7 +12,7 @@ from torch.utils.data import Dataset
 
 from ..errors import ManppError
 from .common import data_root, describe_exception
-from .info import IMAGENET_MEAN, IMAGENET_STD, DatasetInfo
+from .info import IMAGENET_MEAN, IMAGENET_STD, DatasetInfo, register_dataset
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp", ".JPEG")
 # The classic evaluation: resize to 256 pixels, then centre-crop 224 (scaled to any image size).
@@ -72,3 +72,10 @@ def build_image_folders(data_dir: str | Path | None, info: DatasetInfo,
         raise ManppError(f"imagenet: cannot read '{root}': {describe_exception(exc)}; every class folder needs "
                          f"images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...)") from None
     return train, test, dataclasses.replace(info, num_classes=len(splits["train"]))
+
+
+# any ImageNet-style folder; the class count is read from the folder
+@register_dataset("imagenet", channels=3, image_size=224, classes=1000, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+                  resizable=True)
+def _build(info, *, data_dir, augment: bool, **_):
+    return build_image_folders(data_dir, info, augment)

@@ -1,17 +1,26 @@
-"""Static facts about every dataset (:class:`DatasetInfo`) and the normalisation they use.
+"""Datasets by name: each one registers its builder with its facts (:class:`DatasetInfo`: channels,
+image size, classes, normalisation, task) in its own file::
 
-Reads no data and imports nothing heavy: :func:`dataset_info` only looks up the table below.
+    @register_dataset("digits", channels=1, image_size=32, classes=10, mean=(0.3054,), std=(0.3237,))
+    def build(info, *, augment, **_):
+        ...
+
+Reads no data and imports nothing heavy: :func:`dataset_info` only looks the facts up. Every list of
+dataset names (``--help``, errors) reads the registry, so a new dataset is one file plus its import
+in ``data/__init__.py``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 from torch import Tensor
 
 from ..errors import ManppError, choices
+from ..registry import Registry
 
 
 @dataclass(frozen=True)
@@ -27,59 +36,69 @@ class DatasetInfo:
     task: str = "classification"  # or 'detection', 'segmentation', 'dense' (both)
 
 
-DATASETS: tuple[str, ...] = ("digits", "fashion-mnist", "cifar10", "svhn", "stl10", "imagenet", "synthetic", "shapes",
-                             "coco", "cityscapes")
-TASK_DATASETS = {"detection": ("shapes", "coco"), "segmentation": ("shapes", "cityscapes")}
-RESIZABLE_DATASETS = ("imagenet", "synthetic", "shapes", "coco", "cityscapes")  # their image size is a setting
 MIN_IMAGE_SIZE = 16  # pixels; the smallest image side a resizable dataset accepts
 
-# digits and fashion-mnist: computed once from their training split (after resizing / padding).
-DIGITS_MEAN, DIGITS_STD = 0.3054, 0.3237
-FASHION_MEAN, FASHION_STD = 0.2190, 0.3318
+# statistics that several datasets (or the release's recipe for them) share
 CIFAR_MEAN = tuple(v / 255 for v in (125.3, 123.0, 113.9))
 CIFAR_STD = tuple(v / 255 for v in (63.0, 62.1, 66.7))
 HALF = (0.5, 0.5, 0.5)  # SVHN and STL-10: maps [0, 1] to [-1, 1]
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
-# The shapes data has 3 shape classes; segmentation adds the background.
-SHAPES_DETECTION_CLASSES, SHAPES_SEGMENTATION_CLASSES = 3, 4
 
-_INFO = {
-    "digits": DatasetInfo("digits", 1, 32, 10, (DIGITS_MEAN,), (DIGITS_STD,)),
-    "fashion-mnist": DatasetInfo("fashion-mnist", 1, 32, 10, (FASHION_MEAN,), (FASHION_STD,)),
-    "cifar10": DatasetInfo("cifar10", 3, 32, 10, CIFAR_MEAN, CIFAR_STD),
-    "svhn": DatasetInfo("svhn", 3, 32, 10, HALF, HALF),
-    "stl10": DatasetInfo("stl10", 3, 96, 10, HALF, HALF),
-    # any ImageNet-style folder; the class count is read from the folder
-    "imagenet": DatasetInfo("imagenet", 3, 224, 1000, IMAGENET_MEAN, IMAGENET_STD),
-    "synthetic": DatasetInfo("synthetic", 3, 32, 10, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
-    # dense tasks: generated shapes, COCO (image_size: the shorter side after resizing),
-    # Cityscapes (image_size: the training crop)
-    "shapes": DatasetInfo("shapes", 3, 64, SHAPES_SEGMENTATION_CLASSES, IMAGENET_MEAN, IMAGENET_STD, task="dense"),
-    "coco": DatasetInfo("coco", 3, 600, 80, IMAGENET_MEAN, IMAGENET_STD, task="detection"),
-    "cityscapes": DatasetInfo("cityscapes", 3, 768, 19, IMAGENET_MEAN, IMAGENET_STD, task="segmentation"),
-}
+@dataclass(frozen=True)
+class Dataset:
+    """A registered dataset: its facts and its builder.
+
+    ``build(info, *, data_dir, download, augment, seed, samples)`` returns ``(train, test)`` or, when
+    the data changes the facts (the class count of an image folder), ``(train, test, info)``.
+    ``classes_by_task``: for a dataset that serves several tasks (``task='dense'``), its classes in each."""
+
+    info: DatasetInfo
+    build: Callable
+    resizable: bool = False  # its image size is a setting (image_size=)
+    classes_by_task: dict | None = None
+
+
+DATASETS: Registry = Registry("dataset")
+
+
+def register_dataset(name: str, *, channels: int, image_size: int, classes: int, mean, std,
+                     task: str = "classification", resizable: bool = False, classes_by_task: dict | None = None):
+    """Decorator registering a dataset's builder with its facts (see :class:`Dataset`)."""
+    def decorator(build: Callable) -> Callable:
+        info = DatasetInfo(name, channels, image_size, classes, tuple(mean), tuple(std), task)
+        DATASETS.add(name, Dataset(info, build, resizable, classes_by_task))
+        return build
+
+    return decorator
+
+
+def datasets_for(task: str) -> list[str]:
+    """The datasets a model of ``task`` can train on."""
+    return [n for n, d in DATASETS.items() if d.info.task == task or task in (d.classes_by_task or {})]
 
 
 def dataset_info(name: str, image_size: int | None = None, task: str | None = None) -> DatasetInfo:
     """Static information about dataset ``name`` (at ``image_size`` if given) for ``task``
     (a model's task; None: the dataset's own); reads no data."""
     key = str(name).strip().lower()
-    if key not in _INFO:
-        raise ManppError(f"unknown dataset {name!r}; expected {choices(DATASETS)}")
-    info = _INFO[key]
-    if task is not None and task != info.task and not (info.task == "dense" and task in TASK_DATASETS):
-        fits = TASK_DATASETS.get(task) or [n for n, i in _INFO.items() if i.task == "classification"]
+    if key not in DATASETS:
+        raise ManppError(f"unknown dataset {name!r}; expected {choices(DATASETS.names())}")
+    entry = DATASETS.get(key)
+    info = entry.info
+    if task is not None and task != info.task and task not in (entry.classes_by_task or {}):
+        fits = datasets_for(task)
         raise ManppError(f"dataset {key!r} is for {info.task if info.task != 'dense' else 'dense tasks'}, but the "
                          f"model does {task}: use {choices(fits)}")
-    if info.task == "dense":
-        classes = SHAPES_DETECTION_CLASSES if task == "detection" else SHAPES_SEGMENTATION_CLASSES
-        info = dataclasses.replace(info, task=task or "segmentation", num_classes=classes)
+    if entry.classes_by_task:
+        chosen = task or next(iter(entry.classes_by_task))
+        info = dataclasses.replace(info, task=chosen, num_classes=entry.classes_by_task[chosen])
     if image_size is None or image_size == info.image_size:
         return info
-    if key not in RESIZABLE_DATASETS:
+    if not entry.resizable:
+        resizable = [n for n, d in DATASETS.items() if d.resizable]
         raise ManppError(f"dataset {key!r} has a fixed image size of {info.image_size} px; image_size="
-                         f"{image_size} is possible for {choices(RESIZABLE_DATASETS)}")
+                         f"{image_size} is possible for {choices(resizable)}")
     if not isinstance(image_size, int) or image_size < MIN_IMAGE_SIZE:
         raise ManppError(f"image_size must be an integer of at least {MIN_IMAGE_SIZE} pixels, got {image_size!r}")
     return dataclasses.replace(info, image_size=image_size)

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 from ..errors import ManppError
 from .common import IGNORE_INDEX, coin_flip, is_integer
 from .detection import flip_boxes
-from .info import MIN_IMAGE_SIZE, DatasetInfo, normalize_imagenet
+from .info import IMAGENET_MEAN, IMAGENET_STD, MIN_IMAGE_SIZE, DatasetInfo, normalize_imagenet, register_dataset
 
 SHAPE_CLASSES: tuple[str, ...] = ("circle", "square", "triangle")
 SHAPES_SAMPLES = (1024, 256)  # generated training and test images of the shapes dataset
@@ -234,3 +234,14 @@ def build_shapes(info: DatasetInfo, seed: int, augment: bool) -> tuple[Dataset, 
     n_train, n_test = SHAPES_SAMPLES
     return (kind(n_train, image_size=info.image_size, seed=seed, augment=augment),
             kind(n_test, image_size=info.image_size, seed=seed + SHAPES_TEST_SEED_OFFSET, augment=False), info)
+
+
+# 3 shape classes for detection; segmentation adds the background
+SHAPES_CLASSES_BY_TASK = {"segmentation": len(SHAPE_CLASSES) + 1, "detection": len(SHAPE_CLASSES)}
+
+
+@register_dataset("shapes", channels=3, image_size=64, classes=SHAPES_CLASSES_BY_TASK["segmentation"],
+                  mean=IMAGENET_MEAN, std=IMAGENET_STD, task="dense", resizable=True,
+                  classes_by_task=SHAPES_CLASSES_BY_TASK)
+def _build(info, *, seed: int, augment: bool, **_):
+    return build_shapes(info, seed, augment)

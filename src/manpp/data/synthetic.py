@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ..errors import ManppError
 from .common import TensorImageDataset, is_integer
-from .info import DatasetInfo
+from .info import DatasetInfo, register_dataset
 
 TEMPLATE_GRID = 8  # templates are random grid x grid images, upsampled to the image size
 TEMPLATE_WEIGHT, NOISE_WEIGHT = 0.8, 0.6  # an image is TEMPLATE_WEIGHT * template + NOISE_WEIGHT * noise
@@ -32,3 +32,9 @@ def build_synthetic(samples: tuple[int, int], seed: int,
         return TensorImageDataset(TEMPLATE_WEIGHT * templates[labels] + NOISE_WEIGHT * noise, labels)
 
     return draw(int(samples[0])), draw(int(samples[1]))
+
+
+@register_dataset("synthetic", channels=3, image_size=32, classes=10, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0),
+                  resizable=True)
+def _build(info, *, seed: int, samples: tuple[int, int] = (512, 128), **_):
+    return build_synthetic(samples, seed, info)

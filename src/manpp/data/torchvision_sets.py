@@ -1,7 +1,9 @@
-"""CIFAR-10, SVHN and STL-10, read (or downloaded) by torchvision, imported only when built."""
+"""Datasets that torchvision reads (or downloads), imported only when built: CIFAR-10, SVHN and STL-10
+here; another is one :func:`register_torchvision_dataset` call in a file of its own (``cifar100.py``)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -10,20 +12,32 @@ from torch.utils.data import Dataset
 
 from ..errors import ManppError, choices
 from .common import data_root, describe_exception, removed_on_failure
-from .info import dataset_info
+from .info import CIFAR_MEAN, CIFAR_STD, HALF, dataset_info, register_dataset
 
-# What torchvision expects under the data folder, for the error messages.
-TORCHVISION_LAYOUT = {
-    "cifar10": "cifar-10-batches-py/",
-    "svhn": "train_32x32.mat and test_32x32.mat",
-    "stl10": "stl10_binary/",
-}
-# what a download writes under the data folder (removed again when it fails)
-DOWNLOADED = {
-    "cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py"),
-    "svhn": ("train_32x32.mat", "test_32x32.mat"),
-    "stl10": ("stl10_binary.tar.gz", "stl10_binary"),
-}
+@dataclass(frozen=True)
+class TorchvisionSet:
+    """How to open one torchvision dataset: ``open(root, train, transform, download)`` gives a split;
+    ``augmentation()`` the training augmentation (``torchvision.transforms.v2`` objects); ``layout``
+    what the data folder must hold (for the messages); ``downloaded`` what a download writes there
+    (removed again when it fails)."""
+
+    open: Callable[..., Dataset]
+    augmentation: Callable[[], list]
+    layout: str
+    downloaded: tuple[str, ...]
+
+
+SETS: dict[str, TorchvisionSet] = {}
+
+
+def register_torchvision_dataset(name: str, spec: TorchvisionSet, **facts) -> None:
+    """A dataset torchvision reads (or downloads): its spec, and its facts for :func:`register_dataset`."""
+    SETS[name] = spec
+
+    def build(info, *, data_dir, download: bool, augment: bool, **_):
+        return build_torchvision(info.name, data_dir, download, augment)
+
+    register_dataset(name, **facts)(build)
 
 
 def torchvision_transforms(name: str, augment: bool = True) -> tuple[Callable, Callable]:
@@ -31,14 +45,9 @@ def torchvision_transforms(name: str, augment: bool = True) -> tuple[Callable, C
     from torchvision.transforms import v2
 
     info = dataset_info(name)
-    if info.name == "cifar10":
-        augmentation = [v2.RandomCrop(32, padding=4, padding_mode="reflect"), v2.RandomHorizontalFlip()]
-    elif info.name == "svhn":
-        augmentation = [v2.RandomCrop(32, padding=2)]  # no flip: digits are not symmetric
-    elif info.name == "stl10":
-        augmentation = [v2.RandomCrop(96, padding=4), v2.RandomHorizontalFlip()]
-    else:
-        raise ManppError(f"dataset {name!r} is not a torchvision dataset; expected {choices(TORCHVISION_LAYOUT)}")
+    if info.name not in SETS:
+        raise ManppError(f"dataset {name!r} is not a torchvision dataset; expected {choices(SETS)}")
+    augmentation = SETS[info.name].augmentation()
     to_tensor = [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(info.mean), list(info.std)),
                  v2.ToPureTensor()]
     train = v2.Compose([v2.ToImage(), *(augmentation if augment else []), *to_tensor])
@@ -48,17 +57,19 @@ def torchvision_transforms(name: str, augment: bool = True) -> tuple[Callable, C
 
 def build_torchvision(name: str, data_dir: str | Path | None, download: bool,
                       augment: bool) -> tuple[Dataset, Dataset]:
-    """(train, test) of torchvision dataset ``name`` (a key of :data:`TORCHVISION_LAYOUT`) under the data folder."""
+    """(train, test) of torchvision dataset ``name`` (one of :data:`SETS`) under the data folder."""
     root = data_root(data_dir)
+    spec = SETS[name]
     train_tf, test_tf = torchvision_transforms(name, augment)
     try:
-        with removed_on_failure(root, *(root / p for p in DOWNLOADED[name])):
-            train, test = _open(name, root, train_tf, test_tf, download)
+        with removed_on_failure(root, *(root / p for p in spec.downloaded)):
+            train = spec.open(str(root), True, train_tf, download)
+            test = spec.open(str(root), False, test_tf, download)
     except ImportError as exc:  # SVHN reads .mat files with scipy
         raise ManppError(f"dataset {name!r} needs scipy to read its .mat files: pip install 'manpp[svhn]' "
                          f"({describe_exception(exc)})") from exc
     except (OSError, RuntimeError, ValueError) as exc:  # URLError is an OSError
-        layout, root = TORCHVISION_LAYOUT[name], root.absolute()
+        layout, root = spec.layout, root.absolute()
         if download:
             raise ManppError(f"dataset {name!r} is not in '{root}' and could not be downloaded (offline?): "
                              f"{describe_exception(exc)}; put {layout} in '{root}' (copied from a machine with "
@@ -68,16 +79,49 @@ def build_torchvision(name: str, data_dir: str | Path | None, download: bool,
     return train, test
 
 
-def _open(name: str, root: Path, train_tf, test_tf, download: bool) -> tuple[Dataset, Dataset]:
+def _cifar10(root: str, train: bool, transform, download: bool) -> Dataset:
     from torchvision import datasets
 
-    if name == "cifar10":
-        train = datasets.CIFAR10(str(root), train=True, transform=train_tf, download=download)
-        test = datasets.CIFAR10(str(root), train=False, transform=test_tf, download=download)
-    elif name == "svhn":
-        train = datasets.SVHN(str(root), split="train", transform=train_tf, download=download)
-        test = datasets.SVHN(str(root), split="test", transform=test_tf, download=download)
-    else:
-        train = datasets.STL10(str(root), split="train", transform=train_tf, download=download)
-        test = datasets.STL10(str(root), split="test", transform=test_tf, download=download)
-    return train, test
+    return datasets.CIFAR10(root, train=train, transform=transform, download=download)
+
+
+def _svhn(root: str, train: bool, transform, download: bool) -> Dataset:
+    from torchvision import datasets
+
+    return datasets.SVHN(root, split="train" if train else "test", transform=transform, download=download)
+
+
+def _stl10(root: str, train: bool, transform, download: bool) -> Dataset:
+    from torchvision import datasets
+
+    return datasets.STL10(root, split="train" if train else "test", transform=transform, download=download)
+
+
+def cifar_augmentation() -> list:
+    """CIFAR's: reflect-pad 4, random 32 px crop, horizontal flip."""
+    from torchvision.transforms import v2
+
+    return [v2.RandomCrop(32, padding=4, padding_mode="reflect"), v2.RandomHorizontalFlip()]
+
+
+def _svhn_augmentation() -> list:
+    from torchvision.transforms import v2
+
+    return [v2.RandomCrop(32, padding=2)]  # no flip: digits are not symmetric
+
+
+def _stl10_augmentation() -> list:
+    from torchvision.transforms import v2
+
+    return [v2.RandomCrop(96, padding=4), v2.RandomHorizontalFlip()]
+
+
+register_torchvision_dataset("cifar10", TorchvisionSet(_cifar10, cifar_augmentation, "cifar-10-batches-py/",
+                                                       ("cifar-10-python.tar.gz", "cifar-10-batches-py")),
+                             channels=3, image_size=32, classes=10, mean=CIFAR_MEAN, std=CIFAR_STD)
+register_torchvision_dataset("svhn", TorchvisionSet(_svhn, _svhn_augmentation, "train_32x32.mat and test_32x32.mat",
+                                                    ("train_32x32.mat", "test_32x32.mat")),
+                             channels=3, image_size=32, classes=10, mean=HALF, std=HALF)
+register_torchvision_dataset("stl10", TorchvisionSet(_stl10, _stl10_augmentation, "stl10_binary/",
+                                                     ("stl10_binary.tar.gz", "stl10_binary")),
+                             channels=3, image_size=96, classes=10, mean=HALF, std=HALF)
