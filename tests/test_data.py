@@ -274,3 +274,35 @@ def test_synthetic_rejects_bad_sizes():
 def test_tensor_dataset_checks_shapes():
     with pytest.raises(ValueError):
         TensorImageDataset(torch.zeros(3, 1, 4, 4), torch.zeros(2))
+
+
+def test_a_dataset_added_as_one_file_is_everywhere(tmp_path, monkeypatch, capsys):
+    """CIFAR-100 (src/manpp/data/cifar100.py, one registration): its facts, the --help list, and a run
+    on a folder in torchvision's layout (tiny and fake here, so its checksum check is skipped)."""
+    import pickle
+
+    import numpy as np
+    import torchvision
+
+    from manpp.cli import build_parser, main
+    from manpp.data import dataset_info
+
+    info = dataset_info("cifar100")
+    assert (info.in_channels, info.image_size, info.num_classes) == (3, 32, 100)
+    assert "cifar100" in " ".join(build_parser()._subparsers._group_actions[0].choices["train"].format_help().split())
+    folder = tmp_path / "cifar-100-python"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for split, n in (("train", 32), ("test", 16)):
+        with open(folder / split, "wb") as f:
+            pickle.dump({"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+                         "fine_labels": list(rng.integers(0, 100, n))}, f)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({"fine_label_names": [f"class{i}" for i in range(100)]}, f)
+    monkeypatch.setattr(torchvision.datasets.CIFAR100, "_check_integrity", lambda self: True)
+    monkeypatch.setattr(torchvision.datasets.cifar, "check_integrity", lambda *args, **kw: True)
+    out = tmp_path / "run"
+    assert main(["train", "--dataset", "cifar100", "--data-dir", str(tmp_path), "--model", "resnet8", "--k", "2",
+                 "--batch-size", "16", "--epochs", "1", "--device", "cpu", "--quiet", "--out", str(out),
+                 "download=false"]) == 0
+    assert "test accuracy" in capsys.readouterr().out
