@@ -35,7 +35,7 @@ def test_every_dataset_has_consistent_info():
         info = dataset_info(name)
         assert info.name == name
         assert len(info.mean) == len(info.std) == info.in_channels
-        expected = {"imagenet": 1000, "shapes": 4, "coco": 80, "cityscapes": 19}.get(name, 10)  # folders may say otherwise
+        expected = {"imagenet": 1000, "shapes": 4, "coco": 80, "cityscapes": 19, "cifar100": 100}.get(name, 10)
         assert info.num_classes == expected
     assert dataset_info("stl10").image_size == 96
     assert dataset_info("imagenet").image_size == 224 and dataset_info("imagenet", image_size=64).image_size == 64

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -10,13 +11,13 @@ import torch.nn.functional as F
 
 import manpp
 from manpp import config as C
-from manpp import fidelity
 from manpp.build import EpochBatches, build_model, load_data, lr_at, steps_per_epoch
 from manpp.data import build_datasets, denormalize
 from manpp.data.common import RandomCropFlip
 from manpp.data.info import CIFAR_MEAN, CIFAR_STD
 from manpp.errors import ManppError
 from manpp.models import build_backbone
+from manpp.resolve import resolve
 from manpp.train import train
 
 
@@ -80,27 +81,26 @@ def test_rgb_decoder_reconstructs_the_replicated_image():
 # --- 2. fidelity=release and its switches ---------------------------------------------------------
 
 def test_fidelity_fills_only_the_switches_left_unset():
-    ours = fidelity.resolve(C.TrainConfig())
+    ours = resolve(C.TrainConfig())
     assert (ours.copy_init, ours.gray_to_rgb, ours.augment, ours.normalize, ours.subset_order, ours.drop_last,
             ours.lr_update, ours.allow_zero_loss) == ("copy", False, "dataset", "dataset", "random", True, "step",
                                                       False)
-    rel = fidelity.resolve(C.apply(C.TrainConfig(), {"fidelity": "release"}))
+    rel = resolve(C.apply(C.TrainConfig(), {"fidelity": "release"}))
     assert (rel.copy_init, rel.gray_to_rgb, rel.augment, rel.normalize, rel.subset_order, rel.drop_last,
             rel.lr_update, rel.allow_zero_loss) == ("random", True, "release", "release", "first", False, "epoch",
                                                     True)
-    mixed = fidelity.resolve(C.apply(C.TrainConfig(), {"fidelity": "release", "copy_init": "copy",
-                                                       "drop_last": True}))
+    mixed = resolve(C.apply(C.TrainConfig(), {"fidelity": "release", "copy_init": "copy", "drop_last": True}))
     assert (mixed.copy_init, mixed.drop_last, mixed.subset_order) == ("copy", True, "first")
     with pytest.raises(ManppError, match="unknown fidelity 'paper': accepted are 'ours' or 'release'"):
-        fidelity.resolve(C.apply(C.TrainConfig(), {"fidelity": "paper"}))
+        resolve(C.apply(C.TrainConfig(), {"fidelity": "paper"}))
 
 
 @pytest.mark.parametrize("method,k,split", [("manpp", 8, "paper"), ("manpp", 16, "paper"), ("dgl", 5, "even"),
                                             ("e2e", None, "even")])
 def test_release_split_is_the_paper_preset_where_there_is_one(method, k, split):
     cfg = C.apply(C.TrainConfig(), {"fidelity": "release", "method": method, "k": k, "model": "resnet32"})
-    assert fidelity.resolve(cfg, cifar_net()).split == split
-    assert fidelity.resolve(C.apply(cfg, {"fidelity": "ours"}), cifar_net()).split == "even"
+    assert resolve(cfg).split == split  # by the model's name: no backbone is built to resolve
+    assert resolve(C.apply(cfg, {"fidelity": "ours"})).split == "even"
 
 
 def test_release_gives_the_stem_module_the_1c2f_supcon_head():
@@ -116,8 +116,10 @@ def test_release_gives_the_stem_module_the_1c2f_supcon_head():
     # explicit heads settings win over the release's
     explicit = build_model(C.apply(cfg, {"heads.first_loss": "cross_entropy"}), info)
     assert explicit.aux[0].head.classifier.loss == "cross_entropy"
-    # DGL has no release settings of its own
-    assert fidelity.release_heads(C.apply(cfg, {"objective": "dgl"}), cifar_net()) == {}
+    # DGL has no release settings of its own: its resolved settings are its defaults
+    from manpp.objectives.dgl import DGLSettings
+
+    assert resolve(C.apply(cfg, {"objective": "dgl"})).heads == dataclasses.asdict(DGLSettings())
 
 
 def test_release_data_switches_on_a_grayscale_set():

@@ -16,10 +16,9 @@ import torch
 
 from . import config as C
 from . import distributed as D
-from . import fidelity as F
 from .engine import LocalModel
 from .errors import ManppError
-from .registry import METHODS
+from .resolve import data_info, resolve, resolve_switches  # noqa: F401  (data_info: callers read it here too)
 from .saved import saved_dtype
 from .validate import adamw_betas, check_config, check_value
 
@@ -42,17 +41,6 @@ def seed_everything(seed: int) -> None:
 
 # --- data ------------------------------------------------------------------------------------
 
-def data_info(cfg: C.TrainConfig):
-    """The :class:`~manpp.data.DatasetInfo` of a run's dataset, for its model's task (reads no data)."""
-    from .data import dataset_info
-    from .data.options import adjusted_info
-    from .models import model_task
-
-    cfg = F.resolve(cfg)
-    info = dataset_info(cfg.dataset, image_size=cfg.image_size, task=model_task(cfg.model))
-    return adjusted_info(info, cfg.gray_to_rgb, cfg.normalize)
-
-
 def load_data(cfg: C.TrainConfig):
     """``(train, test, info)`` of a run: the dataset with its data switches (:mod:`manpp.data.options`),
     cut to ``train_subset`` / ``test_subset``."""
@@ -60,7 +48,7 @@ def load_data(cfg: C.TrainConfig):
     from .data.options import adapt, adjusted_info
     from .models import model_task
 
-    cfg = F.resolve(cfg)
+    cfg = resolve_switches(cfg)  # a no-op for a resolved config
     check_value("augment", cfg.augment)
     check_value("normalize", cfg.normalize)
     train_set, test_set, own = build_datasets(cfg.dataset, cfg.data_dir, download=cfg.download, seed=cfg.seed,
@@ -129,7 +117,7 @@ def epoch_loader(dataset, cfg: C.TrainConfig, epoch: int, start: int = 0, *, ran
     """The training batches of ``epoch`` (from batch ``start``), with worker seeds of their own:
     making the iterator draws nothing from the global RNG, so a resumed run continues exactly."""
     sampler = EpochBatches(len(dataset), cfg.batch_size, cfg.seed, epoch, start, rank=rank, world=world,
-                           drop_last=F.resolve(cfg).drop_last)
+                           drop_last=resolve_switches(cfg).drop_last)
     worker_seed = torch.Generator().manual_seed(cfg.seed * EPOCH_SEED + epoch + 1 + rank * RANK_SEED)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, generator=worker_seed, **loader_kw)
 
@@ -137,19 +125,20 @@ def epoch_loader(dataset, cfg: C.TrainConfig, epoch: int, start: int = 0, *, ran
 # --- model -----------------------------------------------------------------------------------
 
 def build_model(cfg: C.TrainConfig, info, device: torch.device | str = "cpu") -> LocalModel:
-    """Backbone + method from a config and a dataset's :class:`~manpp.data.DatasetInfo`."""
+    """Backbone + method from a config (resolved here if it is not: :func:`manpp.resolve.resolve`) and a
+    dataset's :class:`~manpp.data.DatasetInfo`. Nothing is chosen here: K, the split, the objective
+    and its settings are the config's."""
     from .data import denormalize
     from .methods import build_local_model
     from .models import build_backbone
+    from .models.library import is_library_name
     from .tasks import task_of
 
-    from .models.library import is_library_name
-
+    cfg = resolve(cfg)
     library = is_library_name(cfg.model)
     backbone = build_backbone(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
                               image_size=info.image_size, anchor_base=cfg.anchor_base,
                               pretrained=cfg.pretrained if library else None)
-    cfg = F.resolve(cfg, backbone)
     if cfg.pretrained and not library:
         load_pretrained(backbone, cfg)
     model = build_local_model(backbone, cfg.local_settings(), num_classes=info.num_classes,
@@ -180,19 +169,6 @@ def load_pretrained(backbone, cfg: C.TrainConfig) -> None:
     if not hasattr(backbone, "unit_names") or not arch.startswith(("resnet", "resnext", "wide_resnet")):
         raise ManppError(f"pretrained weights are for torchvision ResNet backbones; model '{cfg.model}' is not one")
     load_resnet_weights(backbone, load_weights(cfg.pretrained))
-
-
-def resolved(cfg: C.TrainConfig, model: LocalModel) -> C.TrainConfig:
-    """``cfg`` with what the builder chose filled in: the objective, its full settings, and K."""
-    k = cfg.k
-    if k is None and (cfg.split is None or isinstance(cfg.split, str) and "," not in cfg.split) \
-            and model.method != "e2e":
-        k = model.partition.nominal_k
-    settings = getattr(model, "objective_settings", None)
-    heads = dataclasses.asdict(settings) if settings is not None else {}
-    objective = model.objective if METHODS.get(cfg.method).takes_objective else None
-    cfg = F.resolve(cfg, model.backbone)
-    return dataclasses.replace(cfg, k=k, objective=objective, heads=heads)
 
 
 def memory_format(cfg: C.TrainConfig) -> torch.memory_format:
@@ -270,7 +246,7 @@ def lr_at(step: int, cfg: C.TrainConfig, steps_per_epoch: int) -> float:
     epoch e = 1..E: cosine c(e) = lr/2 (1 + cos(pi e / E)), and for e <= W warm-up epochs the blend
     c(e) (e - 1) / W + warmup_lr (W + 1 - e) / W. The last epoch trains at lr 0.
     """
-    per_epoch = F.resolve(cfg).lr_update == "epoch"  # a resolved cfg (the training loop's) is returned as is
+    per_epoch = resolve_switches(cfg).lr_update == "epoch"  # a resolved cfg (the training loop's) is used as is
     if per_epoch and cfg.lr_schedule == "cosine":
         e = step // max(1, steps_per_epoch) + 1
         cosine = 0.5 * cfg.lr * (1 + math.cos(math.pi * min(e, cfg.epochs) / max(1, cfg.epochs)))

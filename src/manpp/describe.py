@@ -9,11 +9,13 @@ import torch
 from . import config as C
 from .build import build_model, data_info, resolve_device
 from .memory import format_bytes, measure_step
+from .resolve import resolve
 from .tasks import task_of
 
 
 def describe(cfg: C.TrainConfig) -> tuple[str, dict]:
     """Build the model for ``cfg`` and measure one step on random data of the dataset's shape."""
+    cfg = resolve(cfg)
     info = data_info(cfg)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)

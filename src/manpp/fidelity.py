@@ -1,8 +1,8 @@
 """``fidelity``: our defaults, or the authors' release wherever the two differ.
 
 Every difference is a switch of its own (a config key whose default, None, follows ``fidelity``);
-``fidelity=release`` only changes the switches left unset. :func:`resolve` fills them in, so a
-resolved config (the one written next to the results) names each choice explicitly.
+``fidelity=release`` only changes the switches left unset. :func:`manpp.resolve.resolve` fills them
+in, so a resolved config (the one written next to the results) names each choice explicitly.
 
 | switch | ``ours`` | ``release`` |
 |---|---|---|
@@ -20,7 +20,6 @@ resolved config (the one written next to the results) names each choice explicit
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 from .errors import ManppError, choices
@@ -51,42 +50,4 @@ def is_release(cfg) -> bool:
     return cfg.fidelity == "release"
 
 
-def resolve(cfg, backbone=None):
-    """``cfg`` with every switch left at None set from ``cfg.fidelity``.
-
-    ``split`` and the objective's release settings need the backbone (its paper presets and its
-    default objective); without one they are left as they are.
-    """
-    from .models.library import is_library_name
-
-    release = is_release(cfg)
-    values = {name: pair[release] for name, pair in SWITCHES.items() if getattr(cfg, name) is None}
-    if cfg.gray_to_rgb is None and is_library_name(cfg.model):
-        values["gray_to_rgb"] = True  # timm and torchvision models read RGB (and their weights expect it)
-    if backbone is not None:
-        if cfg.split is None:
-            values["split"] = _release_split(cfg, backbone) if release else "even"
-        if release:
-            values["heads"] = {**release_heads(cfg, backbone), **cfg.heads}
-    return dataclasses.replace(cfg, **values) if values else cfg
-
-
-def _release_split(cfg, backbone) -> str:
-    from .partition import default_k, paper_presets
-
-    k = cfg.k if cfg.k is not None else default_k(backbone)
-    return SPLIT_RELEASE if cfg.method != "e2e" and k in paper_presets(backbone) else "even"
-
-
-def release_heads(cfg, backbone) -> dict[str, Any]:
-    """The release settings of the objective the run's method uses on ``backbone`` (empty for E2E)."""
-    from .methods import resolve_objective
-    from .registry import METHODS, OBJECTIVES
-
-    method = METHODS.get(cfg.method)
-    if not method.local:
-        return {}
-    return dict(OBJECTIVES.get(resolve_objective(method, cfg.objective, backbone)).release)
-
-
-__all__ = ["FIDELITIES", "SWITCHES", "check", "is_release", "release_heads", "resolve"]
+__all__ = ["FIDELITIES", "SPLIT_RELEASE", "SWITCHES", "check", "is_release"]

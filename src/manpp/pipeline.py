@@ -35,10 +35,10 @@ import torch.distributed as dist
 
 from . import config as C
 from . import distributed as D
-from .build import (build_model, build_optimizer, data_info, epoch_loader, load_data, lr_at, parameter_groups, resolved,
+from .build import (build_model, build_optimizer, data_info, epoch_loader, load_data, lr_at, parameter_groups,
                     seed_everything, set_lr)
 from .build import steps_per_epoch as steps_per_epoch_of
-from .checkpoint import check_resumable, load_model_state, rng_state, set_rng_state
+from .checkpoint import load_model_state, rng_state, set_rng_state
 from .engine import LocalContext, local_step
 from .errors import ManppError
 from .lifecycle import Diverged, Position, RunLifecycle, agreed_signal, ending
@@ -140,9 +140,6 @@ def train_pipelined(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, d
             train_set, test_set, info = None, None, data_info(cfg)
         n_train = D.broadcast_object(len(train_set) if main else None)
         model = build_model(cfg, info, device)  # the same seed: the same initial weights on every stage
-        cfg = resolved(cfg, model)
-        if ckpt is not None:
-            check_resumable(cfg, ckpt["config"])
         task = task_of(model.backbone)
         layout = stage_modules(model.k, stages)
         mine = layout[rank]

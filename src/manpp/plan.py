@@ -22,6 +22,7 @@ from .errors import ManppError
 from .memory import format_bytes, measure_step
 from .models import build_backbone
 from .partition import balanced_ends, unit_activation_bytes
+from .resolve import resolve_switches
 from .tasks import task_of
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
@@ -57,6 +58,7 @@ class PlanRow:
 
 def plan(cfg: C.TrainConfig, budget: int, *, max_k: int | None = None, verbose: bool = True) -> dict:
     """Measure K = 1, 2, ... with memory-balanced splits until one fits ``budget`` bytes."""
+    cfg = resolve_switches(cfg)  # every K below is resolved as it is built (its objective follows its method)
     info = data_info(cfg)
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)

@@ -21,12 +21,13 @@ import torch
 from . import config as C
 from . import distributed as D
 from .build import (RANK_SEED, build_model, build_optimizer, build_scaler, check_options, epoch_loader, load_data,
-                    lr_at, memory_format, parameter_groups, resolved, seed_everything, set_lr)
+                    lr_at, memory_format, parameter_groups, seed_everything, set_lr)
 from .build import steps_per_epoch as steps_per_epoch_of
 from .checkpoint import check_resumable, load_model_state, rng_state, set_rng_state
 from .errors import ManppError
 from .lifecycle import Diverged, Position, RunLifecycle, agreed_signal, ending
 from .memory import format_bytes, measure_step
+from .resolve import resolve
 from .rundir import RunResult, folder_of, read_summary, resume_source, run_folder
 from .runlog import RunLog
 from .runsummary import divergence, loss_text, metric_text, summary
@@ -47,6 +48,7 @@ def train(cfg: C.TrainConfig, *, resume: str | None = None, overwrite: bool = Fa
     group (and destroys it at the end if it created it); see :mod:`manpp.distributed`.
     """
     check_options(cfg)
+    cfg = resolve(cfg)  # every open choice made once, here: K, split, objective, its settings, the switches
     if resume and overwrite:
         raise ManppError("--resume continues the run in its folder and --overwrite replaces a run: give one of them")
     if resume and cfg.out is not None and Path(cfg.out).resolve() != folder_of(resume).resolve():
@@ -58,6 +60,7 @@ def train(cfg: C.TrainConfig, *, resume: str | None = None, overwrite: bool = Fa
         D.check_batch_size(cfg.batch_size)  # before any work: the global batch must split evenly
     ckpt = resume_source(resume)[0] if resume else None  # None: it ended before its first checkpoint (afresh)
     if ckpt is not None:
+        check_resumable(cfg, ckpt["config"])  # before anything is built: the configs are both resolved
         _check_continuable(cfg, ckpt, resume)
     stop = StopSignals(announce=D.is_main())  # even with --quiet: a stop is news
     with stop if handle_signals else contextlib.nullcontext():
@@ -106,9 +109,6 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
         if len(train_set) < cfg.batch_size:
             raise ManppError(f"batch_size {cfg.batch_size} is larger than the training set ({len(train_set)} images)")
         model = build_model(cfg, info, device)
-        cfg = resolved(cfg, model)  # the objective, its settings and K as built
-        if ckpt is not None:
-            check_resumable(cfg, ckpt["config"])
         task = task_of(model.backbone)
         D.broadcast_state(model)  # every process starts from rank 0's parameters, EMA copies and buffers
         params = model.parameters_to_optimize()

@@ -20,6 +20,7 @@ from .data.options import AUGMENTS, NORMALIZES
 from .errors import ManppError, choices
 from .momentum import INITS, RECOMPUTE_CHOICES
 from .registry import METHODS, OBJECTIVES
+from .resolve import resolve_switches
 from .saved import SAVED_DTYPES
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -157,7 +158,7 @@ def check_config(cfg: C.TrainConfig) -> None:
     _check_milestones(cfg.lr_milestones)
     if cfg.optimizer == "adamw":
         adamw_betas(cfg)
-    if F.resolve(cfg).drop_last is False:  # an explicit false, or fidelity=release's
+    if resolve_switches(cfg).drop_last is False:  # an explicit false, or fidelity=release's
         env = D.launch_env()
         if max(D.world_size(), env.world_size if env else 1) > 1:
             raise ManppError("drop_last=false (the release's last partial batch) works only in single-process "

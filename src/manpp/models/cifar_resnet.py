@@ -122,9 +122,13 @@ def is_cifar_name(name: str) -> bool:
     return found is not None and int(found.group(2)) >= 8 and (int(found.group(2)) - 2) % 6 == 0
 
 
+def depth_of(name: str) -> int:
+    return int(re.sub(r"^(cifar_)?resnet", "", str(name).strip().lower()))
+
+
 @register_backbone("resnet<6n+2>", family="cifar", matches=is_cifar_name,
                    summary="a CIFAR ResNet of any depth 6n+2, e.g. resnet20, resnet32, resnet56, resnet110; "
-                   "cifar_resnet<6n+2> where the name is also torchvision's")
+                   "cifar_resnet<6n+2> where the name is also torchvision's",
+                   units=lambda name: 1 + 3 * ((depth_of(name) - 2) // 6), default_k=CifarResNet.default_k)
 def build_cifar_resnet(name: str, *, num_classes: int = 10, in_channels: int = 3, **_) -> CifarResNet:
-    depth = int(re.sub(r"^(cifar_)?resnet", "", str(name).strip().lower()))
-    return CifarResNet(depth, num_classes=num_classes, in_channels=in_channels)
+    return CifarResNet(depth_of(name), num_classes=num_classes, in_channels=in_channels)

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from .imagenet import PlainStateDict, resnet_reinit, resnet_units, torchvision_resnet
+from .imagenet import PlainStateDict, resnet_reinit, resnet_units, resnet_units_count, torchvision_resnet
 from .registry import register_backbone
 
 DETECTORS = ("retinanet_resnet18", "retinanet_resnet34", "retinanet_resnet50", "retinanet_resnet101",
@@ -200,7 +200,7 @@ class DeepLabV3Backbone(PlainStateDict, nn.Module):
         return net
 
 
-@register_backbone(*DETECTORS, family="detection", task="detection")
+@register_backbone(*DETECTORS, family="detection", task="detection", units=resnet_units_count)
 def build_retinanet(name: str, *, num_classes: int = 80, in_channels: int = 3, image_size: int = 600,
                     anchor_base: int | None = None, **_) -> RetinaNetBackbone:
     """Anchors 32..512 (the paper) at image sizes of 300 px and more; 8..128 below."""
@@ -209,6 +209,6 @@ def build_retinanet(name: str, *, num_classes: int = 80, in_channels: int = 3, i
                              anchor_base=base)
 
 
-@register_backbone(*SEGMENTERS, family="segmentation", task="segmentation")
+@register_backbone(*SEGMENTERS, family="segmentation", task="segmentation", units=resnet_units_count)
 def build_deeplabv3(name: str, *, num_classes: int = 19, in_channels: int = 3, **_) -> DeepLabV3Backbone:
     return DeepLabV3Backbone(name, num_classes=num_classes, in_channels=in_channels)

@@ -24,8 +24,11 @@ from torch import nn
 from ..errors import ManppError
 from .registry import register_backbone
 
-RESNETS = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
-           "resnext101_32x8d", "wide_resnet50_2")
+# blocks per stage of every torchvision ResNet/ResNeXt manpp names
+RESNET_BLOCKS = {"resnet18": (2, 2, 2, 2), "resnet34": (3, 4, 6, 3), "resnet50": (3, 4, 6, 3),
+                 "resnet101": (3, 4, 23, 3), "resnet152": (3, 8, 36, 3), "resnext50_32x4d": (3, 4, 6, 3),
+                 "resnext101_32x8d": (3, 4, 23, 3), "wide_resnet50_2": (3, 4, 6, 3)}
+RESNETS = tuple(RESNET_BLOCKS)
 VITS = {"vit_tiny": (192, 3), "vit_small": (384, 6), "vit_base": (768, 12)}  # width, heads
 VIT_PATCH, VIT_DEPTH = 16, 12
 
@@ -93,7 +96,12 @@ def vit_reinit(module: nn.Module) -> None:
             m.reset_parameters()
 
 
-@register_backbone(*RESNETS, family="imagenet")
+def resnet_units_count(name: str) -> int:
+    """The stem and every residual block of ResNet ``name`` (for a dense model: of its ResNet)."""
+    return 1 + sum(RESNET_BLOCKS[name.split("_", 1)[1] if name.startswith(("retinanet_", "deeplabv3_")) else name])
+
+
+@register_backbone(*RESNETS, family="imagenet", units=resnet_units_count)
 def build_resnet(name: str, *, num_classes: int = 1000, in_channels: int = 3, image_size: int = 224, **_):
     """A torchvision ResNet/ResNeXt cut by the same cutter as ``manpp.wrap``: the stem (conv1, bn1, relu,
     maxpool), then every residual block; the head pools and applies ``fc``."""
@@ -105,7 +113,7 @@ def build_resnet(name: str, *, num_classes: int = 1000, in_channels: int = 3, im
     return backbone
 
 
-@register_backbone(*VITS, family="vit")
+@register_backbone(*VITS, family="vit", units=lambda name: 1 + VIT_DEPTH)
 def build_vit(name: str, *, num_classes: int = 1000, in_channels: int = 3, image_size: int = 224, **_):
     """torchvision's VisionTransformer (patch 16, depth 12) at the Tiny/Small/Base widths, cut as
     ``manpp.wrap`` cuts it: the embedding, then every encoder block (named ``blocks.i``)."""

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..errors import ManppError
+from ..partition import DEFAULT_K
 from ..registry import FAMILIES, Registry
 
 TASK_NAMES = ("classification", "detection", "segmentation")
@@ -35,6 +36,8 @@ class Backbone:
     task: str = "classification"
     matches: Callable[[str], bool] | None = None  # a pattern's test; None: the name itself
     summary: str = ""
+    units: Callable[[str], int] | None = None  # the number of units, known from the name (None: build it)
+    default_k: int = DEFAULT_K  # K when none is given (capped at the units)
 
 
 class BackboneRegistry(Registry[Backbone]):
@@ -60,8 +63,12 @@ BACKBONES = BackboneRegistry("model")
 
 
 def register_backbone(*names: str, family: str | None, task: str = "classification",
-                      matches: Callable[[str], bool] | None = None, summary: str = ""):
-    """Decorator registering ``build`` under every name of ``names`` (with ``matches``: one pattern)."""
+                      matches: Callable[[str], bool] | None = None, summary: str = "",
+                      units: Callable[[str], int] | None = None, default_k: int = DEFAULT_K):
+    """Decorator registering ``build`` under every name of ``names`` (with ``matches``: one pattern).
+
+    ``units(name)`` gives the number of units without building the model (what resolving a config
+    needs: :mod:`manpp.resolve`); ``default_k`` is K when none is given."""
     if family is not None and family not in FAMILIES:
         raise ValueError(f"backbone {names}: unknown family {family!r}; known are {FAMILIES}")
     if task not in TASK_NAMES:
@@ -71,7 +78,7 @@ def register_backbone(*names: str, family: str | None, task: str = "classificati
 
     def decorator(build: Callable) -> Callable:
         for name in names:
-            BACKBONES.add(name, Backbone(name, build, family, task, matches, summary))
+            BACKBONES.add(name, Backbone(name, build, family, task, matches, summary, units, default_k))
         return build
 
     return decorator

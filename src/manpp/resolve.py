@@ -1,0 +1,118 @@
+"""One resolution of a run's config: every choice left open is made here, once, before anything is built.
+
+Every entry point (``manpp train`` and its pipelined form, ``compare``, ``bench``, ``describe``,
+``plan``, and :func:`manpp.build.build_model` for Python users) turns its config into a resolved one
+with :func:`resolve`; nothing after it chooses a default again, and nothing writes a built model's
+facts back into the config. ``config.yaml`` records exactly the resolved config. What is settled:
+
+- the fidelity switches (``fidelity``: ours or the authors' release; :mod:`manpp.fidelity`), and
+  ``gray_to_rgb`` for library models (``timm/...``, ``torchvision/...``), which read RGB;
+- K (the backbone's default, capped at its number of units), the split (``even``, or ``paper``
+  where the release has a preset for the model and K under ``fidelity=release``);
+- the objective (the method's own, the one asked for, or the backbone family's default) and its
+  full settings (``heads``: defaults, the release's where ``fidelity=release``, then the run's own).
+
+What is known of a backbone before it is built (its family, units, default K, paper presets) comes
+from its registration by name (:mod:`manpp.models.registry`, :data:`manpp.partition.PAPER_PRESETS`);
+only a library model, whose cut is found by cutting it, is built once to learn it. Resolving a
+resolved config changes nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+
+from . import config as C
+from . import fidelity as F
+from .errors import ManppError
+from .registry import METHODS, OBJECTIVES, default_objective
+
+
+@dataclass(frozen=True)
+class BackboneFacts:
+    """What resolving needs to know of a backbone."""
+
+    family: str  # which auxiliary networks read its features
+    units: int
+    default_k: int  # K when none is given, at most the units
+    presets: tuple[int, ...]  # the nominal K of its paper presets
+
+
+def backbone_facts(cfg: C.TrainConfig) -> BackboneFacts:
+    """The facts of ``cfg.model``: from its registration, or (a library model) from cutting it once."""
+    from .models import BACKBONES
+    from .partition import PAPER_PRESETS
+
+    entry = BACKBONES.find(cfg.model)
+    if entry.units is not None and entry.family is not None:
+        name = entry.name if entry.matches is None else str(cfg.model).strip().lower()
+        units = entry.units(name)
+        presets = tuple(sorted(PAPER_PRESETS.get(name, {})))
+        return BackboneFacts(entry.family, units, max(1, min(entry.default_k, units)), presets)
+    from .models import build_backbone
+
+    info = data_info(cfg)
+    backbone = build_backbone(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
+                              image_size=info.image_size, anchor_base=cfg.anchor_base)
+    units = len(backbone.units)
+    return BackboneFacts(getattr(backbone, "aux_family", "imagenet"), units,
+                         max(1, min(getattr(backbone, "default_k", entry.default_k), units)), ())
+
+
+def data_info(cfg: C.TrainConfig):
+    """The :class:`~manpp.data.DatasetInfo` of a run's dataset, for its model's task, after the data
+    switches (reads no data)."""
+    from .data import dataset_info
+    from .data.options import adjusted_info
+    from .models import model_task
+
+    cfg = resolve_switches(cfg)  # a no-op for a resolved config
+    info = dataset_info(cfg.dataset, image_size=cfg.image_size, task=model_task(cfg.model))
+    return adjusted_info(info, cfg.gray_to_rgb, cfg.normalize)
+
+
+def _explicit_split(split) -> bool:
+    return split is not None and (not isinstance(split, str) or "," in split)
+
+
+def resolve_switches(cfg: C.TrainConfig) -> C.TrainConfig:
+    """The first stage of :func:`resolve`, which needs no backbone: the fidelity switches and
+    ``gray_to_rgb`` (what the data and the schedule read)."""
+    from .models.library import is_library_name
+
+    F.check(cfg)
+    release = cfg.fidelity == "release"
+    values = {name: pair[release] for name, pair in F.SWITCHES.items() if getattr(cfg, name) is None}
+    if cfg.gray_to_rgb is None and is_library_name(cfg.model):
+        values["gray_to_rgb"] = True  # timm and torchvision models read RGB (and their weights expect it)
+    return dataclasses.replace(cfg, **values) if values else cfg
+
+
+def resolve(cfg: C.TrainConfig) -> C.TrainConfig:
+    """``cfg`` with every open choice made (see the module docstring); checks what the choices need."""
+    cfg = resolve_switches(cfg)
+    release = cfg.fidelity == "release"
+    method = METHODS.get(cfg.method)
+    if not method.local:  # end-to-end: one module, no objective
+        if cfg.k not in (None, 1):
+            raise ManppError(f"method 'e2e' trains the network as one module: K must be 1, got K={cfg.k}")
+        return dataclasses.replace(cfg, split=cfg.split or "even", objective=None, heads={})
+    chosen = method.objective or cfg.objective
+    open_k = cfg.k is None and not _explicit_split(cfg.split)
+    facts = backbone_facts(cfg) if chosen is None or open_k or cfg.split is None else None  # only what is open
+    name = chosen or default_objective(facts.family)
+    objective = OBJECTIVES.get(name)
+    if facts is not None:
+        objective.check_family(facts.family)
+    k = facts.default_k if open_k else cfg.k
+    split = cfg.split
+    if split is None:
+        split = F.SPLIT_RELEASE if release and k in facts.presets else "even"
+    heads = {**(objective.release if release else {}), **cfg.heads}  # the run's own settings win
+    settings = dataclasses.asdict(objective.make_settings(heads))
+    return dataclasses.replace(cfg, k=k, split=split, objective=name if method.takes_objective else None,
+                               heads=settings)
+
+
+__all__ = ["BackboneFacts", "backbone_facts", "data_info", "resolve", "resolve_switches"]
