@@ -23,7 +23,8 @@ import torch
 
 from manpp import config as C
 from manpp import distributed as D
-from manpp.build import build_model, build_optimizer, data_info, parameter_groups
+from manpp.build import build_model, data_info
+from manpp.optim import build_optimizer, parameter_groups
 
 HERE = Path(__file__).resolve().parent
 

@@ -13,7 +13,8 @@ import manpp
 from manpp import config as C
 from manpp import distributed as D
 from manpp.errors import ManppError
-from manpp.build import EpochBatches, build_model, build_optimizer, load_data, lr_at, seed_everything
+from manpp.build import EpochBatches, build_model, load_data, seed_everything
+from manpp.optim import build_optimizer, lr_at
 from manpp.train import train
 
 

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 
 import manpp
 from manpp import config as C
-from manpp.build import EpochBatches, build_model, load_data, lr_at, steps_per_epoch
+from manpp.build import EpochBatches, build_model, load_data, steps_per_epoch
+from manpp.optim import lr_at
 from manpp.data import build_datasets, denormalize
 from manpp.data.common import RandomCropFlip
 from manpp.data.info import CIFAR_MEAN, CIFAR_STD
@@ -223,11 +224,11 @@ def test_explicit_zero_weights_are_refused_unless_allowed():
 # --- 5. the candidates for closing the gap to E2E ---------------------------------------------
 
 def test_scale_init_and_aux_lr_scale():
-    from manpp.build import build_optimizer, parameter_groups, set_lr
+    from manpp.optim import build_optimizer, parameter_groups, set_lr
 
     model = manpp.local_model(cifar_net(20), "manpp", 3, objective="dgl", scale_init=0.5)
     assert all(float(a.scale.detach()) == 0.5 for a in model.aux)
-    with pytest.raises(ManppError, match="scale_init must be a number between 0 and 2"):
+    with pytest.raises(ManppError, match=r"bad scale_init 3.0 .*accepted is a number in \[0, 2\]"):
         manpp.local_model(cifar_net(20), "manpp", 3, objective="dgl", scale_init=3.0)
     cfg = C.apply(C.TrainConfig(), {"aux_lr_scale": 2.0, "lr": 0.1})
     optimizer = build_optimizer(cfg, parameter_groups(model, cfg))

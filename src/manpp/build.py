@@ -7,22 +7,19 @@ build through these functions, so a config means the same thing everywhere.
 from __future__ import annotations
 
 import dataclasses
-import math
 import random
-import warnings
 
 import numpy as np
 import torch
 
 from . import config as C
 from . import distributed as D
-from .engine import LocalModel
+from .engine import AMP_DTYPES, LocalModel
 from .errors import ManppError
 from .resolve import data_info, resolve, resolve_switches  # noqa: F401  (data_info: callers read it here too)
 from .saved import saved_dtype
-from .validate import adamw_betas, check_config, check_value
+from .validate import check_config, check_value
 
-AMP = {"bf16": torch.bfloat16, "fp16": torch.float16}
 RANK_SEED = 1_000_003  # process r > 0 draws its random numbers (augmentation, dropout) from seed + r * RANK_SEED
 EPOCH_SEED = 100_003  # the batch order of epoch e comes from the seed seed * EPOCH_SEED + e
 SUBSET_SEED = 20261125  # train_subset / test_subset: the same images for every run and seed
@@ -180,7 +177,7 @@ def amp_dtype(cfg: C.TrainConfig) -> torch.dtype | None:
     if cfg.amp is None:
         return None
     check_value("amp", cfg.amp)
-    return AMP[cfg.amp]
+    return AMP_DTYPES[cfg.amp]
 
 
 # --- optimizer -------------------------------------------------------------------------------
@@ -189,76 +186,3 @@ def check_options(cfg: C.TrainConfig) -> None:
     """Every config field checked up front (:func:`manpp.validate.check_config`): one clear error,
     before any work."""
     check_config(cfg)
-
-
-def parameter_groups(model: LocalModel, cfg: C.TrainConfig, params=None) -> list[dict]:
-    """The optimizer's groups: one, or with ``aux_lr_scale != 1`` the auxiliary networks (their learnable
-    copies, scales and heads) apart, with ``lr_scale`` = ``aux_lr_scale`` (read by :func:`set_lr`)."""
-    params = list(model.parameters_to_optimize() if params is None else params)
-    if cfg.aux_lr_scale == 1:
-        return [{"params": params, "lr_scale": 1.0}]
-    aux = {id(p) for p in model.aux.parameters()}
-    groups = [{"params": [p for p in params if id(p) not in aux], "lr_scale": 1.0},
-              {"params": [p for p in params if id(p) in aux], "lr_scale": float(cfg.aux_lr_scale)}]
-    return [g for g in groups if g["params"]]
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Every group's lr for this step: ``lr`` times the group's ``lr_scale``."""
-    for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
-
-
-def build_optimizer(cfg: C.TrainConfig, params) -> torch.optim.Optimizer:
-    """SGD (momentum ``sgd_momentum``, ``nesterov``) or AdamW (``adamw_betas``, eps 1e-8); both use
-    ``lr`` (overwritten every step by :func:`set_lr`) and ``weight_decay``. ``params``: parameters or
-    :func:`parameter_groups`."""
-    check_options(cfg)
-    if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, betas=adamw_betas(cfg), eps=1e-8, weight_decay=cfg.weight_decay)
-    return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.sgd_momentum, nesterov=cfg.nesterov,
-                           weight_decay=cfg.weight_decay)
-
-
-def build_scaler(cfg: C.TrainConfig, device: torch.device) -> "torch.amp.GradScaler | None":
-    """One GradScaler for all K local losses with ``amp: fp16``; None otherwise (bf16 needs none)."""
-    if cfg.amp != "fp16":
-        return None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            with torch.autocast(device.type, dtype=torch.float16):
-                ok = torch.is_autocast_enabled(device.type) and torch.get_autocast_dtype(device.type) == torch.float16
-            scaler = torch.amp.GradScaler(device.type)
-        except (RuntimeError, ValueError, AttributeError, TypeError):
-            ok = False
-    if not ok or not scaler.is_enabled():
-        raise ManppError(f"amp 'fp16' is not supported on {device.type} by torch {torch.__version__}: use amp bf16 "
-                         f"or none there")
-    return scaler
-
-
-def lr_at(step: int, cfg: C.TrainConfig, steps_per_epoch: int) -> float:
-    """Linear warm-up from ``warmup_lr`` to ``lr``, then cosine to 0 (or, ``lr_schedule: step``,
-    ``lr`` times 0.1 per milestone passed, as fractions of ``epochs``), evaluated per step.
-
-    ``lr_update: epoch`` is the release's schedule instead (docs/release.md: training recipes), set once per
-    epoch e = 1..E: cosine c(e) = lr/2 (1 + cos(pi e / E)), and for e <= W warm-up epochs the blend
-    c(e) (e - 1) / W + warmup_lr (W + 1 - e) / W. The last epoch trains at lr 0.
-    """
-    per_epoch = resolve_switches(cfg).lr_update == "epoch"  # a resolved cfg (the training loop's) is used as is
-    if per_epoch and cfg.lr_schedule == "cosine":
-        e = step // max(1, steps_per_epoch) + 1
-        cosine = 0.5 * cfg.lr * (1 + math.cos(math.pi * min(e, cfg.epochs) / max(1, cfg.epochs)))
-        warm = round(cfg.warmup_epochs)
-        return cosine * (e - 1) / warm + cfg.warmup_lr * (warm + 1 - e) / warm if e <= warm else cosine
-    if per_epoch:  # the step schedule, by epoch
-        step = step // max(1, steps_per_epoch) * steps_per_epoch
-    total = max(1, cfg.epochs * steps_per_epoch)
-    warm = int(cfg.warmup_epochs * steps_per_epoch)
-    if step < warm:
-        return cfg.warmup_lr + (cfg.lr - cfg.warmup_lr) * step / warm
-    progress = (step - warm) / max(1, total - warm)
-    if cfg.lr_schedule == "step":
-        return cfg.lr * 0.1 ** sum(step >= m * total for m in cfg.lr_milestones)
-    return 0.5 * cfg.lr * (1 + math.cos(math.pi * min(1.0, progress)))

@@ -19,7 +19,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import config as C
 from . import distributed as D
 from .errors import ManppError
 from .safeio import first_line, io_error, save_torch
@@ -193,18 +192,6 @@ def load_model_state(model: torch.nn.Module, ckpt: dict) -> None:
         raise ManppError(f"checkpoint does not fit this model: {state_dict_mismatch(exc)}") from None
 
 
-def check_resumable(cfg: C.TrainConfig, saved: dict, where: str = "checkpoint") -> None:
-    """A checkpoint continues only the run it is from: the fields that define the model must agree."""
-    saved_cfg = C.from_dict(saved, source=where)  # legacy flat keys land in heads, as for cfg
-    for name in C.IDENTITY_FIELDS:
-        if getattr(saved_cfg, name) != getattr(cfg, name):
-            raise ManppError(f"{where} is from another configuration: {name} is {getattr(saved_cfg, name)!r} "
-                             f"there but {getattr(cfg, name)!r} here")
-    if saved.get("optimizer", "sgd") != cfg.optimizer:  # its state would not fit (checkpoints before it: sgd)
-        raise ManppError(f"{where} is from another configuration: optimizer is {saved.get('optimizer', 'sgd')!r} "
-                         f"there but {cfg.optimizer!r} here")
-
-
-__all__ = ["BEST", "CHECKPOINT", "CHECKPOINT_VERSION", "KINDS", "check_resumable", "is_finished", "load",
+__all__ = ["BEST", "CHECKPOINT", "CHECKPOINT_VERSION", "KINDS", "is_finished", "load",
            "load_model_state", "load_weights",
            "nonfinite", "rng_state", "save", "set_rng_state", "state_dict_mismatch"]

@@ -13,82 +13,60 @@ import argparse
 import dataclasses
 import json
 import sys
+import typing
 import warnings
 
 from . import config as C
 from . import methods as _methods  # noqa: F401  (registers every method and objective)
 from .console import guard_streams, held_warnings
-from .distributed import BACKENDS, is_main, rank
+from .distributed import is_main, rank
 from .errors import ManppError
-from .registry import METHODS, OBJECTIVES, method_names, objective_takers
+from .registry import method_names
 from .safeio import reason_of
-from .validate import AMPS, OPTIMIZERS, PARALLEL_MODES, check_config
+from .settings import OneOf, flag_of, help_of, rule_of
+from .validate import check_config
 
-# command-line option -> config field (None values mean "not given")
-COMMON = {"model": "model", "dataset": "dataset", "data_dir": "data_dir", "objective": "objective", "k": "k",
-          "epochs": "epochs", "batch_size": "batch_size", "max_steps": "max_steps", "device": "device",
-          "seed": "seed", "out": "out", "split": "split", "lr": "lr", "channels_last": "channels_last",
-          "amp": "amp", "image_size": "image_size", "compile": "compile", "optimizer": "optimizer", "dist_backend": "dist_backend",
-          "parallel": "parallel", "pretrained": "pretrained"}
+# the config fields the command line sets with an option of their own (each field declares its flag)
+FLAGGED = [f for f in dataclasses.fields(C.TrainConfig) if flag_of(f)]
 
 
-def _default(name: str) -> str:
-    """A config field's default, for the help text."""
-    value = getattr(C.TrainConfig(), name)
-    return "none" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+def _help(field: dataclasses.Field) -> str:
+    text = help_of(field)
+    default = field.default if field.default is not dataclasses.MISSING else None
+    if default is None or default is False or "default" in text:
+        return text
+    shown = str(default).lower() if isinstance(default, bool) else default
+    return f"default {shown}; {text}" if text else f"default {shown}"
+
+
+def _add_field_option(p: argparse.ArgumentParser, field: dataclasses.Field) -> None:
+    """The option of one config field, from its declaration: type, choices, help, default."""
+    hint = typing.get_type_hints(C.TrainConfig)[field.name]
+    kind = next((t for t in (bool, int, float) if hint in (t, t | None)), str)
+    kwargs: dict = {"dest": field.name, "help": _help(field)}
+    if field.metadata.get("const") is not None:
+        kwargs.update(nargs="?", const=field.metadata["const"])
+    elif kind is bool:
+        kwargs.update(action="store_true", default=None)
+    else:
+        kwargs["type"] = kind
+    rule = rule_of(field)
+    if isinstance(rule, OneOf) and kind is not bool:
+        kwargs["choices"] = [v for v in rule.values if v is not None]
+    elif field.metadata.get("metavar"):
+        kwargs["metavar"] = field.metadata["metavar"]
+    p.add_argument(flag_of(field), **kwargs)
 
 
 def _add_common(p: argparse.ArgumentParser, *, method: bool = True) -> None:
-    from .data.info import DATASETS
-    from .models import model_names
     from .presets import preset_names
 
     p.add_argument("-c", "--config", metavar="FILE",
                    help="YAML config file, or a preset's bare name (see --preset)")
     p.add_argument("--preset", metavar="NAME", help=f"a paper config shipped with manpp: {', '.join(preset_names())}")
-    p.add_argument("--model", metavar="MODEL",
-                   help=f"backbone (default {_default('model')}): {', '.join(model_names())}; resnet<6n+2> is a "
-                   f"CIFAR ResNet of that depth; <library>/<name> (timm/<name>, torchvision/<name>) builds any "
-                   f"classifier of those libraries and cuts it as manpp.wrap does")
-    p.add_argument("--pretrained", nargs="?", const="library", metavar="FILE",
-                   help="start from pretrained weights: a state-dict file, or (no value) the library's own weights "
-                   "of a timm/ or torchvision/ model, from its cache on disk or downloaded")
-    p.add_argument("--dataset", metavar="DATASET",
-                   help=f"default {_default('dataset')}: {', '.join(DATASETS)} (imagenet, coco and cityscapes read "
-                   f"a folder given by --data-dir; shapes and synthetic are generated)")
-    p.add_argument("--image-size", type=int, help="input side in pixels for the resizable datasets (default: the "
-                   "dataset's own, 224 for imagenet, 32 for synthetic)")
-    p.add_argument("--data-dir", help="where the dataset lives or is downloaded to (default ./data)")
-    if method:
-        p.add_argument("--method", metavar="METHOD", help=f"default {_default('method')}; " + "; ".join(
-            f"{n}: {METHODS[n].summary}" for n in method_names()))
-    takers = "/".join(objective_takers())
-    p.add_argument("--objective", metavar="OBJECTIVE",
-                   help=f"base objective of {takers}: {', '.join(OBJECTIVES.names())} (default: the backbone's, "
-                   f"infopro on ResNets, dgl on ViTs and dense models); its settings are heads.<name>=value")
-    p.add_argument("--k", type=int, help="number of gradient-isolated modules (default: 16 on CIFAR ResNets, "
-                   "else 4, capped at the units)")
-    p.add_argument("--split", help="even (default), paper, memory (balanced activation memory), or "
-                   "comma-separated last units of modules")
-    p.add_argument("--epochs", type=int, help=f"default {_default('epochs')}")
-    p.add_argument("--batch-size", type=int, help=f"global batch (default {_default('batch_size')})")
-    p.add_argument("--lr", type=float, help=f"peak learning rate (default {_default('lr')}; warm-up from "
-                   f"warmup_lr={_default('warmup_lr')} over warmup_epochs={_default('warmup_epochs')}, then cosine)")
-    p.add_argument("--max-steps", type=int, help="stop when the run reaches this many optimizer steps; the run is "
-                   "then 'stopped', and --resume continues it (not kept for the resumed call)")
-    p.add_argument("--device", help="auto (default: CUDA when there is one), cpu, cuda or cuda:N")
-    p.add_argument("--seed", type=int, help=f"default {_default('seed')}")
-    p.add_argument("--channels-last", action="store_true", default=None, help="NHWC memory format")
-    p.add_argument("--amp", choices=AMPS, help="forward passes under autocast (fp16 adds a GradScaler); "
-                   "default: full precision")
-    p.add_argument("--optimizer", choices=OPTIMIZERS, help="sgd (default; momentum, nesterov) or adamw")
-    p.add_argument("--dist-backend", choices=BACKENDS,
-                   help="under torchrun (default nccl on CUDA, gloo on CPU)")
-    p.add_argument("--parallel", choices=PARALLEL_MODES, help="under torchrun: one pipelined stage of modules per "
-                   "process (update-unlocked); default: data parallel")
-    p.add_argument("--compile", action="store_true", default=None, help="torch.compile modules and heads")
-    p.add_argument("--out", metavar="DIR", help="run folder (default runs/<model>-<dataset>-<method>[-k<K>]); one "
-                   "that holds another run is refused unless --overwrite")
+    for field in FLAGGED:
+        if field.name != "method" or method:
+            _add_field_option(p, field)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="any config field, e.g. ema_momentum=0.99 log_every=100 logger=tensorboard, or an "
                    "objective setting, e.g. heads.ixx_1=5 (docs/cli.md lists them)")
@@ -164,9 +142,7 @@ def resolve_config(args: argparse.Namespace, base: C.TrainConfig | None = None) 
 
             preset_text(source)  # a preset name, never a file path: unknown ones are refused here
         cfg = C.apply(cfg, C.load_yaml(source), source=f"config '{source}'")
-    given = {field: getattr(args, opt) for opt, field in COMMON.items() if getattr(args, opt, None) is not None}
-    if getattr(args, "method", None) is not None:
-        given["method"] = args.method
+    given = {f.name: getattr(args, f.name) for f in FLAGGED if getattr(args, f.name, None) is not None}
     cfg = C.apply(cfg, given, source="command line")
     cfg = C.apply(cfg, C.parse_overrides(args.overrides or []), source="overrides")
     check_config(cfg)  # every field, before any work

@@ -12,97 +12,149 @@ go to ``heads``.
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from .distributed import DEFAULT_TIMEOUT_S
+from .data.options import AUGMENTS, NORMALIZES, SUBSET_ORDERS
+from .distributed import BACKENDS, DEFAULT_TIMEOUT_S, OVERLAP_CHOICES, PARALLEL_MODES
+from .engine import AMP_DTYPES, COMPILE_MODES
 from .errors import ManppError
+from .fidelity import FIDELITIES
 from .methods import LocalSettings
-from .momentum import EMA_MOMENTUM, SCALE_INIT
+from .optim import (AUX_LR_SCALE_RULE, LR_RULE, LR_SCHEDULES, LR_UPDATES, OPTIMIZERS, SGD_MOMENTUM_RULE,
+                    WEIGHT_DECAY_RULE)
+from .runlog import LOGGERS
 from .safeio import write_text
-from .settings import coerce, field_types
+from .saved import SAVED_DTYPES
+from .settings import Number, OneOf, coerce, field_types, positive_int, setting
 
 # the flat head settings of earlier versions; each now lives in ``heads`` (and in its objective)
 LEGACY_HEAD_KEYS = ("aux_config", "aux_loss", "feature_dim", "widen", "ixx_1", "ixy_1", "ixx_2", "ixy_2",
                     "lambda_schedule")
 
 
+def _model_help() -> str:
+    from .models import model_names
+
+    return (f"backbone (default resnet32): {', '.join(model_names())}; resnet<6n+2> is a CIFAR ResNet of that "
+            f"depth; <library>/<name> (timm/<name>, torchvision/<name>) builds any classifier of those libraries "
+            f"and cuts it as manpp.wrap does")
+
+
+def _dataset_help() -> str:
+    from .data import DATASETS
+
+    return (f"default digits: {', '.join(DATASETS.names())} (imagenet, coco and cityscapes read a folder given by "
+            f"--data-dir; shapes and synthetic are generated)")
+
+
 @dataclass
-class TrainConfig:
+class TrainConfig(LocalSettings):
+    """A run's config: the local settings (:class:`~manpp.methods.LocalSettings`, inherited, not repeated)
+    and everything else, each field declared once with its type, default, rule and help
+    (:func:`manpp.settings.setting`); validation and the command line read these declarations."""
+
     # what to train
-    model: str = "resnet32"
-    dataset: str = "digits"
-    data_dir: str | None = None
-    download: bool = True
-    image_size: int | None = None  # input side in pixels; None: the dataset's own (32 for CIFAR, 224 for imagenet)
-    train_subset: int | None = None  # use only this many training images (see subset_order)
-    test_subset: int | None = None
+    model: str = setting("resnet32", help=_model_help, flag="--model", metavar="MODEL")
+    dataset: str = setting("digits", help=_dataset_help, flag="--dataset", metavar="DATASET")
+    data_dir: str | None = setting(None, flag="--data-dir",
+                                   help="where the dataset lives or is downloaded to (default ./data)")
+    download: bool = setting(True, help="let torchvision download a missing dataset")
+    image_size: int | None = setting(None, rule=positive_int(True, "the input side in pixels"), flag="--image-size",
+                                     help="input side in pixels for the resizable datasets (default: the dataset's "
+                                     "own, 224 for imagenet, 32 for synthetic)")
+    train_subset: int | None = setting(None, rule=positive_int(True, "training images to use"),
+                                       help="use only this many training images (see subset_order)")
+    test_subset: int | None = setting(None, rule=positive_int(True, "test images to use"))
     # ours or the authors' release, wherever they differ (manpp.fidelity); each switch below left at
     # None follows it
-    fidelity: str = "ours"
-    subset_order: str | None = None  # 'random' (ours: a fixed random subset) or 'first' (the first N images)
-    gray_to_rgb: bool | None = None  # replicate grayscale images to 3 channels (the release)
-    augment: str | None = None  # 'dataset' (its own), 'release' (the release's recipe for it) or 'off'
-    normalize: str | None = None  # 'dataset' (its own statistics) or 'release' (the release's for it)
-    drop_last: bool | None = None  # drop the last partial training batch of each epoch (ours) or train it
-    method: str = "manpp"
-    objective: str | None = None  # base objective of man / manpp (see --help); None: the backbone's default
-    k: int | None = None  # modules; None: 1 for e2e, else the backbone's default (16 for CIFAR ResNets, else 4)
-    split: Any = None  # 'even', 'paper', 'memory' or a list of module end units; None: per fidelity (even)
+    fidelity: str = setting("ours", rule=OneOf(FIDELITIES), help="ours, or the authors' release wherever they differ")
+    subset_order: str | None = setting(None, rule=OneOf(SUBSET_ORDERS, optional=True),
+                                       help="'random' (ours: a fixed random subset) or 'first' (the first N images)")
+    gray_to_rgb: bool | None = setting(None, help="replicate grayscale images to 3 channels (the release; library "
+                                       "models)")
+    augment: str | None = setting(None, rule=OneOf(AUGMENTS, optional=True),
+                                  help="'dataset' (its own), 'release' (the release's recipe for it) or 'off'")
+    normalize: str | None = setting(None, rule=OneOf(NORMALIZES, optional=True),
+                                    help="'dataset' (its own statistics) or 'release' (the release's for it)")
+    drop_last: bool | None = setting(None, help="drop the last partial training batch of each epoch (ours) or train "
+                                     "it (the release)")
     # recipe (docs/method.md has the paper's values; the presets, manpp/configs, set them)
-    epochs: int = 8
-    batch_size: int = 64
-    eval_batch_size: int = 512
-    lr: float = 0.1
-    sgd_momentum: float = 0.9
-    nesterov: bool = True
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    warmup_lr: float = 0.01
-    lr_update: str | None = None  # 'step' (ours: the lr is set every step) or 'epoch' (once per epoch, the release)
-    lr_schedule: str = "cosine"  # 'cosine', or 'step': lr x0.1 at each fraction of the run in lr_milestones
-    lr_milestones: Any = (2 / 3, 8 / 9)  # 'step' schedule (the detection recipe: 60k and 80k of 90k iterations)
-    aux_lr_scale: float = 1.0  # the auxiliary networks' lr (learnable copies, scales, heads) over the backbone's
-    grad_clip: float | None = None  # clip the global gradient norm (the detection recipe: 1.0)
-    pretrained: str | None = None  # a torchvision ResNet state dict file (e.g. ImageNet weights) for the backbone
-    anchor_base: int | None = None  # detection: anchor size at stride 8 (None: 32 from 300 px images up, else 8)
-    optimizer: str = "sgd"  # 'sgd' (SGD with sgd_momentum, nesterov) or 'adamw' (AdamW with adamw_betas, eps 1e-8)
-    adamw_betas: Any = (0.9, 0.999)
-    # MAN / MAN++
-    ema_momentum: float = EMA_MOMENTUM
-    copy_init: str | None = None  # 'copy' (ours) or 'random' (the release)
-    scale_init: float = SCALE_INIT  # MAN++: the scale s_j at the start, in [0, 2] (MAN keeps s = 1)
-    recompute_ema: Any = "auto"  # true / false / 'auto': recompute the EMA branch in backward where it lowers the peak
-    # the objective's own settings, e.g. {'ixx_1': 5.0} (manpp describe --objective X lists them)
-    heads: dict = field(default_factory=dict)
-    allow_zero_loss: bool | None = None  # train even when the heads' weights leave a module without loss
+    epochs: int = setting(8, rule=positive_int(meaning="training epochs"), flag="--epochs", help="training epochs")
+    batch_size: int = setting(64, rule=positive_int(meaning="images per training step"), flag="--batch-size",
+                              help="global batch")
+    eval_batch_size: int = setting(512, rule=positive_int(meaning="images per evaluation batch"))
+    lr: float = setting(0.1, rule=LR_RULE, flag="--lr",
+                        help="peak learning rate (warm-up from warmup_lr over warmup_epochs, then cosine)")
+    sgd_momentum: float = setting(0.9, rule=SGD_MOMENTUM_RULE)
+    nesterov: bool = setting(True)
+    weight_decay: float = setting(1e-4, rule=WEIGHT_DECAY_RULE)
+    warmup_epochs: float = setting(1.0, rule=Number(low=0, meaning="epochs of linear warm-up"))
+    warmup_lr: float = setting(0.01, rule=Number(low=0, meaning="the learning rate the warm-up starts from"))
+    lr_update: str | None = setting(None, rule=OneOf(LR_UPDATES, optional=True),
+                                    help="'step' (ours: the lr is set every step) or 'epoch' (once per epoch, the "
+                                    "release)")
+    lr_schedule: str = setting("cosine", rule=OneOf(LR_SCHEDULES),
+                               help="'cosine', or 'step': lr x0.1 at each fraction of the run in lr_milestones")
+    lr_milestones: Any = setting((2 / 3, 8 / 9), help="'step' schedule (the detection recipe: 60k and 80k of 90k "
+                                 "iterations)")
+    aux_lr_scale: float = setting(1.0, rule=AUX_LR_SCALE_RULE)
+    grad_clip: float | None = setting(None, rule=Number(low=0, low_open=True, optional=True,
+                                                        meaning="the largest global gradient norm"))
+    pretrained: str | None = setting(None, flag="--pretrained", metavar="FILE", const="library",
+                                     help="start from pretrained weights: a state-dict file, or (no value) the "
+                                     "library's own weights of a timm/ or torchvision/ model, from its cache on disk "
+                                     "or downloaded")
+    anchor_base: int | None = setting(None, rule=positive_int(True, "the anchor size at stride 8"),
+                                      help="detection: anchor size at stride 8 (None: 32 from 300 px images up, "
+                                      "else 8)")
+    optimizer: str = setting("sgd", rule=OneOf(OPTIMIZERS), flag="--optimizer",
+                             help="sgd (momentum, nesterov) or adamw (adamw_betas, eps 1e-8)")
+    adamw_betas: Any = setting((0.9, 0.999))
     # running
-    seed: int = 0
-    max_steps: int | None = None
-    device: str = "auto"  # 'auto', 'cpu' or 'cuda'
-    workers: int = 0
-    channels_last: bool = False  # NHWC memory format for the model and inputs (faster on CPU and GPU)
-    amp: str | None = None  # None, 'bf16' or 'fp16': forward passes under autocast (fp16 adds a GradScaler)
-    saved_activations: str | None = None  # 'bf16': what autograd saves for backward is stored in bf16 (half memory)
-    parallel: str | None = None  # 'modules': one pipelined stage of modules per torchrun process (update-unlocked)
-    ema_sync_every: int = 1  # parallel modules: steps between sends of the next stage's first unit (MAN/MAN++)
-    dist_backend: str | None = None  # under torchrun: None picks 'nccl' on CUDA and 'gloo' on CPU
-    overlap_comm: Any = "auto"  # torchrun: each module's all-reduce starts when its backward ends; auto: on CUDA
-    dist_timeout: float = DEFAULT_TIMEOUT_S  # under torchrun: seconds a process waits in a collective before it fails
-    compile: bool = False  # torch.compile the modules and auxiliary networks (not the training loop)
-    compile_mode: str | None = None  # with compile: torch.compile's mode, e.g. 'reduce-overhead' (CUDA graphs)
-    out: str | None = None
-    log_every: int = 50  # not on a terminal: a progress line every this many steps (0: none)
-    logger: str | None = None  # 'tensorboard' (the tensorboard extra) logs beside log.csv, which is always written
+    seed: int = setting(0, rule=Number(low=0, integer=True), flag="--seed")
+    max_steps: int | None = setting(None, rule=positive_int(True, "optimizer steps before stopping"),
+                                    flag="--max-steps", help="stop when the run reaches this many optimizer steps; "
+                                    "the run is then 'stopped', and --resume continues it (not kept for the "
+                                    "resumed call)")
+    device: str = setting("auto", flag="--device", help="auto (CUDA when there is one), cpu, cuda or cuda:N")
+    workers: int = setting(0, rule=Number(low=0, integer=True, meaning="data-loading processes"))
+    channels_last: bool = setting(False, flag="--channels-last", help="NHWC memory format for the model and inputs")
+    amp: str | None = setting(None, rule=OneOf(tuple(AMP_DTYPES), optional=True), flag="--amp",
+                              help="forward passes under autocast (fp16 adds a GradScaler); default: full precision")
+    saved_activations: str | None = setting(None, rule=OneOf(tuple(SAVED_DTYPES), optional=True,
+                                                             meaning="the dtype activations are saved in"),
+                                            help="'bf16': what autograd saves for backward is stored in bf16")
+    parallel: str | None = setting(None, rule=OneOf(PARALLEL_MODES, optional=True), flag="--parallel",
+                                   help="under torchrun: one pipelined stage of modules per process "
+                                   "(update-unlocked); default: data parallel")
+    ema_sync_every: int = setting(1, rule=positive_int(meaning="steps between sends of the next stage's first unit"))
+    dist_backend: str | None = setting(None, rule=OneOf(BACKENDS, optional=True), flag="--dist-backend",
+                                       help="under torchrun (default nccl on CUDA, gloo on CPU)")
+    overlap_comm: Any = setting("auto", rule=OneOf(OVERLAP_CHOICES,
+                                                   meaning="start each module's all-reduce when its backward ends"))
+    dist_timeout: float = setting(DEFAULT_TIMEOUT_S, rule=Number(low=0, low_open=True,
+                                                                 meaning="seconds a process waits for the others"))
+    compile: bool = setting(False, flag="--compile", help="torch.compile the modules and auxiliary networks (not the "
+                            "training loop)")
+    compile_mode: str | None = setting(None, rule=OneOf(COMPILE_MODES, optional=True,
+                                                        meaning="torch.compile's mode, with compile=true"))
+    out: str | None = setting(None, flag="--out", metavar="DIR",
+                              help="run folder (default runs/<model>-<dataset>-<method>[-k<K>]); one that holds "
+                              "another run is refused unless --overwrite")
+    log_every: int = setting(50, rule=Number(low=0, integer=True,
+                                             meaning="steps between progress lines when not on a terminal; 0: none"))
+    logger: str | None = setting(None, rule=OneOf(LOGGERS, optional=True),
+                                 help="'tensorboard' (the tensorboard extra) logs beside log.csv, which is always "
+                                 "written")
 
     def local_settings(self) -> LocalSettings:
-        return LocalSettings(method=self.method, k=self.k, split=self.split, objective=self.objective,
-                             ema_momentum=self.ema_momentum, copy_init=self.copy_init, scale_init=self.scale_init,
-                             recompute_ema=self.recompute_ema, heads=dict(self.heads),
-                             allow_zero_loss=bool(self.allow_zero_loss))
+        """The local settings of this run, as the model builder takes them."""
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(LocalSettings)}
+        return LocalSettings(**{**values, "heads": dict(self.heads)})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -206,5 +258,17 @@ def from_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:
     return apply(TrainConfig(), data, source)
 
 
-__all__ = ["TrainConfig", "IDENTITY_FIELDS", "SESSION_FIELDS", "LEGACY_HEAD_KEYS", "apply", "config_text", "from_dict", "run_config", "load_yaml",
-           "parse_overrides", "save_yaml"]
+def check_resumable(cfg: TrainConfig, saved: dict, where: str = "checkpoint") -> None:
+    """A checkpoint continues only the run it is from: the fields that define the model must agree."""
+    saved_cfg = from_dict(saved, source=where)  # legacy flat keys land in heads, as for cfg
+    for name in IDENTITY_FIELDS:
+        if getattr(saved_cfg, name) != getattr(cfg, name):
+            raise ManppError(f"{where} is from another configuration: {name} is {getattr(saved_cfg, name)!r} "
+                             f"there but {getattr(cfg, name)!r} here")
+    if saved.get("optimizer", "sgd") != cfg.optimizer:  # its state would not fit (checkpoints before it: sgd)
+        raise ManppError(f"{where} is from another configuration: optimizer is {saved.get('optimizer', 'sgd')!r} "
+                         f"there but {cfg.optimizer!r} here")
+
+
+__all__ = ["IDENTITY_FIELDS", "LEGACY_HEAD_KEYS", "SESSION_FIELDS", "TrainConfig", "apply", "check_resumable",
+           "config_text", "from_dict", "load_yaml", "parse_overrides", "run_config", "save_yaml"]

@@ -34,6 +34,8 @@ from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 from .errors import ManppError, choices
 
 BACKENDS = ("nccl", "gloo")
+PARALLEL_MODES = ("modules",)  # parallel=: one pipelined stage of modules per process (manpp.pipeline)
+OVERLAP_CHOICES = (True, False, "auto")  # overlap_comm=; auto: on CUDA (NCCL overlaps); the CPU measured no gain
 DEFAULT_TIMEOUT_S = 600.0  # the config's dist_timeout
 OVERLAP_MIN_BYTES = 1 << 20  # overlap_comm: finished modules' gradients are sent once they hold this much
 BUCKET_BYTES = 64 * 2**20  # largest flat buffer one all-reduce carries
@@ -388,7 +390,7 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
-__all__ = ["BACKENDS", "LaunchEnv", "OverlappedReducer", "all_reduce_gradients", "all_reduce_sum", "barrier",
+__all__ = ["BACKENDS", "OVERLAP_CHOICES", "PARALLEL_MODES", "LaunchEnv", "OverlappedReducer", "all_reduce_gradients", "all_reduce_sum", "barrier",
            "broadcast_buffers", "ddp_wrapper_of", "refuse_ddp_wrapper",
            "broadcast_object", "broadcast_state", "broadcast_tensors", "check_batch_size", "gather_objects",
            "is_initialized", "is_main", "launch_env", "planned_world_size", "process_device", "rank", "setup",

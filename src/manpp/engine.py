@@ -18,6 +18,9 @@ from torch import nn
 from .partition import Partition
 from .saved import saved_in
 
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # amp= choices: the autocast dtypes
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")  # torch.compile's
+
 LossScale = Callable[[torch.Tensor], torch.Tensor]  # or an object with such a ``scale`` method (GradScaler)
 Backward = Callable[[torch.Tensor], Any]  # runs one local loss's backward (Lightning's ``manual_backward``, ...)
 FirstStepHook = Callable[["LocalModel", Any, Any], None]

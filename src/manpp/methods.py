@@ -6,9 +6,10 @@ E2E, MAN and MAN++ are registered here; every objective registers its plain loca
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -16,10 +17,12 @@ from torch import nn
 from . import objectives  # noqa: F401  (registers the objectives and their methods)
 from .engine import LocalModel, primary
 from .errors import ManppError
-from .momentum import EMA_MOMENTUM, SCALE_INIT, MomentumAux, check_settings, settle_recompute
+from .momentum import (EMA_MOMENTUM, EMA_MOMENTUM_RULE, INIT_RULE, RECOMPUTE_RULE, SCALE_INIT, SCALE_INIT_RULE,
+                       MomentumAux, check_settings, settle_recompute)
 from .objectives.spec import AuxSpec
 from .partition import default_k, make_partition, memory_balanced_ends
 from .registry import METHODS, OBJECTIVES, Method, default_objective, register_method
+from .settings import positive_int, setting
 
 register_method(Method("e2e", None, local=False, summary="end-to-end backpropagation (K = 1)"))
 register_method(Method("man", None, momentum=True, summary="MAN: EMA + learnable copy of the next unit, summed"))
@@ -27,21 +30,40 @@ register_method(Method("manpp", None, momentum=True, learnable_scale=True,
                        summary="MAN++: EMA + learnable copy mixed by a learnable scale"))
 
 
+def _method_help() -> str:
+    return "default manpp; " + "; ".join(f"{n}: {METHODS[n].summary}" for n in METHODS.names())
+
+
+def _objective_help() -> str:
+    takers = "/".join(n for n, m in METHODS.items() if m.takes_objective)
+    return (f"base objective of {takers}: {', '.join(OBJECTIVES.names())} (default: the backbone's, infopro on "
+            f"ResNets, dgl on ViTs and dense models); its settings are heads.<name>=value")
+
+
 @dataclass
 class LocalSettings:
-    """Everything besides the backbone that decides the local model."""
+    """Everything besides the backbone that decides the local model, each setting declared once (the
+    run's config, :class:`manpp.config.TrainConfig`, holds them too). None: the backbone's default, or
+    (``split``, ``copy_init``, ``allow_zero_loss``) the choice of ``fidelity``."""
 
-    method: str = "manpp"
-    k: int | None = None  # None: the backbone's default (partition.default_k)
-    split: str | Sequence = "even"
-    objective: str | None = None  # None: the backbone family's default objective
-    ema_momentum: float = EMA_MOMENTUM
-    copy_init: str = "copy"
-    scale_init: float = SCALE_INIT  # MAN++'s s_j at the start (MAN: fixed at 1)
-    # recompute the EMA branch in backward: true, false, or 'auto' (only where it lowers the peak)
-    recompute_ema: bool | str = "auto"
-    heads: dict[str, Any] = field(default_factory=dict)  # the objective's own settings (by field name)
-    allow_zero_loss: bool = False  # build even when the settings leave a module without any local loss
+    method: str = setting("manpp", help=_method_help, flag="--method", metavar="METHOD")
+    k: int | None = setting(None, rule=positive_int(True, "the number of modules"), flag="--k",
+                            help="number of gradient-isolated modules (default: 16 on CIFAR ResNets, else 4, capped "
+                            "at the units)")
+    split: Any = setting(None, flag="--split", help="even (default), paper, memory (balanced activation memory), or "
+                         "comma-separated last units of modules")
+    objective: str | None = setting(None, help=_objective_help, flag="--objective", metavar="OBJECTIVE")
+    ema_momentum: float = setting(EMA_MOMENTUM, rule=EMA_MOMENTUM_RULE, help="MAN/MAN++: the EMA copies' momentum")
+    copy_init: str | None = setting(None, rule=dataclasses.replace(INIT_RULE, optional=True),
+                                    help="'copy' (ours) or 'random' (the release): how the copies start")
+    scale_init: float = setting(SCALE_INIT, rule=SCALE_INIT_RULE, help="MAN++: the scale s at the start")
+    recompute_ema: Any = setting("auto", rule=RECOMPUTE_RULE,
+                                 help="recompute the EMA branch in backward: true, false, or 'auto' (only where it "
+                                 "lowers the activation peak)")
+    heads: dict[str, Any] = setting(factory=dict, help="the objective's own settings, e.g. {ixx_1: 5.0} (manpp "
+                                    "describe --objective X lists them)")
+    allow_zero_loss: bool | None = setting(None, help="train even when the objective's weights leave a module "
+                                           "without any local loss")
 
 
 def family_of(backbone: nn.Module) -> str:
@@ -105,7 +127,8 @@ def build_local_model(backbone: nn.Module, settings: LocalSettings, *, num_class
     objective = OBJECTIVES.get(name)
     objective.check_family(family)
     heads = objective.make_settings(settings.heads)
-    check_settings(settings.ema_momentum, settings.copy_init, settings.recompute_ema, settings.scale_init)
+    copy_init = settings.copy_init or "copy"  # None (a config not resolved): ours
+    check_settings(settings.ema_momentum, copy_init, settings.recompute_ema, settings.scale_init)
     k, split = settings.k, settings.split if settings.split is not None else "even"
     if k is None and isinstance(split, str) and "," not in split:
         k = default_k(backbone)
@@ -128,12 +151,12 @@ def build_local_model(backbone: nn.Module, settings: LocalSettings, *, num_class
         if family == "vit" and method.momentum and unit_index + 1 < len(backbone.units):
             next_unit = backbone.units[unit_index + 1]  # the release's second learnable block
         head = objective.build(spec, heads, momentum=method.momentum, next_unit=next_unit, task=task)
-        check_loss(head, j, name, settings.allow_zero_loss)
+        check_loss(head, j, name, bool(settings.allow_zero_loss))
         if method.momentum:
             unit = backbone.units[unit_index]
             # dense backbones wrap their blocks (``unit.block``): the copies are of the block itself
             head = MomentumAux(getattr(unit, "block", unit), head, momentum=settings.ema_momentum,
-                               learnable_scale=method.learnable_scale, init=settings.copy_init,
+                               learnable_scale=method.learnable_scale, init=copy_init,
                                reinit=getattr(backbone, "reinit_", None), recompute_ema=settings.recompute_ema,
                                scale_init=settings.scale_init)
         aux.append(head)

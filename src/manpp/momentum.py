@@ -18,7 +18,7 @@ import copy
 import torch
 from torch import nn
 
-from .errors import ManppError
+from .settings import Number, OneOf, check_rule
 
 INITS = ("copy", "random")
 EMA_MOMENTUM = 0.995  # the paper's m
@@ -172,17 +172,19 @@ class MomentumAux(nn.Module):
             return float(torch.linalg.vector_norm(torch.stack(torch._foreach_norm(diffs))))
 
 
+# the rules of the MAN/MAN++ settings, declared once: the config's fields and local_model's checks read them
+EMA_MOMENTUM_RULE = Number(low=0, high=1, meaning="the EMA copies' momentum m in p_ema <- m p_ema + (1 - m) p_U")
+SCALE_INIT_RULE = Number(low=0, high=2, meaning="MAN++'s scale s at the start, in s LB + (2 - s) EMA")
+INIT_RULE = OneOf(INITS, meaning="how the copies start: the unit's weights, or re-drawn as the release does")
+RECOMPUTE_RULE = OneOf(RECOMPUTE_CHOICES, meaning="recompute the EMA branch in backward")
+
+
 def check_settings(momentum: float, init: str, recompute_ema, scale_init: float = 1.0) -> None:
     """One clear error for a bad MAN/MAN++ setting."""
-    if isinstance(scale_init, bool) or not isinstance(scale_init, (int, float)) or not 0.0 <= scale_init <= 2.0:
-        raise ManppError(f"scale_init must be a number between 0 and 2 (s in s * LB + (2 - s) * EMA), "
-                         f"got {scale_init!r}")
-    if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
-        raise ManppError(f"ema_momentum must be a number between 0 and 1, got {momentum!r}")
-    if init not in INITS:
-        raise ManppError(f"unknown copy_init {init!r}: accepted are {', '.join(map(repr, INITS))}")
-    if not any(recompute_ema is c or (isinstance(c, str) and recompute_ema == c) for c in RECOMPUTE_CHOICES):
-        raise ManppError(f"bad recompute_ema {recompute_ema!r}: accepted are true, false or 'auto'")
+    check_rule("scale_init", SCALE_INIT_RULE, scale_init)
+    check_rule("ema_momentum", EMA_MOMENTUM_RULE, momentum)
+    check_rule("copy_init", INIT_RULE, init)
+    check_rule("recompute_ema", RECOMPUTE_RULE, recompute_ema)
 
 
 def settle_recompute(model, inputs, targets) -> list[int]:

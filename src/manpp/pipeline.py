@@ -35,8 +35,7 @@ import torch.distributed as dist
 
 from . import config as C
 from . import distributed as D
-from .build import (build_model, build_optimizer, data_info, epoch_loader, load_data, lr_at, parameter_groups,
-                    seed_everything, set_lr)
+from .build import build_model, data_info, epoch_loader, load_data, seed_everything
 from .build import steps_per_epoch as steps_per_epoch_of
 from .checkpoint import load_model_state, rng_state, set_rng_state
 from .engine import LocalContext, local_step
@@ -44,8 +43,10 @@ from .errors import ManppError
 from .lifecycle import Diverged, Position, RunLifecycle, agreed_signal, ending
 from .memory import format_bytes, measure_step
 from .models import model_task
+from .optim import build_optimizer, lr_at, parameter_groups, set_lr
 from .rundir import RunResult, run_folder
-from .runsummary import divergence, loss_text, summary
+from .runlog import loss_text
+from .runsummary import divergence, summary
 from .stopsignals import StopSignals
 from .tasks import task_of
 

@@ -43,12 +43,12 @@ from .checkpoint import save as save_checkpoint
 from .engine import LocalModel
 from .errors import ManppError
 from .runlock import LOCK, FolderLock, holder
+from .runlog import TENSORBOARD
 from .safeio import io_error, write_if_changed, write_text
 
 LOG = "log.csv"
 SUMMARY = "summary.json"
 CONFIG = "config.yaml"
-TENSORBOARD = "tensorboard"
 REPLACED = ".replaced"  # where --overwrite keeps the replaced run until the new one's first checkpoint
 RUN_FILES = (CONFIG, LOG, CHECKPOINT, BEST, SUMMARY)  # what makes a folder a run's (with tensorboard/)
 WEIGHT_FILES = (CHECKPOINT, BEST)  # a run without these has nothing to lose

@@ -12,9 +12,15 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from . import config as C
-from .rundir import TENSORBOARD
-from .runsummary import loss_text
+LOGGERS = ("tensorboard",)  # logger= choices (log.csv is always written)
+TENSORBOARD = "tensorboard"  # the run folder's subfolder for TensorBoard's event files
+
+
+def loss_text(means: list[float]) -> str:
+    """Every module's loss when K is small; first / mean / last when it is large."""
+    if len(means) <= 6:
+        return " ".join(f"{m:.3f}" for m in means)
+    return f"{means[0]:.3f} .. {means[-1]:.3f} (mean {sum(means) / len(means):.3f}, {len(means)} modules)"
 
 
 def scalar_tag(key: str) -> str:
@@ -30,7 +36,7 @@ def scalar_tag(key: str) -> str:
 class RunLog:
     """The reports of one run (only the process that writes the run folder keeps files)."""
 
-    def __init__(self, folder: Path, cfg: C.TrainConfig, *, write: bool, verbose: bool, total_steps: int):
+    def __init__(self, folder: Path, cfg, *, write: bool, verbose: bool, total_steps: int):
         self.every = cfg.log_every
         self.total_steps = total_steps
         self.lines = verbose and self.every > 0 and not _is_terminal()
@@ -73,4 +79,4 @@ def _is_terminal() -> bool:
     return sys.stderr.isatty()
 
 
-__all__ = ["RunLog", "scalar_tag"]
+__all__ = ["LOGGERS", "RunLog", "TENSORBOARD", "loss_text", "scalar_tag"]

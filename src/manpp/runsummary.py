@@ -47,13 +47,6 @@ def metric_text(metric: str, value: float) -> str:
     return f"{metric_label(metric)} {value:.2%}"
 
 
-def loss_text(means: list[float]) -> str:
-    """Every module's loss when K is small; first / mean / last when it is large."""
-    if len(means) <= 6:
-        return " ".join(f"{m:.3f}" for m in means)
-    return f"{means[0]:.3f} .. {means[-1]:.3f} (mean {sum(means) / len(means):.3f}, {len(means)} modules)"
-
-
 def summary(cfg: C.TrainConfig, model: LocalModel, history: list[dict], memory: dict | None, device, metric: str,
             status: str = "finished", reason: str | None = None, **extra) -> dict:
     """What ``summary.json`` holds: how the run ended (``status``, one of :data:`STATUSES`, and why),
@@ -94,4 +87,4 @@ def summary(cfg: C.TrainConfig, model: LocalModel, history: list[dict], memory: 
     }
 
 
-__all__ = ["ENDED", "STATUSES", "divergence", "loss_text", "metric_text", "summary"]
+__all__ = ["ENDED", "STATUSES", "divergence", "metric_text", "summary"]

@@ -20,17 +20,17 @@ import torch
 
 from . import config as C
 from . import distributed as D
-from .build import (RANK_SEED, build_model, build_optimizer, build_scaler, check_options, epoch_loader, load_data,
-                    lr_at, memory_format, parameter_groups, seed_everything, set_lr)
+from .build import RANK_SEED, build_model, check_options, epoch_loader, load_data, memory_format, seed_everything
 from .build import steps_per_epoch as steps_per_epoch_of
-from .checkpoint import check_resumable, load_model_state, rng_state, set_rng_state
+from .checkpoint import load_model_state, rng_state, set_rng_state
 from .errors import ManppError
 from .lifecycle import Diverged, Position, RunLifecycle, agreed_signal, ending
 from .memory import format_bytes, measure_step
+from .optim import build_optimizer, build_scaler, lr_at, parameter_groups, set_lr
 from .resolve import resolve
 from .rundir import RunResult, folder_of, read_summary, resume_source, run_folder
-from .runlog import RunLog
-from .runsummary import divergence, loss_text, metric_text, summary
+from .runlog import RunLog, loss_text
+from .runsummary import divergence, metric_text, summary
 from .stopsignals import StopSignals, ignore_in_workers
 from .tasks import task_of
 
@@ -60,7 +60,7 @@ def train(cfg: C.TrainConfig, *, resume: str | None = None, overwrite: bool = Fa
         D.check_batch_size(cfg.batch_size)  # before any work: the global batch must split evenly
     ckpt = resume_source(resume)[0] if resume else None  # None: it ended before its first checkpoint (afresh)
     if ckpt is not None:
-        check_resumable(cfg, ckpt["config"])  # before anything is built: the configs are both resolved
+        C.check_resumable(cfg, ckpt["config"])  # before anything is built: the configs are both resolved
         _check_continuable(cfg, ckpt, resume)
     stop = StopSignals(announce=D.is_main())  # even with --quiet: a stop is news
     with stop if handle_signals else contextlib.nullcontext():

@@ -16,6 +16,7 @@ from .common import RandomCropFlip, TensorImageDataset, normalized_black
 from .info import CIFAR_MEAN, CIFAR_STD, DatasetInfo, denormalize, normalize
 
 AUGMENTS = ("dataset", "release", "off")
+SUBSET_ORDERS = ("random", "first")  # train_subset / test_subset: a fixed random choice, or the first N
 NORMALIZES = ("dataset", "release")
 CIFAR_RECIPE_SETS = ("digits", "fashion-mnist", "synthetic")  # 'release' is CIFAR-10's recipe for these
 RELEASE_CROP_PADDING = 4  # CIFAR-10: reflect-pad 4, crop 32, flip
@@ -64,4 +65,4 @@ def adapt(dataset, old: DatasetInfo, new: DatasetInfo, augment: str, training: b
     return TensorImageDataset(images, dataset.labels, transform)
 
 
-__all__ = ["AUGMENTS", "CIFAR_RECIPE_SETS", "NORMALIZES", "adapt", "adjusted_info"]
+__all__ = ["AUGMENTS", "CIFAR_RECIPE_SETS", "NORMALIZES", "SUBSET_ORDERS", "adapt", "adjusted_info"]
