@@ -52,7 +52,7 @@ def test_gradients_do_not_cross_module_boundaries(batch):
     # the same step but with the last module's loss scaled: earlier modules must not notice
     ctx = manpp.LocalContext(x, y)
     h = x
-    for j, stage in enumerate(model.stages):
+    for j, stage in enumerate(model.local_modules):
         out = stage(h)
         loss = model.local_loss(j)(out, ctx)
         (loss * (100.0 if j == model.k - 1 else 1.0)).backward()

@@ -49,8 +49,10 @@ def cross_entropy_loss(logits: torch.Tensor, ctx: LocalContext) -> torch.Tensor:
     return nn.functional.cross_entropy(logits, ctx.targets)
 
 
-class Stage(nn.Module):
-    """Module j of the partition: a run of backbone units (plus the task head for the last)."""
+class LocalModule(nn.Module):
+    """Module j of the partition, gradient-isolated from the others: a run of backbone units (plus the
+    task head for the last). Not a pipeline stage (a process's group of modules, :mod:`manpp.pipeline`)
+    nor a stage of the backbone (``unit_stages``: where its feature maps shrink)."""
 
     def __init__(self, units: Sequence[nn.Module], head: nn.Module | None = None):
         super().__init__()
@@ -99,7 +101,7 @@ class LocalModel(nn.Module):
     - ``first_step_hooks``: callables ``hook(model, inputs, targets)`` run once, before the first
       training step (a method that must see a real batch before it trains registers one).
 
-    The backbone and the auxiliary networks are the registered submodules; the stages are views on
+    The backbone and the auxiliary networks are the registered submodules; the local modules are views on
     the backbone's units, so checkpoints do not depend on K.
     """
 
@@ -122,9 +124,9 @@ class LocalModel(nn.Module):
         self.amp_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: forward passes under autocast
         self.saved_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: saved activations stored narrower
         units = backbone.units
-        stages = [Stage([units[i] for i in partition.units_of(j)]) for j in range(partition.k)]
-        stages[-1].head = backbone.head
-        object.__setattr__(self, "stages", stages)  # views, not submodules
+        modules = [LocalModule([units[i] for i in partition.units_of(j)]) for j in range(partition.k)]
+        modules[-1].head = backbone.head
+        object.__setattr__(self, "local_modules", modules)  # views, not submodules
         object.__setattr__(self, "aux_calls", list(self.aux))  # what the step calls (compiled or not)
 
     @property
@@ -144,20 +146,20 @@ class LocalModel(nn.Module):
 
         Parameters and checkpoints are unchanged (the compiled wrappers share the modules).
         """
-        object.__setattr__(self, "stages", [torch.compile(s, **options) for s in self.stages])
+        object.__setattr__(self, "local_modules", [torch.compile(m, **options) for m in self.local_modules])
         object.__setattr__(self, "aux_calls", [torch.compile(a, **options) for a in self.aux])
         return self
 
     @contextlib.contextmanager
     def uncompiled(self):
         """Within the block the step runs the plain (not compiled) modules and auxiliary networks."""
-        compiled = self.stages, self.aux_calls
-        object.__setattr__(self, "stages", [getattr(s, "_orig_mod", s) for s in compiled[0]])
+        compiled = self.local_modules, self.aux_calls
+        object.__setattr__(self, "local_modules", [getattr(s, "_orig_mod", s) for s in compiled[0]])
         object.__setattr__(self, "aux_calls", [getattr(a, "_orig_mod", a) for a in compiled[1]])
         try:
             yield self
         finally:
-            object.__setattr__(self, "stages", compiled[0])
+            object.__setattr__(self, "local_modules", compiled[0])
             object.__setattr__(self, "aux_calls", compiled[1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -192,7 +194,7 @@ class LocalModel(nn.Module):
     def module_parameters(self, j: int) -> list[nn.Parameter]:
         """The parameters module j's loss trains: its units (the head, for the last) and its
         auxiliary network (learnable copy, scale, head); the frozen EMA copies are left out."""
-        parts = [self.stages[j]] + ([self.aux[j]] if j < len(self.aux) else [])
+        parts = [self.local_modules[j]] + ([self.aux[j]] if j < len(self.aux) else [])
         return [p for part in parts for p in part.parameters() if p.requires_grad]
 
     def parameters_to_optimize(self) -> list[nn.Parameter]:
@@ -240,9 +242,9 @@ def local_step(model: LocalModel, inputs: torch.Tensor, targets, scaler: LossSca
     losses = []
     x = inputs
     for j in modules if modules is not None else range(model.k):
-        stage = model.stages[j]
+        module = model.local_modules[j]
         with autocast_of(model, inputs), saved_in(model.saved_dtype):
-            h = stage(x)
+            h = module(x)
             loss = model.local_loss(j)(h, ctx)
         if loss.requires_grad:
             run_backward(loss if scale is None else scale(loss))  # frees module j's graph before module j+1 runs

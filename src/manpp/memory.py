@@ -136,7 +136,7 @@ def measure_step(model, inputs: torch.Tensor, targets: torch.Tensor, *, restore:
     tracker = ActivationTracker(list(model.parameters()) + list(model.buffers()))
     handles = [
         stage.register_forward_pre_hook(lambda _m, _a, j=j: tracker.set_phase(j))
-        for j, stage in enumerate(model.stages)
+        for j, stage in enumerate(model.local_modules)
     ]
     try:
         if cuda:
@@ -156,7 +156,7 @@ def measure_step(model, inputs: torch.Tensor, targets: torch.Tensor, *, restore:
             for p, g in grads.items():
                 p.grad = g
         model.train(was_training)
-    per_module = [tracker.phase_peaks.get(j, 0) for j in range(len(model.stages))]
+    per_module = [tracker.phase_peaks.get(j, 0) for j in range(len(model.local_modules))]
     return MemoryReport(tracker.peak, per_module, allocated)
 
 
