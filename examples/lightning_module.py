@@ -107,7 +107,7 @@ def build_model(arch: str = "resnet8", method: str = "manpp", k: int = 2, object
     ``options`` go to :func:`manpp.local_model` (``ema_momentum``, ``recompute_ema``, ...).
     """
     net = manpp.build_backbone(arch, num_classes=num_classes, in_channels=in_channels, image_size=image_size)
-    return manpp.local_model(net, method, k=k, objective=objective, image_size=image_size, **options)
+    return manpp.local_model(net, method=method, k=k, objective=objective, image_size=image_size, **options)
 
 
 def digits_loaders(batch_size: int = 64, augment: bool = True) -> tuple[DataLoader, DataLoader]:

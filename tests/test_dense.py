@@ -23,7 +23,7 @@ def local(name, method="manpp", k=4, split="paper"):
     task = "detection" if name.startswith("retinanet") else "segmentation"
     info = dataset_info("shapes", SIZE[name], task=task)
     net = build_backbone(name, num_classes=info.num_classes, image_size=info.image_size)
-    model = manpp.local_model(net, method, k, split=split if k > 1 else "even", objective="dgl",
+    model = manpp.local_model(net, method=method, k=k, split=split if k > 1 else "even", objective="dgl",
                               image_size=info.image_size, num_classes=info.num_classes)
     return model, task_of(net).example_batch(2, info, CPU)
 
@@ -187,6 +187,6 @@ def test_pretrained_resnet_weights_load_into_dense_backbones(tmp_path):
 def test_dense_bad_input():
     with pytest.raises(ManppError, match="use objective 'dgl'"):
         local_model = build_backbone("retinanet_resnet50", num_classes=3, image_size=64)
-        manpp.local_model(local_model, "manpp", 4, split="paper", objective="infopro", image_size=64)
+        manpp.local_model(local_model, method="manpp", k=4, split="paper", objective="infopro", image_size=64)
     with pytest.raises(ManppError, match="the model does segmentation"):
         dataset_info("cifar10", task="segmentation")

@@ -170,7 +170,7 @@ def test_loss_scaling_leaves_gradients_unchanged(batch):
     """fp16 path of the engine: every local loss scaled by one factor, gradients unscaled once."""
     x, y = batch
     torch.manual_seed(0)
-    model = manpp.local_model(manpp.build_backbone("resnet8", num_classes=10), "manpp", 3, objective="dgl")
+    model = manpp.local_model(manpp.build_backbone("resnet8", num_classes=10), method="manpp", k=3, objective="dgl")
     twin = copy.deepcopy(model)
     model.train_step(x, y)
     twin.train_step(x, y, scaler=lambda loss: loss * 1024.0)
@@ -243,7 +243,7 @@ def test_a_module_s_gradients_are_final_when_after_module_runs(batch):
     the optimizer will see (later modules never touch them), and the modules' parameter groups
     cover every optimized parameter once."""
     x, y = batch
-    model = manpp.local_model(manpp.build_backbone("resnet8", num_classes=10), "manpp", 3, objective="dgl")
+    model = manpp.local_model(manpp.build_backbone("resnet8", num_classes=10), method="manpp", k=3, objective="dgl")
     groups = [model.module_parameters(j) for j in range(model.k)]
     ids = [id(p) for g in groups for p in g]
     assert len(ids) == len(set(ids)) and set(ids) == {id(p) for p in model.parameters_to_optimize()}

@@ -12,7 +12,7 @@ from manpp.momentum import MomentumAux
 def make(method, k=None, depth=14, seed=0, **kw):
     torch.manual_seed(seed)
     net = manpp.build_backbone(f"resnet{depth}", num_classes=10)
-    return manpp.local_model(net, method, k, **kw)
+    return manpp.local_model(net, method=method, k=k, **kw)
 
 
 def module_grads(model, j):
@@ -221,7 +221,7 @@ def test_recomputing_the_ema_branch_lowers_the_activation_peak():
     peaks = []
     for recompute in (False, True):
         torch.manual_seed(0)
-        model = manpp.local_model(manpp.build_backbone("resnet32"), "manpp", 16, recompute_ema=recompute)
+        model = manpp.local_model(manpp.build_backbone("resnet32"), method="manpp", k=16, recompute_ema=recompute)
         peaks.append(measure_step(model, x, y).peak_activation_bytes)
     assert peaks[1] < 0.85 * peaks[0]
 
@@ -231,7 +231,7 @@ def test_auto_recompute_keeps_the_peak_and_skips_modules_that_do_not_set_it():
 
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     torch.manual_seed(0)
-    always = manpp.local_model(manpp.build_backbone("resnet32"), "manpp", 16, recompute_ema=True)
+    always = manpp.local_model(manpp.build_backbone("resnet32"), method="manpp", k=16, recompute_ema=True)
     auto = copy.deepcopy(always)
     for a in auto.aux:
         a.recompute_ema = "auto"

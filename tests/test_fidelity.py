@@ -32,7 +32,7 @@ def _gradient_ratios(channels: int, decode_gray: str, seed: int, x1, y, pixels) 
     """|d(lambda1 BCE)/dh| / |d(lambda2 CE)/dh| at every module's output h, at initialisation."""
     torch.manual_seed(seed)
     backbone = cifar_net(32, channels)
-    model = manpp.local_model(backbone, "infopro", 16, image_channels=channels, decode_gray=decode_gray)
+    model = manpp.local_model(backbone, method="infopro", k=16, in_channels=channels, decode_gray=decode_gray)
     h = x1 if channels == 1 else x1.expand(-1, 3, -1, -1)
     image01 = pixels if channels == 1 else pixels.expand(-1, 3, -1, -1)
     ratios = []
@@ -67,16 +67,16 @@ def test_grayscale_as_one_channel_gives_the_signal_of_three_channels():
 
 
 def test_rgb_decoder_reconstructs_the_replicated_image():
-    model = manpp.local_model(cifar_net(32, 1), "infopro", 4, image_channels=1)
+    model = manpp.local_model(cifar_net(32, 1), method="infopro", k=4, in_channels=1)
     head = model.aux[0]
     assert head.decoder.net[-1].out_channels == 3
     h = torch.randn(2, 16, 32, 32)
     gray = torch.rand(2, 1, 32, 32)
     assert torch.allclose(head.decoder(h, gray), head.decoder(h, gray.expand(-1, 3, -1, -1)))
-    assert manpp.local_model(cifar_net(32, 1), "infopro", 4, image_channels=1,
+    assert manpp.local_model(cifar_net(32, 1), method="infopro", k=4, in_channels=1,
                              decode_gray="gray").aux[0].decoder.net[-1].out_channels == 1
     with pytest.raises(ManppError, match="unknown decode_gray 'grey': accepted are 'rgb' or 'gray'"):
-        manpp.local_model(cifar_net(32, 1), "infopro", 4, image_channels=1, decode_gray="grey")
+        manpp.local_model(cifar_net(32, 1), method="infopro", k=4, in_channels=1, decode_gray="grey")
 
 
 # --- 2. fidelity=release and its switches ---------------------------------------------------------
@@ -120,7 +120,7 @@ def test_release_gives_the_stem_module_the_1c2f_supcon_head():
     # DGL has no release settings of its own: its resolved settings are its defaults
     from manpp.objectives.dgl import DGLSettings
 
-    assert resolve(C.apply(cfg, {"objective": "dgl"})).heads == dataclasses.asdict(DGLSettings())
+    assert resolve(C.apply(cfg, {"objective": "dgl"})).objective_settings == dataclasses.asdict(DGLSettings())
 
 
 def test_release_data_switches_on_a_grayscale_set():
@@ -191,7 +191,7 @@ def test_a_release_run_records_every_switch_and_trains_the_partial_batch(tmp_pat
 def test_default_infopro_weights_give_every_module_a_loss_on_resnet32(method):
     net = cifar_net(32)
     for k in range(2, 17):
-        model = manpp.local_model(net, method, k)
+        model = manpp.local_model(net, method=method, k=k)
         for j, aux in enumerate(model.aux):
             weights = getattr(aux, "head", aux).loss_weights()
             assert any(w > 0 for w in weights.values()), (method, k, j, weights)
@@ -201,7 +201,7 @@ def test_default_infopro_weights_give_every_module_a_loss_on_resnet32(method):
 def test_default_infopro_weights_give_every_module_a_loss_on_resnet101(k, split):
     net = build_backbone("resnet101", num_classes=10, in_channels=3, image_size=64)
     for method in ("infopro", "manpp"):
-        model = manpp.local_model(net, method, k, split=split, image_size=64)
+        model = manpp.local_model(net, method=method, k=k, split=split, image_size=64)
         assert all(getattr(a, "head", a).lambda2 > 0 for a in model.aux)
 
 
@@ -210,11 +210,11 @@ def test_explicit_zero_weights_are_refused_unless_allowed():
     with pytest.raises(ManppError, match=r"module 14 gets no local loss: its infopro weights are "
                                          r"lambda1 \(reconstruction\) = 0, lambda2 \(classification\) = 0.*"
                                          r"allow_zero_loss=true"):
-        manpp.local_model(net, "infopro", 16, ixy_2=0.0)
+        manpp.local_model(net, method="infopro", k=16, ixy_2=0.0)
     with pytest.raises(ManppError, match="module 1 gets no local loss"):  # MAN++ at K=3: stage r >= 1
-        manpp.local_model(net, "manpp", 3, ixy_2=0.0)
+        manpp.local_model(net, method="manpp", k=3, ixy_2=0.0)
     with pytest.warns(UserWarning, match="module 14 gets no local loss.*allowed by allow_zero_loss"):
-        model = manpp.local_model(net, "infopro", 16, ixy_2=0.0, allow_zero_loss=True)
+        model = manpp.local_model(net, method="infopro", k=16, ixy_2=0.0, allow_zero_loss=True)
     assert model.aux[14].lambda1 == 0 == model.aux[14].lambda2
     cfg = C.apply(C.TrainConfig(), {"dataset": "digits", "method": "infopro", "k": 16, "heads.ixy_2": 0})
     with pytest.raises(ManppError, match="module 14 gets no local loss"):
@@ -226,10 +226,10 @@ def test_explicit_zero_weights_are_refused_unless_allowed():
 def test_scale_init_and_aux_lr_scale():
     from manpp.optim import build_optimizer, parameter_groups, set_lr
 
-    model = manpp.local_model(cifar_net(20), "manpp", 3, objective="dgl", scale_init=0.5)
+    model = manpp.local_model(cifar_net(20), method="manpp", k=3, objective="dgl", scale_init=0.5)
     assert all(float(a.scale.detach()) == 0.5 for a in model.aux)
     with pytest.raises(ManppError, match=r"bad scale_init 3.0 .*accepted is a number in \[0, 2\]"):
-        manpp.local_model(cifar_net(20), "manpp", 3, objective="dgl", scale_init=3.0)
+        manpp.local_model(cifar_net(20), method="manpp", k=3, objective="dgl", scale_init=3.0)
     cfg = C.apply(C.TrainConfig(), {"aux_lr_scale": 2.0, "lr": 0.1})
     optimizer = build_optimizer(cfg, parameter_groups(model, cfg))
     set_lr(optimizer, 0.1)

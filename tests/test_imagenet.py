@@ -33,7 +33,7 @@ def test_imagenet_paper_presets_match_the_release(arch, blocks):
     torch.manual_seed(0)
     net = manpp.build_backbone(arch, num_classes=10)
     for k, expected in blocks.items():
-        model = manpp.local_model(net, "manpp", k, split="paper", objective="dgl", image_size=32)
+        model = manpp.local_model(net, method="manpp", k=k, split="paper", objective="dgl", image_size=32)
         assert blocks_per_module(model) == expected  # docs/release.md: module splits; the stem is in module 0
         assert net.unit_names[0] == "stem" and 0 in model.partition.units_of(0)
         # each copied unit is the next module's first block, and keeps channels and resolution
@@ -45,7 +45,7 @@ def test_imagenet_paper_presets_match_the_release(arch, blocks):
 def test_vit_paper_preset_and_release_head():
     torch.manual_seed(0)
     net = manpp.build_backbone("vit_tiny", num_classes=10, image_size=32)
-    model = manpp.local_model(net, "manpp", 4, split="paper", objective="dgl")
+    model = manpp.local_model(net, method="manpp", k=4, split="paper", objective="dgl")
     assert net.unit_names[0] == "embed" and len(net.units) == 13
     assert [len(model.partition.units_of(j)) for j in range(4)] == [4, 3, 3, 3]  # embedding in group 0
     for j, aux in enumerate(model.aux):
@@ -56,7 +56,7 @@ def test_vit_paper_preset_and_release_head():
         for p, q in zip(aux.head.block.parameters(), net.units[n + 1].parameters()):
             assert torch.equal(p, q) and p.data_ptr() != q.data_ptr()
     with pytest.raises(ManppError, match="but this backbone gives vit ones: use objective 'dgl'"):
-        manpp.local_model(net, "manpp", 4, objective="infopro")
+        manpp.local_model(net, method="manpp", k=4, objective="infopro")
 
 
 def test_imagenet_heads_reproduce_the_release_shapes():
@@ -79,7 +79,7 @@ def test_imagenet_heads_reproduce_the_release_shapes():
 def test_gradient_isolation_on_imagenet_backbones(arch, size, objective):
     torch.manual_seed(0)
     net = manpp.build_backbone(arch, num_classes=5, image_size=size)
-    a = manpp.local_model(net, "manpp", 4, objective=objective, image_size=size)
+    a = manpp.local_model(net, method="manpp", k=4, objective=objective, image_size=size)
     b = copy.deepcopy(a)
     with torch.no_grad():
         for i in b.partition.units_of(3):
@@ -100,7 +100,7 @@ def test_gradient_isolation_on_imagenet_backbones(arch, size, objective):
 def test_export_loads_into_the_plain_torchvision_model(arch, size):
     torch.manual_seed(0)
     net = manpp.build_backbone(arch, num_classes=7, image_size=size)
-    model = manpp.local_model(net, "manpp", 2, objective="dgl", image_size=size)
+    model = manpp.local_model(net, method="manpp", k=2, objective="dgl", image_size=size)
     opt = torch.optim.SGD(model.parameters_to_optimize(), lr=0.05)
     x, y = torch.randn(4, 3, size, size), torch.randint(0, 7, (4,))
     model.train_step(x, y)
@@ -185,7 +185,8 @@ def test_imagenet_paper_configs_load_and_cut(path):
     net = manpp.build_backbone(cfg.model, num_classes=10, image_size=32)
     assert manpp.make_partition(net, cfg.k, cfg.split).k == cfg.k
     if not vit:  # the release's constant ImageNet weights (one full build checks them: see below)
-        assert (cfg.heads["ixx_1"], cfg.heads["ixy_1"], cfg.heads["lambda_schedule"]) == (5.0, 0.75, "constant")
+        settings = cfg.objective_settings
+        assert (settings["ixx_1"], settings["ixy_1"], settings["lambda_schedule"]) == (5.0, 0.75, "constant")
 
 
 def test_an_imagenet_paper_config_builds_the_release_heads():

@@ -25,7 +25,7 @@ NO_MEMORY_PROBE = {"recompute_ema": False}
 
 def digits_model(method: str = "manpp", k: int = 3) -> manpp.LocalModel:
     net = manpp.build_backbone(ARCH, num_classes=10, in_channels=1)
-    return manpp.local_model(net, method, k=k, objective="dgl", image_size=32, **NO_MEMORY_PROBE)
+    return manpp.local_model(net, method=method, k=k, objective="dgl", image_size=32, **NO_MEMORY_PROBE)
 
 
 @pytest.fixture(scope="module")

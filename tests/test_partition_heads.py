@@ -56,7 +56,7 @@ def test_bad_partitions_name_what_is_possible(k, split, needle):
 
 
 def test_release_lambda_weights_for_resnet32_k8():
-    model = manpp.local_model(net(32), "manpp", 8, split="paper", ixy_2=0.0)  # the README's end weights
+    model = manpp.local_model(net(32), method="manpp", k=8, split="paper", ixy_2=0.0)  # the README's end weights
     weights = [(round(a.head.lambda1, 2), round(a.head.lambda2, 3)) for a in model.aux]
     # stem 5/0.5; copies in stage 1: 4.17/0.417, stage 2: 3.33/0.333, stage 3: 2.5/0.25 (docs/release.md: auxiliary heads)
     assert weights == [(5.0, 0.5), (4.17, 0.417), (4.17, 0.417), (3.33, 0.333), (3.33, 0.333), (3.33, 0.333),
@@ -65,13 +65,13 @@ def test_release_lambda_weights_for_resnet32_k8():
 
 def test_infopro_module_schedule_goes_to_the_end_weights():
     with pytest.warns(UserWarning, match="module 3 gets no local loss"):
-        model = manpp.local_model(net(20), "infopro", 5, ixx_2=0.0, ixy_2=0.0, allow_zero_loss=True)
+        model = manpp.local_model(net(20), method="infopro", k=5, ixx_2=0.0, ixy_2=0.0, allow_zero_loss=True)
     assert [round(a.lambda1, 3) for a in model.aux] == [5.0, 3.333, 1.667, 0.0]
     assert [round(a.lambda2, 3) for a in model.aux] == [0.5, 0.333, 0.167, 0.0]
 
 
 def test_heads_read_the_right_features():
-    model = manpp.local_model(net(32), "manpp", 16, objective="dgl")
+    model = manpp.local_model(net(32), method="manpp", k=16, objective="dgl")
     # module 0 is the stem (16 ch); its copy is layer1.0 -> 16 channels; module 5 copies layer2.0 -> 32 ch
     assert model.aux[0].head.convs[0].in_channels == 16
     assert model.aux[5].head.convs[0].in_channels == 32
@@ -90,8 +90,8 @@ def test_supcon_prefers_clustered_features():
 def test_manpp_k16_activation_peak_is_below_half_of_e2e():
     torch.manual_seed(0)
     x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
-    e2e = measure_step(manpp.local_model(net(32), "e2e"), x, y)
-    local = measure_step(manpp.local_model(net(32), "manpp", 16), x, y)
+    e2e = measure_step(manpp.local_model(net(32), method="e2e"), x, y)
+    local = measure_step(manpp.local_model(net(32), method="manpp", k=16), x, y)
     assert local.peak_activation_bytes < 0.5 * e2e.peak_activation_bytes
     assert local.peak_activation_bytes == max(local.module_peak_bytes)
     # one module's bytes are about what ResNet-32 keeps per unit; E2E keeps them all
@@ -100,7 +100,7 @@ def test_manpp_k16_activation_peak_is_below_half_of_e2e():
 
 def test_measure_step_leaves_the_model_unchanged(batch):
     x, y = batch
-    model = manpp.local_model(net(14), "manpp", 3, objective="dgl")
+    model = manpp.local_model(net(14), method="manpp", k=3, objective="dgl")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     report = measure_step(model, x, y)
     assert report.peak_activation_bytes > 0 and report.peak_allocated_bytes is None

@@ -39,9 +39,9 @@ def test_the_loss_mixes_similarity_matching_and_prediction():
 
 def test_predsim_is_a_method_and_an_objective_of_man_pp():
     net = manpp.build_backbone("resnet8")
-    plain = manpp.local_model(net, "predsim", 3)
+    plain = manpp.local_model(net, method="predsim", k=3)
     assert plain.objective == "predsim" and all(isinstance(a, PredSimHead) for a in plain.aux)
-    wrapped = manpp.local_model(manpp.build_backbone("resnet8"), "manpp", 3, objective="predsim", beta=0.5)
+    wrapped = manpp.local_model(manpp.build_backbone("resnet8"), method="manpp", k=3, objective="predsim", beta=0.5)
     assert all(isinstance(a.head, PredSimHead) and a.head.beta == 0.5 for a in wrapped.aux)
 
 
@@ -51,7 +51,7 @@ def test_predsim_trains_on_digits(capsys):
     torch.manual_seed(0)
     train, _, info = build_datasets("digits", augment=False)
     net = manpp.build_backbone("resnet8", num_classes=10, in_channels=1)
-    model = manpp.local_model(net, "predsim", 2)
+    model = manpp.local_model(net, method="predsim", k=2)
     opt = torch.optim.SGD(model.parameters_to_optimize(), lr=0.05, momentum=0.9)
     loader = torch.utils.data.DataLoader(train, batch_size=64, shuffle=True, drop_last=True,
                                          generator=torch.Generator().manual_seed(0))

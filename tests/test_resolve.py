@@ -21,7 +21,7 @@ def test_resolving_needs_no_built_model(monkeypatch):
     cfg = resolve(C.apply(C.TrainConfig(), {"model": "resnet101", "dataset": "imagenet", "fidelity": "release",
                                             "method": "manpp", "k": 4}))
     assert (cfg.k, cfg.split, cfg.objective, cfg.copy_init) == (4, "paper", "infopro", "random")
-    assert cfg.heads["ixx_1"] == 5.0 and "aux_config" in cfg.heads  # the objective's full settings
+    assert cfg.objective_settings["ixx_1"] == 5.0 and "aux_config" in cfg.objective_settings  # all its settings
     vit = resolve(C.apply(C.TrainConfig(), {"model": "vit_tiny", "dataset": "imagenet"}))
     assert (vit.k, vit.split, vit.objective) == (4, "even", "dgl")  # the ViT family's default objective
     cifar = resolve(C.apply(C.TrainConfig(), {"model": "resnet8"}))

@@ -160,7 +160,7 @@ def test_every_config_field_is_validated_in_one_place():
 
     hints = typing.get_type_hints(C.TrainConfig)
     booleans = {f.name for f in dataclasses.fields(C.TrainConfig) if hints[f.name] in (bool, bool | None)}
-    named = {"model", "dataset", "method", "objective", "split", "heads", "data_dir", "out", "pretrained", "device",
+    named = {"model", "dataset", "method", "objective", "split", "objective_settings", "data_dir", "out", "pretrained", "device",
              "lr_milestones", "adamw_betas"}
     fields = {f.name for f in dataclasses.fields(C.TrainConfig)}
     assert fields - set(RULES) - booleans - named == set()

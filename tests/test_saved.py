@@ -14,7 +14,7 @@ from manpp.validate import check_config
 
 def _pair(method: str, k: int):
     torch.manual_seed(0)
-    model = manpp.local_model(manpp.build_backbone("resnet8", num_classes=10), method, k, objective="infopro"
+    model = manpp.local_model(manpp.build_backbone("resnet8", num_classes=10), method=method, k=k, objective="infopro"
                               if method != "e2e" else None)
     narrow = copy.deepcopy(model)
     narrow.saved_dtype = torch.bfloat16

@@ -133,7 +133,7 @@ def test_every_list_of_names_reads_the_registries(capsys):
     for name in OBJECTIVES:  # every objective is also a plain method, and man/manpp can wrap it
         assert METHODS[name].objective == name
     with pytest.raises(ManppError, match="unknown method 'nope': accepted are 'e2e', "):
-        manpp.local_model(manpp.build_backbone("resnet8"), "nope", 2)
+        manpp.local_model(manpp.build_backbone("resnet8"), method="nope", k=2)
 
 
 def _contract_cases():
@@ -148,7 +148,7 @@ def test_every_registered_method_and_objective_builds_and_trains(method, objecti
     torch.manual_seed(0)
     net = manpp.build_backbone("resnet8", num_classes=4)
     k = 1 if method == "e2e" else 3
-    model = manpp.local_model(net, method, k, objective=objective)
+    model = manpp.local_model(net, method=method, k=k, objective=objective)
     x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
     before = [p.detach().clone() for p in net.parameters()]
     opt = torch.optim.SGD(model.parameters_to_optimize(), lr=0.05)
@@ -164,13 +164,13 @@ def test_each_objective_owns_its_settings():
     for name, objective in OBJECTIVES.items():
         assert dataclasses.is_dataclass(objective.settings), name
     net = manpp.build_backbone("resnet8")
-    model = manpp.local_model(net, "infopro", 3, heads={"ixx_1": 2.0})
+    model = manpp.local_model(net, method="infopro", k=3, objective_settings={"ixx_1": 2.0})
     assert model.objective_settings.ixx_1 == 2.0 and model.aux[0].lambda1 == 2.0
-    with pytest.raises(ManppError, match="unknown setting 'heads.nope' for objective 'dgl': its settings are "
-                                         "heads.feature_dim"):
-        manpp.local_model(manpp.build_backbone("resnet8"), "dgl", 3, heads={"nope": 1})
-    with pytest.raises(ManppError, match="bad value 'x' for 'heads.beta': expected float"):
-        manpp.local_model(manpp.build_backbone("resnet8"), "predsim", 3, beta="x")
+    with pytest.raises(ManppError, match="unknown setting 'objective_settings.nope' for objective 'dgl': its settings "
+                                         "are objective_settings.feature_dim"):
+        manpp.local_model(manpp.build_backbone("resnet8"), method="dgl", k=3, objective_settings={"nope": 1})
+    with pytest.raises(ManppError, match="bad value 'x' for 'objective_settings.beta': expected float"):
+        manpp.local_model(manpp.build_backbone("resnet8"), method="predsim", k=3, beta="x")
 
 
 def test_the_default_objective_follows_the_backbone(capsys):
@@ -179,12 +179,12 @@ def test_the_default_objective_follows_the_backbone(capsys):
     assert main(["describe", "--model", "vit_tiny", "--method", "manpp", "--k", "4", "--dataset", "synthetic",
                  "--image-size", "32", "--batch-size", "2"]) == 0
     assert "vit_tiny / manpp (dgl): 4 modules" in capsys.readouterr().out
-    cifar = manpp.local_model(manpp.build_backbone("resnet8"), "manpp", 2)
-    vit = manpp.local_model(manpp.build_backbone("vit_tiny", image_size=32), "manpp", 4)
+    cifar = manpp.local_model(manpp.build_backbone("resnet8"), method="manpp", k=2)
+    vit = manpp.local_model(manpp.build_backbone("vit_tiny", image_size=32), method="manpp", k=4)
     assert (cifar.objective, vit.objective) == ("infopro", "dgl")
     with pytest.raises(ManppError, match="objective 'infopro' reads cifar or imagenet features, but this backbone "
                                          "gives vit ones: use objective 'dgl'"):
-        manpp.local_model(manpp.build_backbone("vit_tiny", image_size=32), "manpp", 4, objective="infopro")
+        manpp.local_model(manpp.build_backbone("vit_tiny", image_size=32), method="manpp", k=4, objective="infopro")
 
 
 def test_local_model_and_the_config_share_one_default_k():
@@ -192,5 +192,5 @@ def test_local_model_and_the_config_share_one_default_k():
 
     cifar, imagenet = manpp.build_backbone("resnet32"), manpp.build_backbone("resnet18")
     assert (default_k(cifar), default_k(imagenet)) == (16, 4)
-    assert manpp.local_model(cifar, "dgl").k == 16
-    assert manpp.local_model(imagenet, "dgl", image_size=32).k == 4
+    assert manpp.local_model(cifar, method="dgl").k == 16
+    assert manpp.local_model(imagenet, method="dgl", image_size=32).k == 4

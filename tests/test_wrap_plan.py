@@ -37,7 +37,7 @@ def test_unit_bytes_add_up_to_the_end_to_end_graph():
     net = manpp.build_backbone("resnet20")
     per_unit = unit_activation_bytes(net, 8, 3, 32)
     assert len(per_unit) == len(net.units) and all(b > 0 for b in per_unit)
-    e2e = manpp.local_model(net, "e2e")
+    e2e = manpp.local_model(net, method="e2e")
     peak = measure_step(e2e, torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))).peak_activation_bytes
     assert sum(per_unit) <= peak <= 1.05 * sum(per_unit)
 

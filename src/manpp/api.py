@@ -13,28 +13,34 @@ from .momentum import EMA_MOMENTUM, SCALE_INIT
 from .tasks import task_of
 
 
-def local_model(backbone: nn.Module, method: str = "manpp", k: int | None = None, *, split="even",
-                objective: str | None = None, ema_momentum: float = EMA_MOMENTUM, copy_init: str = "copy",
-                recompute_ema: bool | str = "auto", scale_init: float = SCALE_INIT, image_size: int | None = None, image_channels: int | None = None,
-                num_classes: int | None = None, denormalize: Callable | None = None, task=None,
-                heads: dict[str, Any] | None = None, allow_zero_loss: bool = False, **head_options) -> LocalModel:
-    """Cut ``backbone`` into ``k`` modules and attach the local objectives of ``method``.
+def local_model(backbone: nn.Module, *, method: str = "manpp", k: int | None = None, objective: str | None = None,
+                split="even", in_channels: int | None = None, image_size: int | None = None,
+                num_classes: int | None = None, ema_momentum: float = EMA_MOMENTUM, copy_init: str = "copy",
+                scale_init: float = SCALE_INIT, recompute_ema: bool | str = "auto",
+                objective_settings: dict[str, Any] | None = None, allow_zero_loss: bool = False,
+                denormalize: Callable | None = None, task=None, **settings) -> LocalModel:
+    """Cut ``backbone`` (a manpp backbone: ``manpp.build_backbone``) into ``k`` modules and attach the
+    local objectives of ``method``. Every argument after the backbone is a keyword, in the order
+    ``wrap`` takes them too.
 
     ``k=None`` and ``objective=None`` take the backbone's defaults (``partition.default_k``; the
-    objective registered as the default for its feature family). ``heads`` (or keyword
-    ``head_options``) are the objective's own settings, e.g. ``ixx_1=5`` for InfoPro. ``split`` is
-    ``"even"``, ``"paper"``, ``"memory"`` (balanced activation memory) or a list of module end units.
-    ``image_size`` is the input side (default: the backbone's own, else 32). Settings that leave a
-    module without any local loss are refused unless ``allow_zero_loss=True``.
+    objective registered as the default for its feature family). ``objective_settings`` (or any other
+    keyword, e.g. ``ixx_1=5`` for InfoPro) are the objective's own settings. ``split`` is ``"even"``,
+    ``"paper"``, ``"memory"`` (balanced activation memory) or a list of module end units.
+    ``in_channels`` and ``image_size`` are the input's (default: the backbone's own, else 3 and 32).
+    Settings that leave a module without any local loss are refused unless ``allow_zero_loss=True``.
+    ``heads=`` and ``image_channels=`` are the names of earlier versions, still taken.
     """
     _check_backbone(backbone, num_classes)
-    settings = LocalSettings(method=method, k=k, split=split, objective=objective, ema_momentum=ema_momentum,
-                             copy_init=copy_init, recompute_ema=recompute_ema, scale_init=scale_init,
-                             heads={**(heads or {}), **head_options}, allow_zero_loss=allow_zero_loss)
+    given = {**(objective_settings or {}), **(settings.pop("heads", None) or {})}
+    in_channels = in_channels or settings.pop("image_channels", None)
+    local = LocalSettings(method=method, k=k, split=split, objective=objective, ema_momentum=ema_momentum,
+                          copy_init=copy_init, recompute_ema=recompute_ema, scale_init=scale_init,
+                          objective_settings={**given, **settings}, allow_zero_loss=allow_zero_loss)
     return build_local_model(
-        backbone, settings,
+        backbone, local,
         num_classes=num_classes or backbone.num_classes,
-        image_channels=image_channels or getattr(backbone, "in_channels", 3),
+        in_channels=in_channels or getattr(backbone, "in_channels", 3),
         image_size=image_size or getattr(backbone, "image_size", None) or 32, denormalize=denormalize,
         task=task or task_of(backbone),
     )
@@ -54,10 +60,10 @@ def _check_backbone(backbone, num_classes: int | None) -> None:
         raise ManppError(f"local_model needs num_classes: the {name} backbone does not say how many classes it has")
 
 
-def wrap(model: nn.Module | Sequence[nn.Module], k: int | None = None, method: str = "manpp",
-         objective: str | None = None, split="even", *, units: Sequence[str | nn.Module] | None = None,
-         head: nn.Module | str | None = None, image_size: int | None = None, in_channels: int | None = None,
-         num_classes: int | None = None, **options) -> LocalModel:
+def wrap(model: nn.Module | Sequence[nn.Module], *, method: str = "manpp", k: int | None = None,
+         objective: str | None = None, split="even", in_channels: int | None = None, image_size: int | None = None,
+         num_classes: int | None = None, units: Sequence[str | nn.Module] | None = None,
+         head: nn.Module | str | None = None, **options) -> LocalModel:
     """A :class:`~manpp.engine.LocalModel` that trains ``model`` itself (its own modules, not copies).
 
     ``model`` is one of:
@@ -69,15 +75,17 @@ def wrap(model: nn.Module | Sequence[nn.Module], k: int | None = None, method: s
       module (or its dotted name) that turns the last unit's output into the logits;
     - a list of unit modules, with ``head=<module>``.
 
-    ``image_size`` and ``in_channels`` (default: the model's own, else 224 and the first convolution's
-    input channels) shape the batch the cut is checked on and the auxiliary networks are sized for;
-    ``num_classes`` defaults to the head's output width. ``local.export_state_dict()`` gives the
-    trained weights under ``model``'s own state-dict keys. See :mod:`manpp.models.wrap`. Other
-    ``options`` go to :func:`local_model`.
+    Every argument after the model is a keyword, in ``local_model``'s order. ``image_size`` and
+    ``in_channels`` (default: the model's own, else 224 and the first convolution's input channels)
+    shape the batch the cut is checked on and the auxiliary networks are sized for; ``num_classes``
+    defaults to the head's output width. ``local.export_state_dict()`` gives the trained weights
+    under ``model``'s own state-dict keys. See :mod:`manpp.models.wrap`. Other ``options`` go to
+    :func:`local_model`.
     """
     from .models.wrap import as_backbone
 
     backbone = as_backbone(model, units=units, head=head, in_channels=in_channels, image_size=image_size,
                            num_classes=num_classes)
-    return local_model(backbone, method, k, split=split, objective=objective, image_size=backbone.image_size,
-                       image_channels=backbone.in_channels, num_classes=backbone.num_classes, **options)
+    return local_model(backbone, method=method, k=k, objective=objective, split=split,
+                       in_channels=backbone.in_channels, image_size=backbone.image_size,
+                       num_classes=backbone.num_classes, **options)

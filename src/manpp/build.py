@@ -139,7 +139,7 @@ def build_model(cfg: C.TrainConfig, info, device: torch.device | str = "cpu") ->
     if cfg.pretrained and not library:
         load_pretrained(backbone, cfg)
     model = build_local_model(backbone, cfg.local_settings(), num_classes=info.num_classes,
-                              image_channels=info.in_channels, image_size=info.image_size,
+                              in_channels=info.in_channels, image_size=info.image_size,
                               denormalize=lambda x: denormalize(x, info), task=task_of(backbone))
     model.amp_dtype = amp_dtype(cfg)
     model.saved_dtype = saved_dtype(cfg.saved_activations)

@@ -69,7 +69,7 @@ def _add_common(p: argparse.ArgumentParser, *, method: bool = True) -> None:
             _add_field_option(p, field)
     p.add_argument("overrides", nargs="*", metavar="key=value",
                    help="any config field, e.g. ema_momentum=0.99 log_every=100 logger=tensorboard, or an "
-                   "objective setting, e.g. heads.ixx_1=5 (docs/cli.md lists them)")
+                   "objective setting, e.g. objective_settings.ixx_1=5 (or heads.ixx_1=5; docs/cli.md lists them)")
 
 
 TRAIN_EXAMPLES = """examples:
@@ -79,7 +79,7 @@ TRAIN_EXAMPLES = """examples:
   manpp train --preset cifar10_resnet32_k16_infopro_manpp   # a paper setting
   manpp train --max-steps 100 --out runs/a && manpp train --resume runs/a   # stop, then continue
   manpp train --out runs/a --overwrite               # replace the run in runs/a
-  manpp train fidelity=release heads.ixx_1=5 logger=tensorboard
+  manpp train fidelity=release objective_settings.ixx_1=5 logger=tensorboard
   torchrun --nproc_per_node 2 -m manpp train --batch-size 128   # data parallel
 """
 

@@ -3,10 +3,10 @@
 Precedence: defaults < ``-c FILE`` < command-line options < ``key=value`` overrides. The
 resolved config is written next to the results (``config.yaml``).
 
-The local objective's own settings live in the nested ``heads`` mapping (each objective declares
-them, :mod:`manpp.registry`): ``heads.ixx_1=5`` on the command line, or ``heads: {ixx_1: 5}`` in
-YAML. The flat keys of earlier versions (``ixx_1=5``, ``aux_config=1c2f``, ...) keep working and
-go to ``heads``.
+The local objective's own settings live in the nested ``objective_settings`` mapping (each
+objective declares them, :mod:`manpp.registry`): ``objective_settings.ixx_1=5`` on the command line,
+or ``objective_settings: {ixx_1: 5}`` in YAML. The name of earlier versions, ``heads`` (``heads.ixx_1=5``,
+``heads: {...}``), and their flat keys (``ixx_1=5``, ``aux_config=1c2f``, ...) keep working and go there.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from .safeio import write_text
 from .saved import SAVED_DTYPES
 from .settings import Number, OneOf, coerce, field_types, positive_int, setting
 
-# the flat head settings of earlier versions; each now lives in ``heads`` (and in its objective)
+# the flat head settings of earlier versions; each now lives in ``objective_settings`` (and in its objective)
 LEGACY_HEAD_KEYS = ("aux_config", "aux_loss", "feature_dim", "widen", "ixx_1", "ixy_1", "ixx_2", "ixy_2",
                     "lambda_schedule")
 
@@ -154,7 +154,7 @@ class TrainConfig(LocalSettings):
     def local_settings(self) -> LocalSettings:
         """The local settings of this run, as the model builder takes them."""
         values = {f.name: getattr(self, f.name) for f in dataclasses.fields(LocalSettings)}
-        return LocalSettings(**{**values, "heads": dict(self.heads)})
+        return LocalSettings(**{**values, "objective_settings": dict(self.objective_settings)})
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -168,42 +168,45 @@ class TrainConfig(LocalSettings):
 SESSION_FIELDS = ("out", "max_steps")
 
 # fields that define the model and its training: a checkpoint must agree on them to be resumed
-IDENTITY_FIELDS = ("model", "dataset", "method", "objective", "k", "split", "heads", "copy_init", "batch_size",
-                   "fidelity", "gray_to_rgb", "normalize", "aux_lr_scale")
+IDENTITY_FIELDS = ("model", "dataset", "method", "objective", "k", "split", "objective_settings", "copy_init",
+                   "batch_size", "fidelity", "gray_to_rgb", "normalize", "aux_lr_scale")
+SETTINGS = "objective_settings"
+SETTINGS_ALIASES = ("objective_settings", "heads")  # the field, and its name in earlier versions
 
 
 def apply(cfg: TrainConfig, values: dict[str, Any], source: str = "override") -> TrainConfig:
     """Return ``cfg`` with ``values`` set, each checked against the field's type.
 
-    ``heads.<name>`` (dotted) and the flat legacy head keys set one entry of ``heads``; ``heads``
-    given as a mapping is merged into the current one.
+    ``objective_settings.<name>`` (or ``heads.<name>``, dotted) and the flat legacy head keys set one
+    entry of the objective's settings; ``objective_settings`` (or ``heads``) given as a mapping is
+    merged into the current one.
     """
     types_ = field_types(TrainConfig)
     updates: dict[str, Any] = {}
-    heads = dict(cfg.heads)
+    settings = dict(cfg.objective_settings)
     for key, value in values.items():
         key = key.replace("-", "_")
         group, dot, sub = key.partition(".")
         if dot:
-            if group != "heads" or not sub:
-                raise ManppError(f"unknown setting '{key}' in {source}: only 'heads' has nested settings "
-                                 f"(heads.<name>=value)")
-            heads[sub] = value
+            if group not in SETTINGS_ALIASES or not sub:
+                raise ManppError(f"unknown setting '{key}' in {source}: only 'objective_settings' (also called "
+                                 f"'heads') has nested settings (objective_settings.<name>=value)")
+            settings[sub] = value
         elif key in LEGACY_HEAD_KEYS:
-            heads[key] = value  # the flat key of earlier versions, same meaning
-        elif key == "heads":
+            settings[key] = value  # the flat key of earlier versions, same meaning
+        elif key in SETTINGS_ALIASES:
             if value is None:
                 value = {}
             if not isinstance(value, dict):
-                raise ManppError(f"bad value {value!r} for 'heads' in {source}: expected a mapping such as "
-                                 f"{{ixx_1: 5.0}}, or heads.<name>=value")
-            heads.update(value)
+                raise ManppError(f"bad value {value!r} for '{key}' in {source}: expected a mapping such as "
+                                 f"{{ixx_1: 5.0}}, or objective_settings.<name>=value")
+            settings.update(value)
         elif key not in types_:
             raise ManppError(f"unknown setting '{key}' in {source}: accepted are {', '.join(types_)} "
-                             f"(and heads.<name> for the objective's settings)")
+                             f"(and objective_settings.<name> for the objective's settings)")
         else:
             updates[key] = coerce(key, value, types_[key])
-    return dataclasses.replace(cfg, **updates, heads=heads)
+    return dataclasses.replace(cfg, **updates, objective_settings=settings)
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:

@@ -52,10 +52,11 @@ def describe(cfg: C.TrainConfig) -> tuple[str, dict]:
         lines.append(f"CUDA allocator peak during the step: {format_bytes(report.peak_allocated_bytes)}")
     if model.objective_settings is not None:
         settings = ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(model.objective_settings).items())
-        lines.append(f"objective {model.objective}: heads.{{{settings}}}" if settings else
+        lines.append(f"objective {model.objective}: objective_settings.{{{settings}}}" if settings else
                      f"objective {model.objective} (no settings)")
     data = {"modules": rows, "peak_activation_bytes": report.peak_activation_bytes,
             "peak_allocated_bytes": report.peak_allocated_bytes, "partition": model.partition.label,
             "objective": model.objective,
-            "heads": dataclasses.asdict(model.objective_settings) if model.objective_settings is not None else None}
+            "objective_settings": dataclasses.asdict(model.objective_settings) if model.objective_settings is not None
+            else None}
     return "\n".join(lines), data

@@ -37,7 +37,7 @@ def _method_help() -> str:
 def _objective_help() -> str:
     takers = "/".join(n for n, m in METHODS.items() if m.takes_objective)
     return (f"base objective of {takers}: {', '.join(OBJECTIVES.names())} (default: the backbone's, infopro on "
-            f"ResNets, dgl on ViTs and dense models); its settings are heads.<name>=value")
+            f"ResNets, dgl on ViTs and dense models); its settings are objective_settings.<name>=value")
 
 
 @dataclass
@@ -60,8 +60,9 @@ class LocalSettings:
     recompute_ema: Any = setting("auto", rule=RECOMPUTE_RULE,
                                  help="recompute the EMA branch in backward: true, false, or 'auto' (only where it "
                                  "lowers the activation peak)")
-    heads: dict[str, Any] = setting(factory=dict, help="the objective's own settings, e.g. {ixx_1: 5.0} (manpp "
-                                    "describe --objective X lists them)")
+    objective_settings: dict[str, Any] = setting(
+        factory=dict, help="the objective's own settings, e.g. {ixx_1: 5.0} (manpp describe --objective X lists them); "
+        "objective_settings.<name>=value, or heads.<name>=value as before")
     allow_zero_loss: bool | None = setting(None, help="train even when the objective's weights leave a module "
                                            "without any local loss")
 
@@ -108,7 +109,7 @@ def unit_output_shapes(backbone: nn.Module, in_channels: int, image_size: int) -
     return shapes
 
 
-def build_local_model(backbone: nn.Module, settings: LocalSettings, *, num_classes: int, image_channels: int,
+def build_local_model(backbone: nn.Module, settings: LocalSettings, *, num_classes: int, in_channels: int,
                       image_size: int, denormalize: Callable | None = None, task=None) -> LocalModel:
     """Compose a :class:`LocalModel` from a backbone and the method settings.
 
@@ -126,18 +127,18 @@ def build_local_model(backbone: nn.Module, settings: LocalSettings, *, num_class
     name = resolve_objective(method, settings.objective, backbone)
     objective = OBJECTIVES.get(name)
     objective.check_family(family)
-    heads = objective.make_settings(settings.heads)
+    heads = objective.make_settings(settings.objective_settings)
     copy_init = settings.copy_init or "copy"  # None (a config not resolved): ours
     check_settings(settings.ema_momentum, copy_init, settings.recompute_ema, settings.scale_init)
     k, split = settings.k, settings.split if settings.split is not None else "even"
     if k is None and isinstance(split, str) and "," not in split:
         k = default_k(backbone)
     if isinstance(split, str) and split == "memory":
-        split = memory_balanced_ends(backbone, k, image_channels, image_size) if k and k > 1 else "even"
+        split = memory_balanced_ends(backbone, k, in_channels, image_size) if k and k > 1 else "even"
     partition = make_partition(backbone, k, split)
     if partition.k == 1:
         raise ManppError(f"method '{method.name}' needs K >= 2 modules (K = 1 is end-to-end: use method e2e)")
-    shapes = unit_output_shapes(backbone, image_channels, image_size)
+    shapes = unit_output_shapes(backbone, in_channels, image_size)
     aux = []
     for j in range(partition.k - 1):
         # the head reads module j's output, or (MAN/MAN++) the output of the next module's first unit
@@ -146,7 +147,7 @@ def build_local_model(backbone: nn.Module, settings: LocalSettings, *, num_class
         channels, size = (shape[-1], 0) if family == "vit" else shape[:2]
         spec = AuxSpec(channels=channels, size=size, stage=backbone.unit_stages[unit_index], index=j,
                        num_modules=partition.k, nominal_k=partition.nominal_k, num_classes=num_classes,
-                       image_channels=image_channels, image_size=image_size, family=family)
+                       in_channels=in_channels, image_size=image_size, family=family)
         next_unit = None
         if family == "vit" and method.momentum and unit_index + 1 < len(backbone.units):
             next_unit = backbone.units[unit_index + 1]  # the release's second learnable block

@@ -80,7 +80,7 @@ class Objective:
 
     name: str
     build: Callable[..., Any]  # build(spec, settings, *, momentum, next_unit, task) -> nn.Module
-    settings: type  # a dataclass of the objective's own settings (``heads.<field>=value``)
+    settings: type  # a dataclass of the objective's own settings (``objective_settings.<field>=value``)
     families: tuple[str, ...]  # the backbone families whose features it reads
     default_for: tuple[str, ...] = ()  # families for which it is the default objective
     summary: str = ""
@@ -100,12 +100,14 @@ class Objective:
                 continue
             owners = [o.name for o in OBJECTIVES.values() if key in o.settings_names()]
             if not owners:
-                listed = ", ".join(f"heads.{a}" for a in accepted) or "none"
-                raise ManppError(f"unknown setting 'heads.{key}' for objective '{self.name}': its settings are {listed}")
-            warnings.warn(f"heads.{key} is a setting of objective {choices(owners)}, not of '{self.name}': "
+                listed = ", ".join(f"objective_settings.{a}" for a in accepted) or "none"
+                raise ManppError(f"unknown setting 'objective_settings.{key}' for objective '{self.name}': its "
+                                 f"settings are {listed}")
+            warnings.warn(f"objective_settings.{key} is a setting of objective {choices(owners)}, not of "
+                          f"'{self.name}': "
                           f"not used here", stacklevel=3)
             del values[key]
-        return self.settings(**coerce_fields(self.settings, values, prefix="heads."))
+        return self.settings(**coerce_fields(self.settings, values, prefix="objective_settings."))
 
     def settings_names(self) -> list[str]:
         return [f.name for f in dataclasses.fields(self.settings)]

@@ -10,7 +10,8 @@ facts back into the config. ``config.yaml`` records exactly the resolved config.
 - K (the backbone's default, capped at its number of units), the split (``even``, or ``paper``
   where the release has a preset for the model and K under ``fidelity=release``);
 - the objective (the method's own, the one asked for, or the backbone family's default) and its
-  full settings (``heads``: defaults, the release's where ``fidelity=release``, then the run's own).
+  full settings (``objective_settings``: defaults, the release's where ``fidelity=release``, then the
+  run's own).
 
 What is known of a backbone before it is built (its family, units, default K, paper presets) comes
 from its registration by name (:mod:`manpp.models.registry`, :data:`manpp.partition.PAPER_PRESETS`);
@@ -97,7 +98,7 @@ def resolve(cfg: C.TrainConfig) -> C.TrainConfig:
     if not method.local:  # end-to-end: one module, no objective
         if cfg.k not in (None, 1):
             raise ManppError(f"method 'e2e' trains the network as one module: K must be 1, got K={cfg.k}")
-        return dataclasses.replace(cfg, split=cfg.split or "even", objective=None, heads={})
+        return dataclasses.replace(cfg, split=cfg.split or "even", objective=None, objective_settings={})
     chosen = method.objective or cfg.objective
     open_k = cfg.k is None and not _explicit_split(cfg.split)
     facts = backbone_facts(cfg) if chosen is None or open_k or cfg.split is None else None  # only what is open
@@ -109,10 +110,10 @@ def resolve(cfg: C.TrainConfig) -> C.TrainConfig:
     split = cfg.split
     if split is None:
         split = F.SPLIT_RELEASE if release and k in facts.presets else "even"
-    heads = {**(objective.release if release else {}), **cfg.heads}  # the run's own settings win
-    settings = dataclasses.asdict(objective.make_settings(heads))
+    given = {**(objective.release if release else {}), **cfg.objective_settings}  # the run's own settings win
+    settings = dataclasses.asdict(objective.make_settings(given))
     return dataclasses.replace(cfg, k=k, split=split, objective=name if method.takes_objective else None,
-                               heads=settings)
+                               objective_settings=settings)
 
 
 __all__ = ["BackboneFacts", "backbone_facts", "data_info", "resolve", "resolve_switches"]

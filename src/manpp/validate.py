@@ -6,7 +6,7 @@ what is accepted, and leaves nothing behind. The rules are declared with the fie
 (:func:`manpp.settings.setting` in :class:`manpp.config.TrainConfig` and
 :class:`manpp.methods.LocalSettings`); :data:`RULES` only collects them. Types are already checked
 when the value is read (:func:`manpp.config.apply`); names of models and datasets are checked by their
-registries, and the objective's own settings (``heads``) by the objective.
+registries, and the objective's own settings (``objective_settings``) by the objective.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from .resolve import resolve_switches
 from .settings import check_rule, rule_of
 
 # field -> rule, collected from the declarations; fields without one are names (checked by their
-# registries or builders), free-form (data_dir, out, pretrained, split, heads) or plain booleans
+# registries or builders), free-form (data_dir, out, pretrained, split, objective_settings) or plain booleans
 RULES = {f.name: rule_of(f) for f in dataclasses.fields(C.TrainConfig) if rule_of(f) is not None}
 
 

@@ -286,7 +286,7 @@ class InfoProHead(nn.Module):
         first = spec.index == 0
         config = cfg.first_config if first and cfg.first_config is not None else cfg.aux_config
         loss = cfg.first_loss if first and cfg.first_loss is not None else cfg.aux_loss
-        out_channels = decoded_channels(spec.image_channels, cfg.decode_gray)
+        out_channels = decoded_channels(spec.in_channels, cfg.decode_gray)
         if spec.family == "imagenet":
             decoder = ImageNetDecoder(spec.channels, spec.size, spec.image_size, out_channels)
             classifier = ImageNetAuxClassifier(spec.channels, spec.num_classes, loss, cfg.feature_dim)

@@ -18,6 +18,6 @@ class AuxSpec:
     num_modules: int  # true K
     nominal_k: int  # K of the paper preset (the release's "K"), else the true K
     num_classes: int
-    image_channels: int
+    in_channels: int  # of the input image
     image_size: int
     family: str = "cifar"  # the backbone's feature family (see manpp.registry.FAMILIES)
