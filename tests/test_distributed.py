@@ -15,6 +15,7 @@ from manpp import distributed as D
 from manpp.errors import ManppError
 from manpp.build import EpochBatches, build_model, load_data, seed_everything
 from manpp.optim import build_optimizer, lr_at
+from manpp.resolve import resolve
 from manpp.train import train
 
 
@@ -91,6 +92,7 @@ def _reference(cfg: C.TrainConfig, world: int) -> torch.nn.Module:
 
 
 def _reference_steps(cfg: C.TrainConfig, world: int) -> torch.nn.Module:
+    cfg = resolve(cfg)  # a loop of one's own resolves the config once, as manpp train does
     seed_everything(cfg.seed)
     train_set, _, info = load_data(cfg)
     model = build_model(cfg, info)
