@@ -22,6 +22,7 @@ from torch import nn
 
 from ..errors import ManppError
 from ..extras import require
+from ..safeio import first_line
 from .registry import register_backbone
 
 LIBRARIES = ("timm", "torchvision")
@@ -86,12 +87,12 @@ def create(name: str, *, num_classes: int, image_size: int, pretrained: str | No
     except ManppError:
         raise
     except (OSError, RuntimeError, ValueError) as exc:
+        why = f"{type(exc).__name__}: {first_line(exc)[:160]}"
         if with_library_weights:
             raise ManppError(f"the {library} weights of '{model}' are not on disk and could not be downloaded "
-                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}): run "
-                             f"once online, or give pretrained=<a state-dict file>") from None
+                             f"({why}): run once online, or give pretrained=<a state-dict file>") from None
         raise ManppError(f"{library} cannot create '{model}' with {num_classes} classes at {image_size} px: "
-                         f"{type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}") from None
+                         f"{why}") from None
     if pretrained and not with_library_weights:
         load_file(net, pretrained, name)
     return net
