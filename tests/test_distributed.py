@@ -125,14 +125,17 @@ def _reference_steps(cfg: C.TrainConfig, world: int) -> torch.nn.Module:
 
 
 @pytest.mark.slow  # the fast tier starts torchrun in tests/test_run_safety.py (ranks stopping together)
-@pytest.mark.parametrize("optimizer,objective,k,overlap", [("sgd", "dgl", 3, True), ("sgd", "dgl", 3, False),
-                                                         ("adamw", "infopro", 2, False)])
-def test_two_gloo_processes_equal_single_process_training(tmp_path, optimizer, objective, k, overlap):
+@pytest.mark.parametrize("optimizer,objective,k,overlap,checkpointing", [
+    ("sgd", "dgl", 3, True, "off"), ("sgd", "dgl", 3, False, "off"), ("adamw", "infopro", 2, False, "off"),
+    ("sgd", "infopro", 3, True, "units")])
+def test_two_gloo_processes_equal_single_process_training(tmp_path, optimizer, objective, k, overlap, checkpointing):
     """torchrun with 2 CPU processes: every module's parameters (and the EMA copies) after 3 steps
     equal one process that averages the two shards' gradients of each global batch, with each
-    module's all-reduce overlapped with the next module's compute (overlap_comm) or all at the end."""
+    module's all-reduce overlapped with the next module's compute (overlap_comm) or all at the end.
+    The processes may checkpoint activations; the reference never does (the gradients are exact)."""
     out = tmp_path / "run"
-    settings = dict(CFG, optimizer=optimizer, objective=objective, k=k, overlap_comm=overlap)
+    settings = dict(CFG, optimizer=optimizer, objective=objective, k=k, overlap_comm=overlap,
+                    checkpointing=checkpointing)
     cli = [f"{key}={value}" for key, value in settings.items()]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -146,7 +149,7 @@ def test_two_gloo_processes_equal_single_process_training(tmp_path, optimizer, o
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "checkpoint.pt", "config.yaml", "log.csv",
                                                      "summary.json"]
 
-    cfg = C.TrainConfig(**settings)
+    cfg = C.TrainConfig(**dict(settings, checkpointing="off"))
     reference = _reference(cfg, world=2).state_dict()
     saved = ckpt["model"]
     assert saved.keys() == reference.keys()

@@ -31,8 +31,9 @@ def test_losses_are_exact_and_gradients_within_bf16_rounding(batch, method, k):
              if p.grad is not None or q.grad is not None]
     assert all(g is not None and h is not None for _, g, h in pairs)
     for name, g, h in pairs:  # bf16 keeps 8 bits of mantissa: about 0.4% per saved value
-        # a bias before BatchNorm has a gradient of rounding noise only: compare it absolutely
-        assert (g - h).norm() <= 0.05 * g.norm() + 1e-5, (name, float((g - h).norm()), float(g.norm()))
+        # a bias before BatchNorm, and MAN++'s scale while both copies are equal (copy init: LB(h) = EMA(h)),
+        # have gradients of rounding noise only: compare them absolutely
+        assert (g - h).norm() <= 0.05 * g.norm() + 1e-4, (name, float((g - h).norm()), float(g.norm()))
     flat = torch.cat([g.flatten() for _, g, _ in pairs])
     diff = torch.cat([(g - h).flatten() for _, g, h in pairs])
     relative = float(diff.norm() / flat.norm())

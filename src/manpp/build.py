@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
+import warnings
 
 import numpy as np
 import torch
@@ -143,6 +144,11 @@ def build_model(cfg: C.TrainConfig, info, device: torch.device | str = "cpu") ->
                               denormalize=lambda x: denormalize(x, info), task=task_of(backbone))
     model.amp_dtype = amp_dtype(cfg)
     model.saved_dtype = saved_dtype(cfg.saved_activations)
+    model.offload = cfg.offload_activations
+    if cfg.offload_activations and torch.device(device).type != "cuda":
+        warnings.warn(f"offload_activations moves saved activations from a GPU to host memory; on {device} they are "
+                      f"already there, so it only copies them (no memory is saved)", stacklevel=2)
+    model.checkpointing = cfg.checkpointing
     model = model.to(device, memory_format=memory_format(cfg))
     if not cfg.compile:
         return model
@@ -153,7 +159,7 @@ def check_buildable(cfg: C.TrainConfig) -> None:
     """Every setting checked and the model built once on the CPU (and dropped), reading no data: what
     a run would refuse (K, the objective's settings, the backbone, pretrained weights) is refused now."""
     check_config(cfg)
-    build_model(dataclasses.replace(cfg, compile=False), data_info(cfg), "cpu")
+    build_model(dataclasses.replace(cfg, compile=False, offload_activations=False), data_info(cfg), "cpu")
 
 
 def load_pretrained(backbone, cfg: C.TrainConfig) -> None:

@@ -12,6 +12,7 @@ or ``objective_settings: {ixx_1: 5}`` in YAML. The name of earlier versions, ``h
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,7 @@ from .fidelity import FIDELITIES
 from .methods import LocalSettings
 from .optim import (AUX_LR_SCALE_RULE, LR_RULE, LR_SCHEDULES, LR_UPDATES, OPTIMIZERS, SGD_MOMENTUM_RULE,
                     WEIGHT_DECAY_RULE)
+from .recompute import CHECKPOINTING_RULE
 from .runlog import LOGGERS
 from .safeio import write_text
 from .saved import SAVED_DTYPES
@@ -128,6 +130,12 @@ class TrainConfig(LocalSettings):
     saved_activations: str | None = setting(None, rule=OneOf(tuple(SAVED_DTYPES), optional=True,
                                                              meaning="the dtype activations are saved in"),
                                             help="'bf16': what autograd saves for backward is stored in bf16")
+    checkpointing: str = setting("off", rule=CHECKPOINTING_RULE, flag="--checkpointing",
+                                 help="activation checkpointing inside every module (E2E: over all units): 'units' "
+                                 "(each unit a segment), 'sqrt' (about sqrt(n) segments) or 'off'; exact gradients, "
+                                 "one more forward pass")
+    offload_activations: bool = setting(False, help="CUDA: what autograd saves for backward is kept in pinned host "
+                                        "memory (exact gradients, two transfers per activation)")
     parallel: str | None = setting(None, rule=OneOf(PARALLEL_MODES, optional=True), flag="--parallel",
                                    help="under torchrun: one pipelined stage of modules per process "
                                    "(update-unlocked); default: data parallel")
@@ -209,6 +217,24 @@ def apply(cfg: TrainConfig, values: dict[str, Any], source: str = "override") ->
     return dataclasses.replace(cfg, **updates, objective_settings=settings)
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as 1.2 reads it: only true/false are booleans. YAML 1.1 (PyYAML's default) also reads
+    yes/no/on/off so, which would turn ``augment=off`` or ``checkpointing=off`` into False; a switch
+    (a bool setting) still takes yes/no/on/off, as words."""
+
+
+_Loader.yaml_implicit_resolvers = {
+    first: [(tag, regexp) for tag, regexp in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                              list("tTfF"))
+
+
+def read_yaml(text: str) -> Any:
+    """``text`` read as YAML 1.2 reads it (see :class:`_Loader`)."""
+    return yaml.load(text, Loader=_Loader)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a config file, or a shipped preset named without a folder (:mod:`manpp.presets`), into a
     dict; a clear error if it is missing or not a YAML mapping."""
@@ -216,7 +242,7 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
 
     label, text = config_source(str(path))
     try:
-        data = yaml.safe_load(text)
+        data = read_yaml(text)
     except yaml.YAMLError as exc:
         line = getattr(getattr(exc, "problem_mark", None), "line", None)
         where = f" (line {line + 1})" if line is not None else ""
@@ -236,7 +262,7 @@ def parse_overrides(items: list[str]) -> dict[str, Any]:
             raise ManppError(f"bad override '{item}': expected key=value, e.g. lr=0.05")
         key, _, raw = item.partition("=")
         try:
-            out[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+            out[key.strip()] = read_yaml(raw) if raw.strip() else None
         except yaml.YAMLError:
             out[key.strip()] = raw
     return out

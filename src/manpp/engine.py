@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from .partition import Partition
+from .recompute import checkpointing_mode, run_units, segment_bounds
 from .saved import saved_in
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # amp= choices: the autocast dtypes
@@ -58,10 +59,11 @@ class LocalModule(nn.Module):
         super().__init__()
         self.units = nn.ModuleList(units)
         self.head = head
+        self.segments: list[int] | None = None  # activation checkpointing: segment bounds over the units
+        self.unit_calls: list | None = None  # what is called for the units when not they (compiled ones)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for unit in self.units:
-            x = unit(x)
+        x = run_units(self.units, x, self.segments, self.unit_calls)
         return x if self.head is None else self.head(x)
 
 
@@ -123,15 +125,36 @@ class LocalModel(nn.Module):
         self.first_step_hooks: list[FirstStepHook] = list(first_step_hooks)
         self.amp_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: forward passes under autocast
         self.saved_dtype: torch.dtype | None = None  # e.g. torch.bfloat16: saved activations stored narrower
+        self.offload = False  # saved activations kept in host memory (manpp.saved)
+        self._checkpointing = "off"
+        self._compile_options: dict | None = None  # torch.compile's options, once compile_parts was called
         units = backbone.units
         modules = [LocalModule([units[i] for i in partition.units_of(j)]) for j in range(partition.k)]
         modules[-1].head = backbone.head
-        object.__setattr__(self, "local_modules", modules)  # views, not submodules
-        object.__setattr__(self, "aux_calls", list(self.aux))  # what the step calls (compiled or not)
+        object.__setattr__(self, "plain_modules", modules)  # views, not submodules
+        object.__setattr__(self, "local_modules", list(modules))  # what the step calls (compiled or not)
+        object.__setattr__(self, "aux_calls", list(self.aux))
 
     @property
     def k(self) -> int:
         return self.partition.k
+
+    @property
+    def checkpointing(self) -> str:
+        """Activation checkpointing of every module's units (:mod:`manpp.recompute`): ``'off'``, ``'units'``
+        (each unit a segment) or ``'sqrt'`` (about sqrt(n) segments of a module's n units). Settable."""
+        return self._checkpointing
+
+    @checkpointing.setter
+    def checkpointing(self, mode: str | None) -> None:
+        mode = checkpointing_mode(mode)
+        for module in self.plain_modules:
+            module.segments = segment_bounds(len(module.units), mode)
+        for part in self.aux.modules():  # the parts of an auxiliary network that checkpoint themselves
+            if "checkpointing" in vars(part):  # (an attribute ``checkpointing``) are told the mode
+                part.checkpointing = mode
+        self._checkpointing = mode
+        self._set_calls(self._compile_options)  # compiled, what is compiled depends on the mode
 
     def local_loss(self, j: int) -> Callable:
         """Module j's loss: its auxiliary network (reading the module's main feature map), or for
@@ -144,23 +167,38 @@ class LocalModel(nn.Module):
     def compile_parts(self, **options) -> "LocalModel":
         """``torch.compile`` every module and auxiliary network, never the loop that calls backward.
 
-        Parameters and checkpoints are unchanged (the compiled wrappers share the modules).
+        Parameters and checkpoints are unchanged (the compiled wrappers share the modules). With activation
+        checkpointing each unit is compiled on its own and the checkpointed segments call them: a
+        checkpoint traced by ``torch.compile`` would not recompute as it must.
         """
-        object.__setattr__(self, "local_modules", [torch.compile(m, **options) for m in self.local_modules])
-        object.__setattr__(self, "aux_calls", [torch.compile(a, **options) for a in self.aux])
+        self._compile_options = dict(options)
+        self._set_calls(self._compile_options)
         return self
+
+    def _set_calls(self, options: dict | None) -> None:
+        """What the step calls: the plain modules (``options`` None), or compiled with ``options``."""
+        checkpointed = self._checkpointing != "off"
+        for module in self.plain_modules:
+            module.unit_calls = ([torch.compile(u, **options) for u in module.units]
+                                 if options is not None and checkpointed else None)
+        calls = [torch.compile(m, **options) for m in self.plain_modules] \
+            if options is not None and not checkpointed else list(self.plain_modules)
+        object.__setattr__(self, "local_modules", calls)
+        object.__setattr__(self, "aux_calls", [torch.compile(a, **options) for a in self.aux]
+                           if options is not None else list(self.aux))
 
     @contextlib.contextmanager
     def uncompiled(self):
         """Within the block the step runs the plain (not compiled) modules and auxiliary networks."""
-        compiled = self.local_modules, self.aux_calls
-        object.__setattr__(self, "local_modules", [getattr(s, "_orig_mod", s) for s in compiled[0]])
-        object.__setattr__(self, "aux_calls", [getattr(a, "_orig_mod", a) for a in compiled[1]])
+        calls = self.local_modules, self.aux_calls, [m.unit_calls for m in self.plain_modules]
+        self._set_calls(None)
         try:
             yield self
         finally:
-            object.__setattr__(self, "local_modules", compiled[0])
-            object.__setattr__(self, "aux_calls", compiled[1])
+            object.__setattr__(self, "local_modules", calls[0])
+            object.__setattr__(self, "aux_calls", calls[1])
+            for module, unit_calls in zip(self.plain_modules, calls[2]):
+                module.unit_calls = unit_calls
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Inference: the backbone alone, no auxiliary networks."""
@@ -243,7 +281,7 @@ def local_step(model: LocalModel, inputs: torch.Tensor, targets, scaler: LossSca
     x = inputs
     for j in modules if modules is not None else range(model.k):
         module = model.local_modules[j]
-        with autocast_of(model, inputs), saved_in(model.saved_dtype):
+        with autocast_of(model, inputs), saved_in(model.saved_dtype, model.offload):
             h = module(x)
             loss = model.local_loss(j)(h, ctx)
         if loss.requires_grad:

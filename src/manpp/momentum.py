@@ -18,6 +18,8 @@ import copy
 import torch
 from torch import nn
 
+from .recompute import run_checkpointed
+from .saved import current_saved, saved_in
 from .settings import Number, OneOf, check_rule
 
 INITS = ("copy", "random")
@@ -42,6 +44,7 @@ class _RecomputedMix(torch.autograd.Function):
         ctx.ema = ema
         device = h.device.type
         ctx.amp = (device, torch.get_autocast_dtype(device), torch.is_autocast_enabled(device))
+        ctx.saved = current_saved()  # how the forward pass stores what it saves (bf16, offloaded)
         ctx.save_for_backward(h, lb_out, s)
         return s * lb_out + (2 - s) * e
 
@@ -49,7 +52,7 @@ class _RecomputedMix(torch.autograd.Function):
     def backward(ctx, g):
         h, lb_out, s = ctx.saved_tensors
         device, dtype, enabled = ctx.amp
-        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled):  # as in forward
+        with torch.enable_grad(), torch.autocast(device, dtype=dtype, enabled=enabled), saved_in(*ctx.saved):
             h_ = h.detach().requires_grad_(True)
             e = ctx.ema(h_)
         grad_lb = g * s if ctx.needs_input_grad[1] else None
@@ -105,6 +108,9 @@ class MomentumAux(nn.Module):
             self.register_buffer("scale", torch.ones(()), persistent=False)
         object.__setattr__(self, "_source", unit)  # not a submodule
         self.inplace_input: bool | None = None  # whether the unit writes into its input (found at the first call)
+        # activation checkpointing (the local model's ``checkpointing``, set by it): with any mode the
+        # learnable copy is recomputed in backward too instead of keeping its activations
+        self.checkpointing = "off"
         # where the EMA update reads the unit's current parameters from: the unit itself, or (a
         # pipeline stage whose next unit lives in another process) a callback that receives them
         self.source_callback = None
@@ -147,9 +153,15 @@ class MomentumAux(nn.Module):
         if self.inplace_input is None:
             self.inplace_input = self._writes_into_its_input(h)
         s = self.scale
+        if self.checkpointing != "off" and torch.is_grad_enabled() and h.requires_grad:
+            # the copy's activations are not kept: they would sit beside the EMA branch's recomputation
+            # in the mix's backward; recomputed in turn, only one of the two is alive at a time
+            lb_out = run_checkpointed(self._lb, h, [self.lb])
+        else:
+            lb_out = self._lb(h)
         if self.recompute_ema and torch.is_grad_enabled() and h.requires_grad:
-            return _RecomputedMix.apply(h, self._lb(h), s, self._ema)
-        return s * self._lb(h) + (2 - s) * self._ema(h)
+            return _RecomputedMix.apply(h, lb_out, s, self._ema)
+        return s * lb_out + (2 - s) * self._ema(h)
 
     def forward(self, h: torch.Tensor, ctx) -> torch.Tensor:
         return self.head(self.mix(h), ctx)

@@ -1,11 +1,20 @@
-"""Saved activations in a narrower dtype: what autograd keeps for backward, stored in bf16.
+"""Where saved activations live: what autograd keeps for backward, stored in bf16 and/or in host memory.
 
-``saved_activations=bf16`` runs every module's forward inside :func:`saved_in`, whose
-``saved_tensors_hooks`` store each float32 tensor that autograd saves (activations, not
-parameters) as bfloat16 and give it back as float32 in backward. The forward pass and the losses
-are unchanged; the gradients differ from full precision by bf16 rounding of the saved inputs
-(tested). Memory: about half the activation bytes. Under a :class:`~manpp.memory.ActivationTracker`
-the stored bf16 tensors are what it counts, so ``describe``, ``plan`` and ``bench`` show the effect.
+Every module's forward runs inside :func:`saved_in`, whose ``saved_tensors_hooks`` decide how each
+tensor that autograd saves (activations, not parameters) is kept until backward:
+
+- ``saved_activations=bf16`` stores each float32 activation as bfloat16 and gives it back as
+  float32 in backward. The forward pass and the losses are unchanged; the gradients differ from full
+  precision by bf16 rounding of the saved inputs (tested). About half the activation bytes.
+- ``offload_activations=true`` (CUDA) copies each activation into pinned host memory as it is saved
+  and back to the device in backward, as ``torch.autograd.graph.save_on_cpu(pin_memory=True)`` does;
+  the gradients are exact (tested on the CPU, where the copy is a host copy). The device then holds
+  almost no activations, at the price of two transfers over PCIe per activation.
+
+Both together store the bf16 copy on the host. Under a :class:`~manpp.memory.ActivationTracker` the
+tensors kept on the device are what it counts (the bf16 copies; nothing for offloaded ones), so
+``describe``, ``plan`` and ``bench`` show the effect. :func:`current_saved` tells a recomputation in
+backward (activation checkpointing, :mod:`manpp.recompute`) which hooks its first pass ran under.
 """
 
 from __future__ import annotations
@@ -21,6 +30,8 @@ from .memory import ActivationTracker, active_tracker
 SAVED_DTYPES = {"bf16": torch.bfloat16}
 MIN_ELEMENTS = 1024  # smaller saved tensors (statistics, scalars) stay as they are
 
+_ACTIVE: list[tuple[torch.dtype | None, bool]] = []  # the saved_in settings in force, innermost last
+
 
 def saved_dtype(name: str | None) -> torch.dtype | None:
     """The storage dtype of ``saved_activations`` (None: as computed)."""
@@ -31,43 +42,71 @@ def saved_dtype(name: str | None) -> torch.dtype | None:
     return SAVED_DTYPES[name]
 
 
-def _stored(t: torch.Tensor, dtype: torch.dtype) -> bool:
-    """Activations only: float32, large enough, and not a parameter (those are stored once already)."""
-    return (t.dtype == torch.float32 and t.layout == torch.strided and t.numel() >= MIN_ELEMENTS
-            and not isinstance(t, torch.nn.Parameter) and not (t.is_leaf and t.requires_grad)
-            and t.device.type != "meta")
+def _activation(t: torch.Tensor) -> bool:
+    """An activation: strided, real, and not a parameter (those are stored once already). A leaf that
+    requires grad is one too: the input of a segment recomputed in backward (:mod:`manpp.recompute`)."""
+    return t.layout == torch.strided and t.device.type != "meta" and not isinstance(t, torch.nn.Parameter)
+
+
+def _narrowed(t: torch.Tensor) -> bool:
+    """Stored narrower: float32 activations large enough to matter."""
+    return t.dtype == torch.float32 and t.numel() >= MIN_ELEMENTS and _activation(t)
+
+
+def current_saved() -> tuple[torch.dtype | None, bool]:
+    """The ``(dtype, offload)`` of the innermost :func:`saved_in` now in force (``(None, False)``: none)."""
+    return _ACTIVE[-1] if _ACTIVE else (None, False)
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    # the same strides (a channels-last map stays one): backward then computes exactly as without
+    host = torch.empty_like(t, device="cpu", pin_memory=t.device.type == "cuda" and torch.cuda.is_available())
+    host.copy_(t, non_blocking=True)
+    return host
 
 
 @contextlib.contextmanager
-def saved_in(dtype: torch.dtype | None):
-    """Within the block, tensors saved for backward are stored in ``dtype`` (None: no change)."""
-    if dtype is None:
+def saved_in(dtype: torch.dtype | None = None, offload: bool = False):
+    """Within the block, tensors saved for backward are stored in ``dtype`` (None: as computed) and,
+    with ``offload``, in host memory (see the module docstring). Neither: no hooks, unless an outer
+    ``saved_in`` is in force, whose storage is then undone within the block (kept as computed)."""
+    if dtype is None and not offload and not _ACTIVE:
         yield
         return
     tracker = active_tracker()
-    # one narrow copy per saved tensor, however many ops save it (a ReLU's output is also the next
+    # one stored copy per saved tensor, however many ops save it (a ReLU's output is also the next
     # conv's input); the weak reference proves the storage is still the one the key names
     copies: dict[tuple, tuple[weakref.ref, torch.Tensor]] = {}
 
     def pack(t: torch.Tensor):
-        if not _stored(t, dtype):
-            return (tracker.hold(t) if tracker is not None else t), None
+        narrow = dtype is not None and _narrowed(t)
+        moved = offload and _activation(t)
+        if not (narrow or moved):
+            return (tracker.hold(t) if tracker is not None else t), None, None
         key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t._version)
         cached = copies.get(key)
         if cached is not None and cached[0]() is not None:
-            narrow = cached[1]
+            stored = cached[1]
         else:
-            narrow = t.detach().to(dtype)
-            copies[key] = (weakref.ref(t), narrow)
-        return (tracker.hold(narrow) if tracker is not None else narrow), t.dtype
+            stored = t.detach().to(dtype) if narrow else t.detach()
+            stored = _to_host(stored) if moved else stored
+            copies[key] = (weakref.ref(t), stored)
+        on_device = tracker.hold(stored) if tracker is not None and not moved else stored
+        return on_device, (t.dtype if narrow else None), (t.device if moved else None)
 
     def unpack(obj) -> torch.Tensor:
-        stored, original = obj
+        stored, original_dtype, device = obj
         tensor = ActivationTracker.held(stored)
-        return tensor if original is None else tensor.to(original)
+        if device is not None:
+            tensor = tensor.to(device, non_blocking=True)
+        return tensor if original_dtype is None else tensor.to(original_dtype)
 
-    with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
-        yield
+    _ACTIVE.append((dtype, offload))
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
+            yield
+    finally:
+        _ACTIVE.pop()
 
 
-__all__ = ["SAVED_DTYPES", "saved_dtype", "saved_in"]
+__all__ = ["SAVED_DTYPES", "current_saved", "saved_dtype", "saved_in"]

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from ..errors import ManppError, choices
 from ..models.cifar_resnet import init_weights
+from ..recompute import run_checkpointed
 from ..registry import register_objective
 from .spec import FEATURE_DIM
 
@@ -272,6 +273,9 @@ class InfoProHead(nn.Module):
         super().__init__()
         self.decoder, self.classifier = decoder, classifier
         self.lambda1, self.lambda2 = float(lambda1), float(lambda2)
+        # activation checkpointing (set by the local model): each term recomputed in backward in turn,
+        # so the decoder's and the classifier's activations are never alive together
+        self.checkpointing = "off"
 
     @classmethod
     def from_spec(cls, spec, cfg: InfoProSettings, momentum: bool = False) -> "InfoProHead":
@@ -300,11 +304,18 @@ class InfoProHead(nn.Module):
         return {"lambda1 (reconstruction)": self.lambda1, "lambda2 (classification)": self.lambda2}
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
+        checkpointed = self.checkpointing != "off" and torch.is_grad_enabled() and x.requires_grad
+
+        def term(part: nn.Module, target):
+            if checkpointed:
+                return run_checkpointed(lambda h: part(h, target), x, [part])
+            return part(x, target)
+
         loss = x.new_zeros((), dtype=torch.float32)
         if self.lambda1:
-            loss = loss + self.lambda1 * self.decoder(x, ctx.image01)
+            loss = loss + self.lambda1 * term(self.decoder, ctx.image01)
         if self.lambda2:
-            loss = loss + self.lambda2 * self.classifier(x, ctx.targets)
+            loss = loss + self.lambda2 * term(self.classifier, ctx.targets)
         return loss
 
     def extra_repr(self) -> str:
