@@ -118,6 +118,15 @@ class MemoryReport:
     peak_activation_bytes: int  # max over the step of autograd-held bytes (params and buffers excluded)
     module_peak_bytes: list[int] = field(default_factory=list)  # the same, while module j was running
     peak_allocated_bytes: int | None = None  # CUDA allocator peak during the step; None elsewhere
+    allocated_before_bytes: int | None = None  # CUDA: allocated when the step began (weights, gradients, ...)
+
+    @property
+    def step_allocated_bytes(self) -> int | None:
+        """CUDA: what the step added to the allocator at its peak (the tracker's view plus gradients in
+        flight, temporaries and workspace)."""
+        if self.peak_allocated_bytes is None or self.allocated_before_bytes is None:
+            return None
+        return self.peak_allocated_bytes - self.allocated_before_bytes
 
 
 def measure_step(model, inputs: torch.Tensor, targets: torch.Tensor, *, restore: bool = True) -> MemoryReport:
@@ -139,9 +148,11 @@ def measure_step(model, inputs: torch.Tensor, targets: torch.Tensor, *, restore:
         for j, stage in enumerate(model.local_modules)
     ]
     try:
+        before = None
         if cuda:
             torch.cuda.synchronize(inputs.device)
             torch.cuda.reset_peak_memory_stats(inputs.device)
+            before = int(torch.cuda.memory_allocated(inputs.device))
         with tracker:
             model.train_step(inputs, targets)
         allocated = None
@@ -157,7 +168,21 @@ def measure_step(model, inputs: torch.Tensor, targets: torch.Tensor, *, restore:
                 p.grad = g
         model.train(was_training)
     per_module = [tracker.phase_peaks.get(j, 0) for j in range(len(model.local_modules))]
-    return MemoryReport(tracker.peak, per_module, allocated)
+    return MemoryReport(tracker.peak, per_module, allocated, before)
+
+
+OPTIMIZER_STATE_COPIES = {"sgd": 1, "adamw": 2}  # per trainable parameter: SGD momentum; AdamW's two moments
+
+
+def state_bytes(model, optimizer: str = "sgd") -> int:
+    """What a model holds besides activations: every parameter and buffer once (backbone, auxiliary
+    networks, frozen EMA copies, BatchNorm statistics), plus a gradient and the optimizer's state for
+    each parameter it trains."""
+    held = {}
+    for t in list(model.parameters()) + list(model.buffers()):
+        held[_key(t)] = t.untyped_storage().nbytes()
+    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return sum(held.values()) + trained * (1 + OPTIMIZER_STATE_COPIES[optimizer])
 
 
 def format_bytes(n: int | float | None) -> str:

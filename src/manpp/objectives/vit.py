@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from ..models.wrap.adapters import ClassTokenHead
+from ..recompute import run_checkpointed
 
 
 class TokenHead(nn.Module):
@@ -26,9 +27,16 @@ class TokenHead(nn.Module):
         nn.init.trunc_normal_(fc.weight, std=0.02)
         nn.init.zeros_(fc.bias)
         self.classify = ClassTokenHead(nn.LayerNorm(width, eps=1e-6), fc)
+        # activation checkpointing (set by the local model): the block is recomputed in backward, so its
+        # activations are not alive beside those of MAN++'s copies while they are recomputed
+        self.checkpointing = "off"
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
-        return self.classify(x if self.block is None else self.block(x))
+        if self.block is None:
+            return self.classify(x)
+        if self.checkpointing != "off" and torch.is_grad_enabled() and x.requires_grad:
+            return self.classify(run_checkpointed(self.block, x, [self.block]))
+        return self.classify(self.block(x))
 
     def forward(self, x: torch.Tensor, ctx) -> torch.Tensor:
         return F.cross_entropy(self.logits(x).float(), ctx.targets)

@@ -1,0 +1,204 @@
+"""Ways to fit a training step in memory, measured side by side: the memory/time frontier.
+
+A :class:`Strategy` is one way to train: E2E or a local method at some K, with or without activation
+checkpointing (:mod:`manpp.recompute`), bf16 saved activations and offload (:mod:`manpp.saved`).
+:func:`measure` builds one model per (method, K), local ones on the memory-balanced split, and applies
+the other settings to it strategy by strategy, so every strategy starts from the same weights. For each
+it measures one training step's activation peak (the tracker of :mod:`manpp.memory`; on CUDA also the
+allocator's peak), the state it holds (:func:`manpp.memory.state_bytes`: parameters, buffers, gradients,
+optimizer state) and the median step time, timing the strategies in interleaved rounds so that every
+ratio comes from the same machine conditions. ``manpp plan`` and ``benchmarks/frontier.py`` read it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+
+from . import config as C
+from .build import build_model, data_info, memory_format, resolve_device
+from .memory import MemoryReport, measure_step, state_bytes
+from .momentum import MomentumAux, settle_recompute
+from .registry import METHODS
+from .saved import saved_dtype
+from .tasks import task_of
+
+KS = (2, 4, 8, 16)  # the K a local method is measured at (capped at the backbone's units)
+CHECKPOINTING_VARIANTS = ("off", "units", "sqrt")
+SAVED_VARIANTS = (None, "bf16")
+
+
+@dataclass(frozen=True)
+class Strategy:
+    method: str  # 'e2e' or a local method
+    k: int = 1
+    checkpointing: str = "off"
+    saved: str | None = None  # saved_activations
+    offload: bool = False  # offload_activations
+
+    @property
+    def local(self) -> bool:
+        return self.method != "e2e"
+
+    @property
+    def label(self) -> str:
+        parts = ["E2E" if not self.local else f"{self.method} K={self.k}"]
+        if self.checkpointing != "off":
+            parts.append(f"ckpt({self.checkpointing})")
+        if self.saved:
+            parts.append(self.saved)
+        if self.offload:
+            parts.append("offload")
+        return " + ".join(parts)
+
+    @property
+    def gradients(self) -> str:
+        """``exact`` (E2E's gradients), ``local`` (each module's own loss), either rounded by bf16 storage."""
+        kind = "local" if self.local else "exact"
+        return f"{kind}, bf16-rounded" if self.saved else kind
+
+    def overrides(self) -> dict:
+        """The config settings that train this strategy."""
+        values = {"method": self.method, "k": self.k, "checkpointing": self.checkpointing,
+                  "saved_activations": self.saved, "offload_activations": self.offload}
+        return values if self.local else {**values, "k": None}
+
+
+def default_strategies(method: str, units: int, *, ks: Iterable[int] = KS, offload: bool = False) -> list[Strategy]:
+    """E2E and ``method`` at every K of ``ks`` that the units allow, each plain, checkpointed (each
+    unit, or sqrt(n) segments), with bf16 saved activations and with both; offloaded ones with ``offload``."""
+    variants = [(c, s) for s in SAVED_VARIANTS for c in CHECKPOINTING_VARIANTS]
+    out = [Strategy("e2e", 1, c, s) for c, s in variants]
+    if offload:
+        out += [Strategy("e2e", 1, "off", None, True), Strategy("e2e", 1, "units", None, True)]
+    if METHODS.get(method).local:
+        for k in sorted({k for k in ks if 2 <= k <= units}):
+            out += [Strategy(method, k, c, s) for c, s in variants]
+            if offload:
+                out.append(Strategy(method, k, "units", None, True))
+    return out
+
+
+def _config_of(cfg: C.TrainConfig, method: str, k: int) -> C.TrainConfig:
+    """``cfg`` for ``method`` at K; a local method on the memory-balanced split, with the objective and
+    its settings of ``cfg`` where the method takes an objective."""
+    spec = METHODS.get(method)
+    if not spec.local:
+        return dataclasses.replace(cfg, method=method, k=None, split="even", objective=None, objective_settings={})
+    same = spec.takes_objective
+    return dataclasses.replace(cfg, method=method, k=k, split="memory", objective=cfg.objective if same else None,
+                               objective_settings=dict(cfg.objective_settings) if same else {})
+
+
+def _apply(model, strategy: Strategy) -> None:
+    model.checkpointing = strategy.checkpointing
+    model.saved_dtype = saved_dtype(strategy.saved)
+    model.offload = strategy.offload
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def measure(cfg: C.TrainConfig, strategies: Sequence[Strategy], *, rounds: int = 3, warmup: int = 1,
+            progress: bool = True) -> list[dict]:
+    """One record per strategy (see the module docstring), in the order given."""
+    from tqdm.auto import tqdm
+
+    info = data_info(cfg)
+    device = resolve_device(cfg.device)
+    models: dict[tuple[str, int], dict] = {}
+    for s in strategies:
+        key = (s.method, s.k)
+        if key not in models:
+            torch.manual_seed(cfg.seed)
+            run = _config_of(cfg, s.method, s.k)
+            model = build_model(dataclasses.replace(run, compile=False), info, device)
+            models[key] = {"model": model, "cfg": run, "opt": torch.optim.SGD(model.parameters_to_optimize(),
+                                                                                lr=1e-4, momentum=0.9)}
+    first = next(iter(models.values()))["model"]
+    x, y = task_of(first.backbone).example_batch(cfg.batch_size, info, device)
+    x = x.contiguous(memory_format=memory_format(cfg))
+    auto = cfg.recompute_ema == "auto"
+    runs = []
+    bar = tqdm(total=len(strategies) * (1 + rounds), desc="strategies", unit="step", disable=not progress,
+               leave=False)
+    for s in strategies:
+        entry = models[(s.method, s.k)]
+        model = entry["model"]
+        _apply(model, s)
+        if model.first_step_hooks:
+            model.run_first_step_hooks(x, y)
+        recompute = None
+        momentum = [a for a in model.aux if isinstance(a, MomentumAux)]
+        if momentum and auto:  # settled for this strategy's memory, as a run of it would
+            for a in momentum:
+                a.recompute_ema = "auto"
+            settle_recompute(model, x, y)
+        if momentum:
+            recompute = [a.recompute_ema for a in momentum]
+        report = measure_step(model, x, y)
+        runs.append({"strategy": s, "entry": entry, "report": report, "recompute": recompute, "times": []})
+        bar.update(1)
+
+    def step(run) -> float:
+        model, opt = run["entry"]["model"], run["entry"]["opt"]
+        _apply(model, run["strategy"])
+        if run["recompute"] is not None:
+            for a, flag in zip((a for a in model.aux if isinstance(a, MomentumAux)), run["recompute"]):
+                a.recompute_ema = flag
+        _sync(device)
+        start = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        model.train_step(x, y)
+        opt.step()
+        _sync(device)
+        return time.perf_counter() - start
+
+    for run in runs:
+        for _ in range(warmup):
+            step(run)
+    for _ in range(rounds):
+        for run in runs:  # interleaved: every strategy sees the same machine conditions
+            run["times"].append(step(run))
+            bar.update(1)
+    bar.close()
+    return [_record(cfg, run, info, device) for run in runs]
+
+
+def _record(cfg: C.TrainConfig, run: dict, info, device: torch.device) -> dict:
+    s: Strategy = run["strategy"]
+    model = run["entry"]["model"]
+    report: MemoryReport = run["report"]
+    state = state_bytes(model, cfg.optimizer)
+    median = statistics.median(run["times"]) if run["times"] else None
+    return {
+        "label": s.label, **dataclasses.asdict(s), "local": s.local, "gradients": s.gradients,
+        "objective": model.objective, "split": model.partition.describe(model.backbone.unit_names),
+        "model": cfg.model, "batch_size": cfg.batch_size, "image_size": info.image_size, "device": str(device),
+        "peak_activation_bytes": report.peak_activation_bytes, "module_peak_bytes": report.module_peak_bytes,
+        "peak_allocated_bytes": report.peak_allocated_bytes, "step_allocated_bytes": report.step_allocated_bytes,
+        "state_bytes": state, "total_bytes": report.peak_activation_bytes + state,
+        "step_time_s": median, "times_s": run["times"],
+        "images_per_s": cfg.batch_size / median if median else None,
+        "ema_recomputed": run["recompute"],
+    }
+
+
+def pareto(records: Sequence[dict], *, time_key: str = "step_time_s", memory_key: str = "total_bytes") -> list[bool]:
+    """Whether each record is on the memory/time frontier: no other one is at most as slow and as large,
+    and better in one of the two."""
+    def dominated(r: dict) -> bool:
+        return any(o is not r and o[time_key] <= r[time_key] and o[memory_key] <= r[memory_key]
+                   and (o[time_key] < r[time_key] or o[memory_key] < r[memory_key]) for o in records)
+
+    return [not dominated(r) for r in records]
+
+
+__all__ = ["KS", "Strategy", "default_strategies", "measure", "pareto"]
