@@ -20,7 +20,7 @@ plot.
 
     python benchmarks/frontier.py                       # the CPU run committed here (about 40 minutes)
     python benchmarks/frontier.py --device cuda         # benchmarks/gpu.sh runs this on a GPU
-    python benchmarks/frontier.py --quick --device cpu  # tiny settings, the same code path (a test runs it)
+    python benchmarks/frontier.py --quick --device cpu  # tiny settings, the same code path (frontier_cpu_quick.*)
 """
 
 from __future__ import annotations
@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> int:
            "python": platform.python_version(), "rounds": rounds, "settings": settings}
     stem = args.name or "frontier_" + ("cpu" if device.type == "cpu" else
                                        "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_"))
+    stem += "_quick" if args.quick and not args.name else ""  # never over the committed results
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{stem}.json").write_text(json.dumps(doc, indent=1, default=str))

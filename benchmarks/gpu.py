@@ -1,16 +1,45 @@
-"""The device check: memory and speed of E2E, DGL, InfoPro and MAN++ on one accelerator.
+"""The device check: the accuracy protocol's methods trained on Fashion-MNIST, the memory/time frontier
+against activation checkpointing, and memory and speed of E2E, DGL, InfoPro and MAN++, on one GPU.
 
-    benchmarks/gpu.sh                      # on a GPU: the full check (about 8 minutes on one H200)
-    benchmarks/gpu.sh --device cpu --quick # the same code path on tiny settings, under a minute
+    benchmarks/gpu.sh                        # call 1 on a GPU: accuracy, then frontier (about 9 minutes)
+    benchmarks/gpu.sh --parts speed,sanity   # call 2, where device time remains (about 4 minutes)
+    benchmarks/gpu.sh --device cpu --quick --parts accuracy,frontier,speed,sanity   # every part, tiny, on a CPU
 
+Before the first call, on the CPU machine: ``python benchmarks/gpu_accuracy.py --prepare`` (copies
+Fashion-MNIST's four files, 30 MB, into ``data/``, which git ignores), and give ``data`` to the device
+tool's ``carry``.
+
+Expected wall time per part on one H200 (estimates: no run on a GPU has been made yet), chosen so that
+call 1 fits one 10-minute command with a margin:
+
+- accuracy (``gpu_accuracy.py``): 7 runs at once, stopped at a deadline of 330 s, then the report:
+  about 6.5 minutes whatever the speed;
+- frontier (``frontier.py --device cuda``): about 130 strategies on three settings, 5 steps each of a
+  few milliseconds to 0.3 s, plus building 24 models: about 2 minutes;
+- speed: 3 settings x 3 modes x 4 methods, each built, warmed up and timed alone, the fast path
+  compiled with CUDA graphs: about 4 minutes, mostly compilation;
+- sanity: MAN++ on digits for 12 epochs: under a minute.
+
+Each part writes its results as soon as it ends, so a part that runs out of time loses only itself.
+
+Accuracy part: see ``benchmarks/gpu_accuracy.py``; results in
+``benchmarks/results/gpu_<device>_accuracy.{json,md,png}``.
+
+Speed part:
 For each setting (ResNet-32 K=16 batch 128 at 32 px; ResNet-101 K=4 batch 64 at 224 px; ViT-S K=4
 batch 64 at 224 px) and each mode (eager; the fast path, torch.compile per module and head with
 mode 'reduce-overhead', i.e. CUDA graphs, on CUDA; bf16 autocast) every method is built alone,
 warmed up and timed (InfoPro, a decoder of convolutional maps, is left out on the ViT),
 so the CUDA allocator's peaks (``max_memory_allocated``, ``max_memory_reserved``) are its own. The
 activation peak (bytes autograd holds, device-independent) and images/s are recorded beside them.
-It ends with a short accuracy run (MAN++ on the bundled digits). Data is generated: nothing is
-read from the network. Results go to ``benchmarks/results/gpu_<device>.{json,md}``.
+Results go to ``benchmarks/results/gpu_<device>.{json,md}``.
+
+Frontier part: ``benchmarks/frontier.py --device cuda`` (E2E, checkpointing, bf16 and offloaded saved
+activations, MAN++ and DGL at K = 2-16), which on CUDA adds the allocator's step peak and its ratio to
+the activation tracker; results in ``benchmarks/results/frontier_<device>.{json,md,png}``.
+
+Sanity part: a short accuracy run (MAN++ on the bundled digits). Data is generated or bundled:
+nothing is read from the network.
 """
 
 from __future__ import annotations
@@ -44,6 +73,8 @@ SETTINGS = [("resnet32_k16", "resnet32", 16, 128, 32), ("resnet101_k4", "resnet1
 QUICK_SETTINGS = [("resnet8_k2", "resnet8", 2, 4, 32), ("vit_tiny_k2", "vit_tiny", 2, 2, 32)]
 METHODS = ("e2e", "dgl", "infopro", "manpp")
 MODES = ("eager", "fast", "bf16")
+PARTS = ("accuracy", "frontier", "speed", "sanity")
+DEFAULT_PARTS = "accuracy,frontier"  # call 1; the rest where device time remains
 
 
 def mode_settings(mode: str) -> dict:
@@ -185,6 +216,16 @@ def markdown(doc: dict) -> str:
                              f"{fmt(r['max_memory_allocated'])} | {fmt(r['max_memory_reserved'])} | "
                              f"{format_bytes(r['peak_activation_bytes'])} | {mem} | {agree} |")
         lines.append("")
+    if "accuracy" in doc:
+        a = doc["accuracy"]
+        lines += ["## Accuracy", "", f"benchmarks/gpu_accuracy.py ran in {a['seconds']:.0f} s (exit code "
+                  f"{a['exit_code']}): see gpu_*_accuracy.md beside this file.", ""]
+    if "frontier" in doc:
+        f = doc["frontier"]
+        lines += ["## Frontier", "", f"failed: {f['error']}" if "error" in f else
+                  f"benchmarks/frontier.py ran in {f['seconds']:.0f} s: see frontier_*.md beside this file.", ""]
+    if "sanity" not in doc:
+        return "\n".join(lines)
     s = doc["sanity"]
     lines += ["## Accuracy sanity run", "",
               f"{s['settings']['model']} MAN++ K={s['settings']['k']} on digits, {s['settings']['epochs']} epoch(s), "
@@ -200,7 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--steps", type=int, help="timed steps per method and mode (default 10; quick 2)")
     p.add_argument("--warmup", type=int, help="untimed steps first (default 3; quick 1)")
     p.add_argument("--out", default=str(HERE / "results"), help="folder for gpu_<device>.json and .md")
+    p.add_argument("--parts", default=DEFAULT_PARTS,
+                   help=f"comma-separated parts of {', '.join(PARTS)} (default {DEFAULT_PARTS})")
+    p.add_argument("--accuracy-budget-s", type=float, default=330, help="the accuracy part's deadline (seconds)")
     args = p.parse_args(argv)
+    parts = [v for v in args.parts.split(",") if v]
+    if not parts or set(parts) - set(PARTS):
+        p.error(f"unknown part in --parts {args.parts!r}: accepted are {', '.join(PARTS)}")
     device = resolve_device(args.device)
     steps = args.steps or (2 if args.quick else 10)
     warmup = args.warmup or (1 if args.quick else 3)
@@ -208,44 +255,93 @@ def main(argv: list[str] | None = None) -> int:
     doc = {"date": date.today().isoformat(), "device": str(device), "device_name": device_name(device),
            "torch": torch.__version__, "python": sys.version.split()[0], "quick": args.quick, "steps": steps,
            "warmup": warmup, "fast_path": compile_options(device, args.quick), "settings": []}
-    for name, model, k, batch, size in (QUICK_SETTINGS if args.quick else SETTINGS):
-        cfg = C.apply(C.TrainConfig(), {"model": model, "dataset": "synthetic", "image_size": size, "k": k,
-                                        "batch_size": batch, "device": str(device)})
-        setting = {"name": name, "model": model, "k": k, "batch_size": batch, "image_size": size, "modes": {}}
-        for mode in MODES:
-            mode_cfg = C.apply(cfg, mode_settings(mode))
-            fast = compile_options(device, args.quick) if mode == "fast" else None
-            records = []
-            for method in METHODS:
-                if supported(model, method) is not None:
-                    records.append({"method": method, "skipped": supported(model, method)})
-                    continue
-                try:
-                    records.append(measure(mode_cfg, method, device, steps, warmup, fast))
-                except Exception as exc:  # noqa: BLE001 - one failure must not lose the other rows
-                    records.append({"method": method, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
-                                    if str(exc) else type(exc).__name__})
-                    traceback.print_exc(limit=2)
-                r = records[-1]
-                print(f"{name} {mode} {method}: " + (r["error"] if "error" in r else f"{r['images_per_s']:.0f} img/s, "
-                      f"warm-up {r['warmup_s']:.1f} s"), flush=True)
-            setting["modes"][mode] = records
-        doc["settings"].append(setting)
-    with tempfile.TemporaryDirectory() as tmp:
-        doc["sanity"] = sanity_run(device, args.quick, Path(tmp) / "sanity")
-    doc["seconds"] = time.perf_counter() - started
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"gpu_{slug(doc['device_name'])}" + ("_quick" if args.quick else "")
-    (out / f"{stem}.json").write_text(json.dumps(doc, indent=2))
-    (out / f"{stem}.md").write_text(markdown(doc))
-    print(f"wrote {out / stem}.json and .md in {doc['seconds']:.0f} s")
-    failed = [f"{s['name']} {m} {r['method']}" for s in doc["settings"] for m, rs in s["modes"].items()
-              for r in rs if "error" in r]
+    failed: list[str] = []
+
+    earlier = json.loads((out / f"{stem}.json").read_text()) if (out / f"{stem}.json").exists() else {}
+    if earlier.get("device_name") == doc["device_name"]:  # a later call adds its parts to the earlier ones
+        kept = {"settings": "speed", "accuracy": "accuracy", "frontier": "frontier", "sanity": "sanity"}
+        for key, part in kept.items():
+            if part not in parts and key in earlier:
+                doc[key] = earlier[key]
+    recorded = [p for p in PARTS if p in parts or (earlier.get("device_name") == doc["device_name"]
+                                                   and p in earlier.get("parts", []))]
+
+    def write() -> None:  # after every part, so that a part cut short loses only itself
+        doc["seconds"] = time.perf_counter() - started
+        doc["parts"] = recorded
+        (out / f"{stem}.json").write_text(json.dumps(doc, indent=2))
+        (out / f"{stem}.md").write_text(markdown(doc))
+        print(f"wrote {out / stem}.json and .md ({doc['seconds']:.0f} s so far)", flush=True)
+
+    if "accuracy" in parts:
+        from gpu_accuracy import main as accuracy_main  # benchmarks/gpu_accuracy.py, beside this script
+
+        part_start = time.perf_counter()
+        try:
+            code = accuracy_main(["--device", str(device), "--out", str(out), "--budget-s",
+                                  str(args.accuracy_budget_s)] + (["--quick"] if args.quick else []))
+        except SystemExit as exc:  # no data: said in one line; the other parts still run
+            print(exc, file=sys.stderr)
+            code = 2
+        doc["accuracy"] = {"seconds": time.perf_counter() - part_start, "exit_code": code}
+        if code:
+            failed.append("accuracy")
+        write()
+    if "speed" in parts:
+        for name, model, k, batch, size in (QUICK_SETTINGS if args.quick else SETTINGS):
+            doc["settings"].append(speed_setting(name, model, k, batch, size, device, args.quick, steps, warmup))
+        failed += [f"{s['name']} {m} {r['method']}" for s in doc["settings"] for m, rs in s["modes"].items()
+                   for r in rs if "error" in r]
+        write()
+    if "frontier" in parts:
+        from frontier import main as frontier_main  # benchmarks/frontier.py, beside this script
+
+        part_start = time.perf_counter()
+        try:
+            frontier_main(["--device", str(device), "--out", str(out)] + (["--quick"] if args.quick else []))
+            doc["frontier"] = {"seconds": time.perf_counter() - part_start}
+        except Exception as exc:  # noqa: BLE001 - the other parts' results stay
+            traceback.print_exc(limit=3)
+            doc["frontier"] = {"error": f"{type(exc).__name__}: {exc}"}
+            failed.append("frontier")
+        write()
+    if "sanity" in parts:
+        with tempfile.TemporaryDirectory() as tmp:
+            doc["sanity"] = sanity_run(device, args.quick, Path(tmp) / "sanity")
+        write()
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)
     return 1 if failed else 0
 
+
+def speed_setting(name: str, model: str, k: int, batch: int, size: int, device: torch.device, quick: bool,
+                  steps: int, warmup: int) -> dict:
+    """Every method alone in every mode on one setting."""
+    cfg = C.apply(C.TrainConfig(), {"model": model, "dataset": "synthetic", "image_size": size, "k": k,
+                                    "batch_size": batch, "device": str(device)})
+    setting = {"name": name, "model": model, "k": k, "batch_size": batch, "image_size": size, "modes": {}}
+    for mode in MODES:
+        mode_cfg = C.apply(cfg, mode_settings(mode))
+        fast = compile_options(device, quick) if mode == "fast" else None
+        records = []
+        for method in METHODS:
+            if supported(model, method) is not None:
+                records.append({"method": method, "skipped": supported(model, method)})
+                continue
+            try:
+                records.append(measure(mode_cfg, method, device, steps, warmup, fast))
+            except Exception as exc:  # noqa: BLE001 - one failure must not lose the other rows
+                records.append({"method": method, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"
+                                if str(exc) else type(exc).__name__})
+                traceback.print_exc(limit=2)
+            r = records[-1]
+            print(f"{name} {mode} {method}: " + (r["error"] if "error" in r else f"{r['images_per_s']:.0f} img/s, "
+                  f"warm-up {r['warmup_s']:.1f} s"), flush=True)
+        setting["modes"][mode] = records
+    return setting
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -55,8 +55,12 @@ def test_the_device_check_runs_in_quick_mode_on_the_cpu(tmp_path):
 
     root = Path(__file__).resolve().parent.parent
     env = dict(__import__("os").environ, PYTHON=sys.executable)
-    proc = subprocess.run([str(root / "benchmarks" / "gpu.sh"), "--device", "cpu", "--quick", "--out", str(tmp_path)],
-                          capture_output=True, text=True, timeout=300, env=env)
+    from manpp.data import FASHION_SYSTEM_DIR
+
+    fashion = FASHION_SYSTEM_DIR.is_dir()  # the accuracy part trains on Fashion-MNIST (Debian's package)
+    parts = ["accuracy"] * fashion + ["frontier", "speed", "sanity"]
+    proc = subprocess.run([str(root / "benchmarks" / "gpu.sh"), "--device", "cpu", "--quick", "--out", str(tmp_path),
+                           "--parts", ",".join(parts)], capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (json_path,) = tmp_path.glob("gpu_*_quick.json")
     doc = json.loads(json_path.read_text())
@@ -78,3 +82,41 @@ def test_the_device_check_runs_in_quick_mode_on_the_cpu(tmp_path):
     assert "skipped" in vit_infopro
     assert doc["sanity"]["status"] == "finished" and doc["sanity"]["test_accuracy"] is not None
     assert json_path.with_suffix(".md").read_text().startswith("# Device check:")
+    assert "error" not in doc["frontier"] and (tmp_path / "frontier_cpu_quick.png").exists()
+    assert doc["parts"] == parts
+    if fashion:  # every protocol method trained and evaluated after each epoch
+        assert doc["accuracy"]["exit_code"] == 0
+        (acc_path,) = tmp_path.glob("gpu_*_accuracy_quick.json")
+        runs = json.loads(acc_path.read_text())["runs"]
+        assert [r["method"] for r in runs] == ["e2e", "manpp:dgl"]
+        assert all(r["status"] == "finished" and len(r["accuracy_per_epoch"]) == 2 for r in runs)
+        assert acc_path.with_suffix(".png").exists()
+
+
+def test_the_frontier_benchmark_measures_exact_and_local_strategies_side_by_side(tmp_path):
+    """benchmarks/frontier.py --quick: every strategy family, measured in one run, Pareto-marked."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = dict(__import__("os").environ, PYTHONPATH=str(root / "src"))
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "frontier.py"), "--quick", "--device", "cpu",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "frontier_cpu_quick.json").read_text())
+    (setting,) = doc["settings"]
+    records = {r["label"]: r for r in setting["records"]}
+    assert {"E2E", "E2E + ckpt(units)", "E2E + ckpt(sqrt) + bf16", "manpp K=2", "manpp K=2 + ckpt(units) + bf16",
+            "dgl K=2 + ckpt(sqrt)"} <= set(records)
+    assert records["E2E + ckpt(units)"]["peak_activation_bytes"] < records["E2E"]["peak_activation_bytes"]
+    assert records["manpp K=2 + ckpt(units)"]["peak_activation_bytes"] < records["manpp K=2"]["peak_activation_bytes"]
+    assert all(r["step_time_s"] > 0 and r["total_bytes"] > r["state_bytes"] > 0 for r in records.values())
+    front = [r for r in records.values() if r["pareto"]]
+    assert front and not any(o["step_time_s"] < r["step_time_s"] and o["total_bytes"] < r["total_bytes"]
+                             for r in front for o in records.values())
+    assert "smallest_exact" in setting["verdict"]
+    text = (tmp_path / "frontier_cpu_quick.md").read_text()
+    assert text.startswith("# The memory/time frontier") and "**" in text
+    assert (tmp_path / "frontier_cpu_quick.png").stat().st_size > 0

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import manpp
 from manpp import config as C
-from manpp.build import EpochBatches, build_model, load_data, steps_per_epoch
+from manpp.build import EpochBatches, build_model, load_data, seed_everything, steps_per_epoch
 from manpp.optim import lr_at
 from manpp.data import build_datasets, denormalize
 from manpp.data.common import RandomCropFlip
@@ -137,6 +137,11 @@ def test_release_data_switches_on_a_grayscale_set():
     assert isinstance(transform, RandomCropFlip) and transform.reflect and transform.padding == 4 and transform.flip
     assert list(train_set.indices) == list(range(100))  # subset_order=first
     assert list(load_data(C.apply(cfg, {"subset_order": "random"}))[0].indices) != list(range(100))
+    # seeded: each seed its own random subset, the same for every run of that seed
+    seeded = [list(load_data(C.apply(cfg, {"subset_order": "seeded", "seed": s}))[0].indices) for s in (0, 1, 0)]
+    assert seeded[0] == seeded[2] and seeded[0] != seeded[1] and len(set(seeded[1])) == 100
+    assert list(load_data(C.apply(cfg, {"subset_order": "random", "seed": 1}))[0].indices) == list(
+        load_data(C.apply(cfg, {"subset_order": "random", "seed": 0}))[0].indices)
     # each switch alone
     alone = load_data(C.apply(C.TrainConfig(), {"dataset": "digits", "gray_to_rgb": True}))[2]
     assert alone.in_channels == 3 and alone.mean == ours_info.mean * 3
@@ -239,3 +244,31 @@ def test_scale_init_and_aux_lr_scale():
     assert len(parameter_groups(model, C.TrainConfig())) == 1
     with pytest.raises(ManppError, match="bad aux_lr_scale 0.0 .*accepted is a number > 0"):
         build_optimizer(C.apply(cfg, {"aux_lr_scale": 0}), parameter_groups(model, cfg))
+
+
+def test_aux_warmup_trains_only_the_auxiliary_networks_first(tmp_path):
+    """aux_warmup_epochs: the backbone's lr is 0 for those epochs, the heads train; then both do."""
+    from manpp.optim import holds_backbone
+    from manpp.train import train
+
+    settings = {"model": "resnet8", "dataset": "digits", "method": "manpp", "objective": "dgl", "k": 2,
+                "batch_size": 64, "train_subset": 256, "test_subset": 64, "log_every": 0, "device": "cpu"}
+    cfg = C.apply(C.TrainConfig(), {**settings, "epochs": 2, "aux_warmup_epochs": 1, "out": str(tmp_path / "w")})
+    assert [holds_backbone(s, cfg, 4) for s in (0, 3, 4)] == [True, True, False]
+    first = train(C.apply(cfg, {"max_steps": 4}), verbose=False).model  # the whole warm-up epoch
+    resolved = resolve(cfg)
+    seed_everything(resolved.seed)  # as train builds it
+    info = load_data(resolved)[2]
+    fresh_state = {k: v.clone() for k, v in build_model(resolved, info).state_dict().items()}
+    start = {k: v for k, v in fresh_state.items() if k.startswith("backbone.") and v.is_floating_point()}
+    after = first.state_dict()
+    weights = [k for k in start if "running" not in k and "num_batches" not in k]
+    # the backbone's weights never moved; the heads' did
+    assert weights and all(torch.equal(after[k], start[k]) for k in weights)
+    assert any(not torch.equal(after[k], fresh_state[k]) for k in after if k.startswith("aux.") and ".head." in k
+               and "running" not in k)
+    done = train(C.apply(cfg, {"out": str(tmp_path / "w")}), resume=str(tmp_path / "w"), verbose=False).model
+    assert any(not torch.equal(done.state_dict()[k], start[k]) for k in weights)  # then the backbone trains
+    with pytest.raises(ManppError, match="aux_warmup_epochs=1.0 trains only the auxiliary networks first, and "
+                                         "method 'e2e' has none"):
+        train(C.apply(cfg, {"method": "e2e", "k": None, "objective": None, "out": str(tmp_path / "e")}), verbose=False)

@@ -56,3 +56,26 @@ def test_the_setting_is_validated_and_reaches_the_model():
 
     cfg = C.apply(C.TrainConfig(), {"model": "resnet8", "k": 2, "saved_activations": "bf16"})
     assert build_model(cfg, data_info(cfg)).saved_dtype == torch.bfloat16
+
+
+def test_weights_and_expanded_tensors_are_never_copied():
+    """A batched matmul saves its weight expanded over the batch (stride 0): stored as a copy, it would
+    hold every repetition (a ViT's qkv weight over 197 tokens: 166 MiB instead of 1.7 MiB). Weights,
+    their views and expanded tensors stay as they are; the activations are stored narrower."""
+    from manpp.memory import ActivationTracker
+    from manpp.saved import saved_in
+
+    weight = torch.nn.Parameter(torch.randn(96, 32))
+    x = torch.randn(8, 50, 32, requires_grad=True).transpose(0, 1)  # (50, 8, 32), not contiguous
+
+    def peak(dtype):
+        with ActivationTracker(exclude=[weight]) as tracker, saved_in(dtype):
+            out = torch.relu(torch.matmul(x, weight.t().expand(50, -1, -1)))  # weight saved expanded
+            loss = out.square().sum()
+        grads = torch.autograd.grad(loss, [x, weight])
+        return tracker.peak, grads
+
+    plain, exact = peak(None)
+    narrow, approx = peak(torch.bfloat16)
+    assert 0 < narrow <= 0.6 * plain  # the activations halved, nothing materialised
+    assert all(torch.allclose(a, e, rtol=0.05, atol=0.05 * e.abs().max().item()) for a, e in zip(approx, exact))

@@ -12,7 +12,7 @@ from manpp.cli import main
 from manpp.errors import ManppError
 from manpp.memory import measure_step
 from manpp.partition import balanced_ends, unit_activation_bytes
-from manpp.plan import parse_bytes
+from manpp.plan import parse_bytes, rank
 
 
 def test_balanced_ends_is_the_best_contiguous_split():
@@ -62,16 +62,68 @@ def test_parse_bytes():
             parse_bytes(bad)
 
 
-def test_plan_command_finds_the_smallest_k_or_says_none_fits(capsys):
-    common = ["plan", "--model", "resnet20", "--dataset", "cifar10", "--method", "dgl", "--batch-size", "32",
-              "--device", "cpu", "--max-k", "2"]
-    assert main(common + ["--budget", "1MB", "--json"]) == 1  # nothing fits 1 MiB
-    rows = json.loads(capsys.readouterr().out)["rows"]
-    assert [r["k"] for r in rows] == [1, 2] and rows[1]["total_bytes"] < rows[0]["total_bytes"]
-    assert rows[1]["peak_activation_bytes"] < rows[0]["peak_activation_bytes"]
-    assert main(common + ["--budget", str(rows[1]["total_bytes"]), "--json"]) == 0  # K=2 fits exactly, K=1 not
-    chosen = json.loads(capsys.readouterr().out)["chosen"]
-    assert chosen["k"] == 2 and chosen["total_bytes"] == rows[1]["total_bytes"]
-    assert main(common + ["--budget", "1GB"]) == 0
+def test_plan_measures_every_strategy_ranks_them_and_says_when_checkpointing_alone_wins(capsys, tmp_path):
+    result_file = tmp_path / "accuracy.json"  # an accuracy benchmark's result: E2E and DGL at K=4
+    result_file.write_text(json.dumps({"setup": {"dataset": "fashion-mnist", "model": "resnet32", "steps": 5000},
+                                       "runs": [{"method": "e2e", "k": 1, "fidelity": "ours", "test_accuracy": a}
+                                                for a in (0.90, 0.92)]
+                                       + [{"method": "dgl", "k": 4, "fidelity": "ours", "test_accuracy": a}
+                                          for a in (0.88, 0.89)]}))
+    common = ["plan", "--model", "resnet8", "--dataset", "cifar10", "--method", "dgl", "--batch-size", "16",
+              "--device", "cpu", "--max-k", "2", "--rounds", "1", "--accuracy", str(result_file)]
+    assert main(common + ["--budget", "1KB", "--json"]) == 1  # nothing fits 1 KiB
+    measured = json.loads(capsys.readouterr().out)
+    rows = {r["label"]: r for r in measured["strategies"]}
+    assert measured["chosen"] is None and "nothing fits" in measured["advice"]
+    # E2E and DGL at K=2 (max-k), each plain, checkpointed two ways, bf16, and both
+    assert len(rows) == 12 and {r["k"] for r in rows.values()} == {1, 2}
+    assert rows["E2E"]["gradients"] == "exact" and rows["dgl K=2"]["gradients"] == "local"
+    assert rows["E2E + ckpt(units) + bf16"]["gradients"] == "exact, bf16-rounded"
+    assert rows["E2E + ckpt(units)"]["peak_activation_bytes"] < rows["E2E"]["peak_activation_bytes"]
+    assert rows["dgl K=2"]["peak_activation_bytes"] < rows["E2E"]["peak_activation_bytes"]
+    assert rows["dgl K=2"]["state_bytes"] > rows["E2E"]["state_bytes"]  # the auxiliary networks' weights
+    assert all(r["total_bytes"] == r["peak_activation_bytes"] + r["state_bytes"] for r in rows.values())
+    cost = rows["dgl K=2"]["accuracy_cost"]  # measured at K=4, the nearest K in the result
+    assert cost["k"] == 4 and cost["points"] == pytest.approx(2.5) and cost["seeds"] == 2
+    assert rows["E2E"]["accuracy_cost"] is None
+    assert rows["dgl K=2 + ckpt(sqrt)"]["settings"] == "method=dgl k=2 split=memory checkpointing=sqrt"
+
+    # the ranking for any budget, from the same measurements
+    strategies = measured["strategies"]
+    budget = sorted(r["total_bytes"] for r in strategies)[5]
+    plan = rank(strategies, budget, {})
+    fitting = [r for r in plan["strategies"] if r["fits"]]
+    assert [r["label"] for r in fitting] == [r["label"] for r in sorted(
+        (r for r in strategies if r["total_bytes"] <= budget), key=lambda r: (r["step_time_s"], r["total_bytes"]))]
+    assert plan["strategies"][len(fitting):] == sorted(plan["strategies"][len(fitting):],
+                                                       key=lambda r: (r["total_bytes"], r["step_time_s"]))
+    assert plan["chosen"] == fitting[0]
+    assert plan["fastest_exact"] == next((r for r in fitting if r["gradients"].startswith("exact")), None)
+
+    # honesty: when an exact strategy fits and is the fastest, the plan says local learning buys nothing
+    fast = dict(rows["E2E + ckpt(units)"], step_time_s=0.1)
+    slow = dict(rows["dgl K=2 + ckpt(units)"], step_time_s=0.3)
+    plan = rank([fast, slow], 10**12, {})
+    assert plan["chosen"]["label"] == "E2E + ckpt(units)"
+    assert "local learning buys nothing" in plan["advice"] and "3.00x" in plan["advice"]
+    plan = rank([dict(fast, step_time_s=0.6), slow], 10**12, {})
+    assert plan["chosen"]["label"] == "dgl K=2 + ckpt(units)" and "2.00x the speed" in plan["advice"]
+    assert "accuracy -2.50 points vs E2E (fashion-mnist, resnet32, K=4, 2 seed(s), 5000 steps)" in plan["advice"]
+    plan = rank([dict(fast, total_bytes=10**13), slow], 10**12, {})
+    assert "no strategy with E2E's gradients fits" in plan["advice"]
+
+    assert main(common + ["--budget", "1GB"]) == 0  # everything fits: the text table
     out = capsys.readouterr().out
-    assert "smallest K that fits: K=1" in out
+    assert "train it with: method=" in out and "-2.50 points vs E2E" in out and out.count("\nok ") == 12
+
+
+def test_plan_refuses_bad_input_in_one_line(tmp_path, capsys):
+    (tmp_path / "bad.json").write_text("{}")
+    common = ["plan", "--model", "resnet8", "--dataset", "cifar10", "--device", "cpu", "--budget", "1GB"]
+    for extra, words in ((["--max-k", "0"], "--max-k must be at least 1, got 0"),
+                         (["--rounds", "0"], "--rounds must be at least 1, got 0"),
+                         (["--accuracy", str(tmp_path / "none.json")], "no accuracy result at"),
+                         (["--accuracy", str(tmp_path / "bad.json")], "not a result of benchmarks/accuracy.py")):
+        assert main(common + extra) == 2
+        err = capsys.readouterr().err
+        assert words in err and err.count("\n") == 1

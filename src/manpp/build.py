@@ -23,7 +23,7 @@ from .validate import check_config, check_value
 
 RANK_SEED = 1_000_003  # process r > 0 draws its random numbers (augmentation, dropout) from seed + r * RANK_SEED
 EPOCH_SEED = 100_003  # the batch order of epoch e comes from the seed seed * EPOCH_SEED + e
-SUBSET_SEED = 20261125  # train_subset / test_subset: the same images for every run and seed
+SUBSET_SEED = 20261125  # train_subset / test_subset: the same images for every run and seed (seeded: per seed)
 
 
 def resolve_device(name: str) -> torch.device:
@@ -55,14 +55,16 @@ def load_data(cfg: C.TrainConfig):
     info = adjusted_info(own, cfg.gray_to_rgb, cfg.normalize)
     train_set = adapt(train_set, own, info, cfg.augment, training=True)
     test_set = adapt(test_set, own, info, cfg.augment, training=False)
-    return (subset(train_set, cfg.train_subset, "train_subset", cfg.subset_order),
-            subset(test_set, cfg.test_subset, "test_subset", cfg.subset_order), info)
+    return (subset(train_set, cfg.train_subset, "train_subset", cfg.subset_order, cfg.seed),
+            subset(test_set, cfg.test_subset, "test_subset", cfg.subset_order, cfg.seed), info)
 
 
-def subset(dataset, n: int | None, name: str, order: str = "random"):
-    """The same ``n`` images for every run and seed, or the whole set.
+def subset(dataset, n: int | None, name: str, order: str = "random", seed: int = 0):
+    """``n`` images of ``dataset``, or the whole set.
 
-    ``order='random'``: a fixed random choice (the same permutation always); ``'first'``: the first ``n``.
+    ``order='random'``: a fixed random choice (the same for every run and seed); ``'first'``: the first
+    ``n``; ``'seeded'``: a random choice drawn from ``seed`` (the same for every run of one seed, so runs
+    of one seed stay paired, and another for each seed).
     """
     check_value("subset_order", order)
     if n is None or n >= len(dataset):
@@ -71,7 +73,8 @@ def subset(dataset, n: int | None, name: str, order: str = "random"):
         raise ManppError(f"{name} must be a positive number of images, got {n}")
     if order == "first":
         return torch.utils.data.Subset(dataset, range(n))
-    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(SUBSET_SEED))[:n]
+    draw = SUBSET_SEED + (seed + 1) * EPOCH_SEED if order == "seeded" else SUBSET_SEED
+    keep = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(draw))[:n]
     return torch.utils.data.Subset(dataset, keep.sort().values.tolist())
 
 

@@ -112,10 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("describe", help="module table: units, parameters, measured activation memory")
     _add_common(p)
     p.add_argument("--json", action="store_true", help="print the table as JSON")
-    p = sub.add_parser("plan", help="the smallest K (and split) whose training step fits a memory budget")
+    p = sub.add_parser("plan", help="every way to fit a memory budget (E2E, checkpointing, bf16, local K), "
+                       "measured and ranked fastest first")
     _add_common(p)
     p.add_argument("--budget", required=True, help="memory per GPU, e.g. 8GB (binary units: 1 GB = 2**30 bytes)")
-    p.add_argument("--max-k", type=int, help="try K up to this (default: the number of units)")
+    p.add_argument("--max-k", type=int, help="try the local method at K = 2, 4, 8, 16 (and --k) up to this "
+                   "(default: the number of units)")
+    p.add_argument("--rounds", type=int, default=2, help="timed steps per strategy, interleaved (default 2)")
+    p.add_argument("--accuracy", metavar="FILE", help="accuracy result of benchmarks/accuracy.py for the local "
+                   "strategies' accuracy cost (default: benchmarks/results/accuracy_fashion_mnist_protocol.json "
+                   "where this checkout has it)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p = sub.add_parser("export", help="write a trained backbone without its auxiliary networks")
     p.add_argument("checkpoint", metavar="RUN", help="run folder or checkpoint file")
@@ -217,7 +223,7 @@ def cmd_plan(args) -> int:
 
     budget = parse_bytes(args.budget)
     cfg = resolve_config(args)
-    result = plan(cfg, budget, max_k=args.max_k, verbose=not args.json)
+    result = plan(cfg, budget, max_k=args.max_k, rounds=args.rounds, accuracy=args.accuracy, verbose=not args.json)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
     return 0 if result["chosen"] is not None else 1
 

@@ -78,7 +78,7 @@ def run_compare(cfg: C.TrainConfig, methods: list[str], *, json_path: str | None
                 break
         unfinished = [f"{r['method']} ({r['status']})" for r in records if r["status"] != "finished"]
         unfinished += [f"{m} (not run)" for m in methods[len(records):]]
-        table = format_table(records)
+        table = format_table(records) + "\n\n" + numerics_note(records)
         if unfinished:
             table += f"\n\nnot finished: {', '.join(unfinished)}"
         if verbose:
@@ -116,6 +116,18 @@ def format_table(records: list[dict]) -> str:
                      f"| {_text(r['best_test_score'], '.2%')} | {format_bytes(r['peak_activation_bytes'])} "
                      f"| {mem_ratio:.2f}x | {_text(r['epoch_time_s'], '.1f')} s | {_text(time_ratio, '.2f')}x |")
     return "\n".join(lines)
+
+
+def numerics_note(records: list[dict]) -> str:
+    """Where the numbers were made: on a CPU the thread count changes the order of floating-point sums,
+    so the accuracies of the same command vary by a few test images from machine to machine."""
+    import torch
+
+    devices = {r.get("device") for r in records if r.get("device")}
+    if devices and not any(str(d).startswith("cpu") for d in devices):
+        return f"device: {', '.join(sorted(map(str, devices)))}, torch {torch.__version__}"
+    return (f"{torch.get_num_threads()} CPU thread(s), torch {torch.__version__}: another thread count or CPU sums "
+            f"in another order, so the accuracies differ by a few test images (docs/demo.md gives the range)")
 
 
 def _text(value, spec: str) -> str:

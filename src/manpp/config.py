@@ -25,7 +25,7 @@ from .engine import AMP_DTYPES, COMPILE_MODES
 from .errors import ManppError
 from .fidelity import FIDELITIES
 from .methods import LocalSettings
-from .optim import (AUX_LR_SCALE_RULE, LR_RULE, LR_SCHEDULES, LR_UPDATES, OPTIMIZERS, SGD_MOMENTUM_RULE,
+from .optim import (AUX_LR_SCALE_RULE, AUX_WARMUP_RULE, LR_RULE, LR_SCHEDULES, LR_UPDATES, OPTIMIZERS, SGD_MOMENTUM_RULE,
                     WEIGHT_DECAY_RULE)
 from .recompute import CHECKPOINTING_RULE
 from .runlog import LOGGERS
@@ -75,7 +75,8 @@ class TrainConfig(LocalSettings):
     # None follows it
     fidelity: str = setting("ours", rule=OneOf(FIDELITIES), help="ours, or the authors' release wherever they differ")
     subset_order: str | None = setting(None, rule=OneOf(SUBSET_ORDERS, optional=True),
-                                       help="'random' (ours: a fixed random subset) or 'first' (the first N images)")
+                                       help="'random' (ours: a fixed random subset), 'first' (the first N images) or "
+                                       "'seeded' (a random subset drawn from the run's seed: each seed its own)")
     gray_to_rgb: bool | None = setting(None, help="replicate grayscale images to 3 channels (the release; library "
                                        "models)")
     augment: str | None = setting(None, rule=OneOf(AUGMENTS, optional=True),
@@ -104,6 +105,8 @@ class TrainConfig(LocalSettings):
     lr_milestones: Any = setting((2 / 3, 8 / 9), help="'step' schedule (the detection recipe: 60k and 80k of 90k "
                                  "iterations)")
     aux_lr_scale: float = setting(1.0, rule=AUX_LR_SCALE_RULE)
+    aux_warmup_epochs: float = setting(0.0, rule=AUX_WARMUP_RULE, help="epochs at the start in which only the "
+                                       "auxiliary networks train (the backbone's lr is 0); local methods only")
     grad_clip: float | None = setting(None, rule=Number(low=0, low_open=True, optional=True,
                                                         meaning="the largest global gradient norm"))
     pretrained: str | None = setting(None, flag="--pretrained", metavar="FILE", const="library",
@@ -177,7 +180,7 @@ SESSION_FIELDS = ("out", "max_steps")
 
 # fields that define the model and its training: a checkpoint must agree on them to be resumed
 IDENTITY_FIELDS = ("model", "dataset", "method", "objective", "k", "split", "objective_settings", "copy_init",
-                   "batch_size", "fidelity", "gray_to_rgb", "normalize", "aux_lr_scale")
+                   "batch_size", "fidelity", "gray_to_rgb", "normalize", "aux_lr_scale", "aux_warmup_epochs")
 SETTINGS = "objective_settings"
 SETTINGS_ALIASES = ("objective_settings", "heads")  # the field, and its name in earlier versions
 

@@ -4,7 +4,9 @@ which reads its choice lists from here), and the choices they take.
 ``optimizer``: SGD (Nesterov momentum, the CIFAR/ImageNet-ResNet recipe) or AdamW (the ViT
 recipe); ``lr_schedule``: cosine, or ``step`` (x0.1 at milestones, the detection recipe);
 ``lr_update``: every ``step`` (ours) or once per ``epoch`` (the authors' release). The auxiliary
-networks may have their own lr scale (``aux_lr_scale``).
+networks may have their own lr scale (``aux_lr_scale``), and may train alone first
+(``aux_warmup_epochs``: the backbone's lr is 0 meanwhile, so the heads learn to read the initial
+features before the backbone follows their gradients).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ LR_RULE = Number(low=0, low_open=True, meaning="the peak learning rate")
 SGD_MOMENTUM_RULE = Number(low=0, high=1, high_open=True, meaning="SGD's momentum")
 WEIGHT_DECAY_RULE = Number(low=0)
 AUX_LR_SCALE_RULE = Number(low=0, low_open=True, meaning="the auxiliary networks' lr over the backbone's")
+AUX_WARMUP_RULE = Number(low=0, meaning="epochs in which only the auxiliary networks train")
 
 
 def check_milestones(milestones) -> None:
@@ -46,21 +49,32 @@ def adamw_betas(cfg) -> tuple[float, float]:
 
 
 def parameter_groups(model: LocalModel, cfg, params=None) -> list[dict]:
-    """The optimizer's groups: one, or with ``aux_lr_scale != 1`` the auxiliary networks (their learnable
-    copies, scales and heads) apart, with ``lr_scale`` = ``aux_lr_scale`` (read by :func:`set_lr`)."""
+    """The optimizer's groups: one, or with ``aux_lr_scale != 1`` or an ``aux_warmup_epochs`` the
+    auxiliary networks (their learnable copies, scales and heads) apart, with ``lr_scale`` =
+    ``aux_lr_scale``; the backbone's group is marked ``backbone`` (both read by :func:`set_lr`)."""
     params = list(model.parameters_to_optimize() if params is None else params)
-    if cfg.aux_lr_scale == 1:
-        return [{"params": params, "lr_scale": 1.0}]
+    warmup = getattr(cfg, "aux_warmup_epochs", 0) or 0
     aux = {id(p) for p in model.aux.parameters()}
-    groups = [{"params": [p for p in params if id(p) not in aux], "lr_scale": 1.0},
-              {"params": [p for p in params if id(p) in aux], "lr_scale": float(cfg.aux_lr_scale)}]
+    if warmup and not any(id(p) in aux for p in model.parameters_to_optimize()):
+        raise ManppError(f"aux_warmup_epochs={warmup} trains only the auxiliary networks first, and method "
+                         f"'{getattr(cfg, 'method', 'e2e')}' has none: use aux_warmup_epochs=0")
+    if cfg.aux_lr_scale == 1 and not warmup:
+        return [{"params": params, "lr_scale": 1.0, "backbone": False}]
+    groups = [{"params": [p for p in params if id(p) not in aux], "lr_scale": 1.0, "backbone": True},
+              {"params": [p for p in params if id(p) in aux], "lr_scale": float(cfg.aux_lr_scale), "backbone": False}]
     return [g for g in groups if g["params"]]
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Every group's lr for this step: ``lr`` times the group's ``lr_scale``."""
+def holds_backbone(step: int, cfg, steps_per_epoch: int) -> bool:
+    """Whether ``step`` is in the auxiliary networks' warm-up (``aux_warmup_epochs``)."""
+    return step < int((getattr(cfg, "aux_warmup_epochs", 0) or 0) * steps_per_epoch)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float, hold_backbone: bool = False) -> None:
+    """Every group's lr for this step: ``lr`` times the group's ``lr_scale``; 0 for the backbone's
+    group with ``hold_backbone`` (the auxiliary networks' warm-up)."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = 0.0 if hold_backbone and group.get("backbone") else lr * group.get("lr_scale", 1.0)
 
 
 def build_optimizer(cfg, params) -> torch.optim.Optimizer:
@@ -70,8 +84,9 @@ def build_optimizer(cfg, params) -> torch.optim.Optimizer:
     if cfg.optimizer not in OPTIMIZERS:
         raise ManppError(f"unknown optimizer {cfg.optimizer!r}: accepted are {choices(OPTIMIZERS)}")
     for name, rule in (("lr", LR_RULE), ("sgd_momentum", SGD_MOMENTUM_RULE), ("weight_decay", WEIGHT_DECAY_RULE),
-                       ("aux_lr_scale", AUX_LR_SCALE_RULE)):
-        check_rule(name, rule, getattr(cfg, name))
+                       ("aux_lr_scale", AUX_LR_SCALE_RULE),
+                       ("aux_warmup_epochs", AUX_WARMUP_RULE)):
+        check_rule(name, rule, getattr(cfg, name, 0))
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=cfg.lr, betas=adamw_betas(cfg), eps=1e-8, weight_decay=cfg.weight_decay)
     return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.sgd_momentum, nesterov=cfg.nesterov,
@@ -125,4 +140,4 @@ def lr_at(step: int, cfg, steps_per_epoch: int) -> float:
 
 
 __all__ = ["LR_SCHEDULES", "LR_UPDATES", "OPTIMIZERS", "adamw_betas", "build_optimizer", "build_scaler",
-           "check_milestones", "lr_at", "parameter_groups", "set_lr"]
+           "check_milestones", "holds_backbone", "lr_at", "parameter_groups", "set_lr"]

@@ -43,7 +43,7 @@ from .errors import ManppError
 from .lifecycle import Diverged, Position, RunLifecycle, agreed_signal, ending
 from .memory import format_bytes, measure_step
 from .models import model_task
-from .optim import build_optimizer, lr_at, parameter_groups, set_lr
+from .optim import build_optimizer, holds_backbone, lr_at, parameter_groups, set_lr
 from .rundir import RunResult, run_folder
 from .runlog import loss_text
 from .runsummary import divergence, summary
@@ -207,7 +207,7 @@ def train_pipelined(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, d
                 else:
                     x, y, image, told = _recv(rank - 1, device)
                     flag = int(told)  # rank 0's stop decision travels with the batch
-                set_lr(optimizer, lr_at(step, cfg, steps_per_epoch))
+                set_lr(optimizer, lr_at(step, cfg, steps_per_epoch), holds_backbone(step, cfg, steps_per_epoch))
                 optimizer.zero_grad(set_to_none=True)
                 result = local_step(model, x, y, modules=mine, ctx=LocalContext(image, y, model.denormalize))
                 losses = torch.stack(result.losses).double().cpu()

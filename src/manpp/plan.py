@@ -1,29 +1,29 @@
-"""``manpp plan``: the smallest K (and its split) whose training step fits a memory budget.
+"""``manpp plan``: every way to fit a training step in a memory budget, measured and ranked.
 
-Per-unit activation bytes come from one forward pass of the plain backbone under the activation
-tracker (:mod:`manpp.memory`); ``balanced_ends`` cuts the units into K contiguous modules whose
-largest activation sum is as small as possible (``split="memory"``). For each K from 1 up, the
-planner builds the local model with that split and measures one real training step; the
-footprint it compares with the budget is the measured activation peak plus the memory of the
-parameters, their gradients and the optimizer state (SGD momentum: 3 copies; AdamW: 4) of the
-backbone and auxiliary networks. The activation measure is the device-independent one, so the
-plan holds for a GPU up to the allocator's workspace and fragmentation (keep a margin).
+The strategies are those of :mod:`manpp.strategies`: E2E and the run's local method at K = 2, 4, 8, 16
+(and the run's own K), each plain, with activation checkpointing (each unit a segment, or sqrt(n)
+segments), with bf16 saved activations and with both (on CUDA also offloaded). Each is built and
+measured for real: one training step's activation peak plus the parameters, buffers, gradients and
+optimizer state of the backbone and auxiliary networks (its footprint), and its median step time over
+interleaved rounds. The strategies that fit the budget come first, fastest first; each is marked exact
+(E2E's gradients) or local, and a local one shows the accuracy it cost in the accuracy benchmark
+(:mod:`manpp.accuracycost`) where one measured it. When an exact strategy fits and is the fastest, the
+plan says so: then local learning buys nothing. The activation measure is the device-independent one,
+so on a GPU keep a margin for the allocator's workspace and fragmentation.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import re
-import torch
 
 from . import config as C
-from .build import build_model, data_info, resolve_device
+from .accuracycost import accuracy_cost, describe_cost, load_result
+from .build import resolve_device
 from .errors import ManppError
-from .memory import format_bytes, measure_step
-from .models import build_backbone
-from .partition import balanced_ends, unit_activation_bytes
-from .resolve import resolve_switches
-from .tasks import task_of
+from .memory import format_bytes
+from .resolve import backbone_facts, data_info, resolve
+from .strategies import KS, default_strategies, measure
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
           "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
@@ -44,65 +44,111 @@ def parse_bytes(text: str | int | float) -> int:
     return int(value * _UNITS[unit])
 
 
-@dataclasses.dataclass
-class PlanRow:
-    k: int
-    split: list[str]
-    peak_activation_bytes: int
-    state_bytes: int  # parameters + gradients + optimizer state (backbone and auxiliary networks)
-
-    @property
-    def total_bytes(self) -> int:
-        return self.peak_activation_bytes + self.state_bytes
+def _exact(row: dict) -> bool:
+    return row["gradients"].startswith("exact")
 
 
-def plan(cfg: C.TrainConfig, budget: int, *, max_k: int | None = None, verbose: bool = True) -> dict:
-    """Measure K = 1, 2, ... with memory-balanced splits until one fits ``budget`` bytes."""
-    cfg = resolve_switches(cfg)  # every K below is resolved as it is built (its objective follows its method)
+def settings_of(row: dict) -> str:
+    """The key=value settings that train the strategy of ``row``."""
+    parts = [f"method={row['method']}"]
+    if row["local"]:
+        parts += [f"k={row['k']}", "split=memory"]
+    if row["checkpointing"] != "off":
+        parts.append(f"checkpointing={row['checkpointing']}")
+    if row["saved"]:
+        parts.append(f"saved_activations={row['saved']}")
+    if row["offload"]:
+        parts.append("offload_activations=true")
+    return " ".join(parts)
+
+
+def plan(cfg: C.TrainConfig, budget: int, *, max_k: int | None = None, rounds: int = 2, accuracy=None,
+         verbose: bool = True) -> dict:
+    """Measure every strategy of ``cfg``'s model and method (see the module docstring) against ``budget``
+    bytes. ``accuracy``: a path to an accuracy benchmark result (default: the committed protocol's
+    result where this checkout has it)."""
+    if max_k is not None and max_k < 1:
+        raise ManppError(f"--max-k must be at least 1, got {max_k}")
+    if rounds < 1:
+        raise ManppError(f"--rounds must be at least 1, got {rounds}")
+    doc = load_result(accuracy)
+    cfg = resolve(cfg)
     info = data_info(cfg)
     device = resolve_device(cfg.device)
-    torch.manual_seed(cfg.seed)
-    backbone = build_backbone(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
-                              image_size=info.image_size).to(device)
-    per_unit = unit_activation_bytes(backbone, cfg.batch_size, info.in_channels, info.image_size, device)
-    n = len(per_unit)
-    copies = 4 if cfg.optimizer == "adamw" else 3
-    x, y = task_of(backbone).example_batch(cfg.batch_size, info, device)
-    rows, chosen = [], None
-    for k in range(1, min(n, max_k or n) + 1):
-        method = "e2e" if k == 1 else cfg.method
-        ends = balanced_ends(per_unit, k) if k > 1 else []
-        run = dataclasses.replace(cfg, method=method, k=k, split=[backbone.unit_names[e] for e in ends] or "even")
-        model = build_model(run, info, device)
-        report = measure_step(model, x, y)
-        state = sum(p.numel() * p.element_size() for p in model.parameters_to_optimize()) * copies
-        row = PlanRow(k, model.partition.describe(model.backbone.unit_names), report.peak_activation_bytes, state)
+    units = backbone_facts(cfg).units
+    top = min(units, max_k or units)
+    ks = sorted(k for k in {*KS, cfg.k or 1} if 2 <= k <= top)
+    strategies = default_strategies(cfg.method, units, ks=ks, offload=device.type == "cuda")
+    if verbose:
+        print(f"measuring {len(strategies)} strategies ({rounds} timed round(s) each)", flush=True)
+    records = measure(cfg, strategies, rounds=rounds, progress=verbose)
+    default_objective = resolve(dataclasses.replace(cfg, objective=None)).objective
+    rows = []
+    for r in records:
+        row = {key: r[key] for key in ("label", "method", "k", "checkpointing", "saved", "offload", "local",
+                                       "gradients", "objective", "split", "peak_activation_bytes", "state_bytes",
+                                       "total_bytes", "step_time_s")}
+        row["accuracy_cost"] = (accuracy_cost(doc, r["method"], r["objective"], default_objective, r["k"])
+                                if r["local"] else None)
+        row["settings"] = settings_of(row)
         rows.append(row)
-        if verbose:
-            fits = "fits" if row.total_bytes <= budget else "too big"
-            print(f"K={k:>2} ({method}): activations {format_bytes(row.peak_activation_bytes)}, weights/grads/"
-                  f"optimizer {format_bytes(state)}, total {format_bytes(row.total_bytes)}: {fits}", flush=True)
-        if row.total_bytes <= budget:
-            chosen = row
-            break
-    return {"model": cfg.model, "method": cfg.method, "batch_size": cfg.batch_size, "image_size": info.image_size,
-            "budget_bytes": budget, "unit_names": list(backbone.unit_names), "unit_activation_bytes": per_unit,
-            "rows": [dict(dataclasses.asdict(r), total_bytes=r.total_bytes) for r in rows],
-            "chosen": None if chosen is None else dict(dataclasses.asdict(chosen), total_bytes=chosen.total_bytes)}
+    return rank(rows, budget, {"model": cfg.model, "method": cfg.method, "objective": cfg.objective,
+                               "batch_size": cfg.batch_size, "image_size": info.image_size, "device": str(device),
+                               "units": units, "accuracy_source": None if doc is None else doc["path"]})
+
+
+def rank(rows: list[dict], budget: int, facts: dict) -> dict:
+    """The plan of measured strategies for ``budget`` bytes: those that fit, fastest first (the first is
+    ``chosen``), then the others, smallest first; ``fastest_exact`` and the ``advice``."""
+    rows = [dict(r, fits=r["total_bytes"] <= budget) for r in rows]
+    fitting = sorted((r for r in rows if r["fits"]), key=lambda r: (r["step_time_s"], r["total_bytes"]))
+    others = sorted((r for r in rows if not r["fits"]), key=lambda r: (r["total_bytes"], r["step_time_s"]))
+    result = {**facts, "budget_bytes": budget, "strategies": fitting + others,
+              "chosen": fitting[0] if fitting else None,
+              "fastest_exact": next((r for r in fitting if _exact(r)), None)}
+    result["advice"] = advice(result)
+    return result
+
+
+def advice(result: dict) -> str:
+    """What the measurements say to do, in one or two sentences."""
+    chosen, exact = result["chosen"], result["fastest_exact"]
+    if chosen is None:
+        best = result["strategies"][0]
+        return (f"nothing fits {format_bytes(result['budget_bytes'])}: the smallest footprint measured is "
+                f"{format_bytes(best['total_bytes'])} ({best['label']}); lower the batch size or the image size")
+    if _exact(chosen):
+        text = (f"{chosen['label']} fits and is the fastest strategy that does: use it. Its gradients are "
+                f"E2E's, so local learning buys nothing here")
+        local = next((r for r in result["strategies"] if r["fits"] and r["local"]), None)
+        if local is not None:
+            text += (f" (the fastest local one, {local['label']}, takes "
+                     f"{local['step_time_s'] / chosen['step_time_s']:.2f}x its step time)")
+        return text + "."
+    cost = describe_cost(chosen["accuracy_cost"])
+    if exact is None:
+        smallest = min((r for r in result["strategies"] if _exact(r)), key=lambda r: r["total_bytes"], default=None)
+        need = f" (the smallest, {smallest['label']}, needs {format_bytes(smallest['total_bytes'])})" if smallest else ""
+        return (f"no strategy with E2E's gradients fits{need}; {chosen['label']} fits and is the fastest "
+                f"that does. It trains with local gradients: {cost}.")
+    return (f"{chosen['label']} is the fastest that fits, {exact['step_time_s'] / chosen['step_time_s']:.2f}x "
+            f"the speed of the fastest exact strategy that fits ({exact['label']}). It trains with local "
+            f"gradients: {cost}; {exact['label']} keeps E2E's.")
 
 
 def format_plan(result: dict) -> str:
-    budget = format_bytes(result["budget_bytes"])
-    head = (f"{result['model']} / {result['method']}, batch {result['batch_size']}, "
-            f"{result['image_size']} px, budget {budget}")
-    chosen = result["chosen"]
-    if chosen is None:
-        best = min(result["rows"], key=lambda r: r["total_bytes"])
-        return (f"{head}\nno split fits: the smallest footprint measured is {format_bytes(best['total_bytes'])} "
-                f"at K={best['k']}; lower the batch size or the image size")
-    lines = [head, f"smallest K that fits: K={chosen['k']}, peak {format_bytes(chosen['total_bytes'])} "
-             f"(activations {format_bytes(chosen['peak_activation_bytes'])}, weights/grads/optimizer "
-             f"{format_bytes(chosen['state_bytes'])})", "modules: " + ", ".join(chosen["split"])]
-    if chosen["k"] > 1:
-        lines.append("train it with: split=" + ",".join(s.split("..")[-1] for s in chosen["split"][:-1]))
+    head = (f"{result['model']} / {result['method']}, batch {result['batch_size']}, {result['image_size']} px, "
+            f"{result['device']}, budget {format_bytes(result['budget_bytes'])}")
+    lines = [head, f"{'':3}{'strategy':<34} {'gradients':<20} {'activations':>11} {'total':>11} {'step':>9}  "
+                   "accuracy cost"]
+    for r in result["strategies"]:
+        cost = "" if not r["local"] else describe_cost(r["accuracy_cost"]).removeprefix("accuracy ")
+        lines.append(f"{'ok' if r['fits'] else '--':<3}{r['label']:<34} {r['gradients']:<20} "
+                     f"{format_bytes(r['peak_activation_bytes']):>11} {format_bytes(r['total_bytes']):>11} "
+                     f"{1000 * r['step_time_s']:>7.0f}ms  {cost}")
+    lines.append("(ok: fits the budget; fitting strategies fastest first, then the others smallest first; total = "
+                 "activations + parameters, gradients, optimizer state)")
+    lines.append(result["advice"])
+    if result["chosen"] is not None:
+        lines.append(f"train it with: {result['chosen']['settings']}")
     return "\n".join(lines)

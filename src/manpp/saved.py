@@ -43,9 +43,15 @@ def saved_dtype(name: str | None) -> torch.dtype | None:
 
 
 def _activation(t: torch.Tensor) -> bool:
-    """An activation: strided, real, and not a parameter (those are stored once already). A leaf that
-    requires grad is one too: the input of a segment recomputed in backward (:mod:`manpp.recompute`)."""
-    return t.layout == torch.strided and t.device.type != "meta" and not isinstance(t, torch.nn.Parameter)
+    """An activation: strided, real, and neither a parameter nor a view of one (those are stored once
+    already: a linear layer saves its weight transposed, a batched matmul its weight expanded), nor an
+    expanded tensor (a zero stride: a copy would hold every repetition, far more than the original).
+    A leaf that requires grad is one: the input of a segment recomputed in backward
+    (:mod:`manpp.recompute`)."""
+    if t.layout != torch.strided or t.device.type == "meta" or isinstance(t, torch.nn.Parameter):
+        return False
+    expanded = any(step == 0 and size > 1 for step, size in zip(t.stride(), t.shape))
+    return not isinstance(t._base, torch.nn.Parameter) and not expanded
 
 
 def _narrowed(t: torch.Tensor) -> bool:

@@ -26,7 +26,7 @@ from .checkpoint import load_model_state, rng_state, set_rng_state
 from .errors import ManppError
 from .lifecycle import Diverged, Position, RunLifecycle, agreed_signal, ending
 from .memory import format_bytes, measure_step
-from .optim import build_optimizer, build_scaler, lr_at, parameter_groups, set_lr
+from .optim import build_optimizer, build_scaler, holds_backbone, lr_at, parameter_groups, set_lr
 from .resolve import resolve
 from .rundir import RunResult, folder_of, read_summary, resume_source, run_folder
 from .runlog import RunLog, loss_text
@@ -169,7 +169,7 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
             for batch in bar:
                 inputs, targets = task.prepare(batch, device, fmt)
                 lr = lr_at(step, cfg, steps_per_epoch)
-                set_lr(optimizer, lr)
+                set_lr(optimizer, lr, holds_backbone(step, cfg, steps_per_epoch))
                 optimizer.zero_grad(set_to_none=True)
                 result = model.train_step(inputs, targets, scaler,
                                           after_module=reducer.start if reducer is not None else None)

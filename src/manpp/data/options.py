@@ -16,7 +16,8 @@ from .common import RandomCropFlip, TensorImageDataset, normalized_black
 from .info import CIFAR_MEAN, CIFAR_STD, DatasetInfo, denormalize, normalize
 
 AUGMENTS = ("dataset", "release", "off")
-SUBSET_ORDERS = ("random", "first")  # train_subset / test_subset: a fixed random choice, or the first N
+# train_subset / test_subset: a fixed random choice, the first N, or a random choice of the run's seed
+SUBSET_ORDERS = ("random", "first", "seeded")
 NORMALIZES = ("dataset", "release")
 CIFAR_RECIPE_SETS = ("digits", "fashion-mnist", "synthetic")  # 'release' is CIFAR-10's recipe for these
 RELEASE_CROP_PADDING = 4  # CIFAR-10: reflect-pad 4, crop 32, flip

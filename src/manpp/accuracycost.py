@@ -1,0 +1,89 @@
+"""The accuracy a local strategy costs, read from a result of ``benchmarks/accuracy.py``.
+
+``manpp plan`` ranks strategies by memory and time; a local one trains with each module's own loss,
+so its accuracy can differ from E2E's. Where an accuracy benchmark measured the method (mean over
+seeds, ``fidelity=ours``), :func:`accuracy_cost` gives its gap to E2E in points with the context it
+was measured in (dataset, model, K, seeds, optimizer steps), so that a user can judge how far it
+carries to their own model. Nothing here estimates: a method that was not measured is ``None``.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from .errors import ManppError
+
+# where plan looks for the accuracy protocol's result when no file is given: the working directory's
+# checkout, then the checkout this package is installed from (editable installs)
+DEFAULT_RESULT = Path("benchmarks") / "results" / "accuracy_fashion_mnist_protocol.json"
+
+
+def default_result_path() -> Path | None:
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        if (root / DEFAULT_RESULT).is_file():
+            return root / DEFAULT_RESULT
+    return None
+
+
+def load_result(path: str | Path | None) -> dict | None:
+    """The accuracy result at ``path`` (``None``: the default one when it exists, else ``None``)."""
+    chosen = Path(path) if path is not None else default_result_path()
+    if chosen is None:
+        return None
+    try:
+        doc = json.loads(chosen.read_text())
+    except FileNotFoundError:
+        raise ManppError(f"no accuracy result at '{chosen}': give a JSON file written by benchmarks/accuracy.py")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ManppError(f"cannot read the accuracy result '{chosen}': {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("runs"), list):
+        raise ManppError(f"'{chosen}' is not a result of benchmarks/accuracy.py (it has no list of runs)")
+    doc["path"] = str(chosen)
+    return doc
+
+
+def _accuracies(runs: list[dict], name: str) -> dict[int, list[float]]:
+    """K -> test accuracies of the runs of ``name`` (fidelity ours, finished with an accuracy)."""
+    out: dict[int, list[float]] = {}
+    for r in runs:
+        if r.get("method") == name and r.get("fidelity", "ours") == "ours" and r.get("test_accuracy") is not None:
+            out.setdefault(int(r.get("k", 1)), []).append(float(r["test_accuracy"]))
+    return out
+
+
+def accuracy_cost(doc: dict | None, method: str, objective: str | None, default_objective: str | None,
+                  k: int) -> dict | None:
+    """E2E's mean accuracy minus the method's (points), at ``k`` or the nearest K measured; ``None``
+    when the result holds no run of the method (or of E2E)."""
+    if doc is None or method == "e2e":
+        return None
+    names = [f"{method}:{objective}"] if objective and objective != method else []
+    if objective in (None, method, default_objective):
+        names.append(method)  # the accuracy benchmark names a method on its own objective plainly
+    e2e = [a for values in _accuracies(doc["runs"], "e2e").values() for a in values]
+    for name in names:
+        by_k = _accuracies(doc["runs"], name)
+        if by_k and e2e:
+            near = min(by_k, key=lambda m: (abs(m - k), m))
+            ours = by_k[near]
+            setup = doc.get("setup", {})
+            return {"points": 100 * (statistics.mean(e2e) - statistics.mean(ours)), "k": near,
+                    "accuracy": statistics.mean(ours), "e2e_accuracy": statistics.mean(e2e), "seeds": len(ours),
+                    "dataset": setup.get("dataset"), "model": setup.get("model"),
+                    "steps": setup.get("steps"), "source": doc.get("path")}
+    return None
+
+
+def describe_cost(cost: dict | None) -> str:
+    if cost is None:
+        return "accuracy cost not measured"
+    where = ", ".join(str(v) for v in (cost["dataset"], cost["model"]) if v)
+    steps = f", {cost['steps']} steps" if cost.get("steps") else ""
+    sign = "-" if cost["points"] >= 0 else "+"
+    return (f"accuracy {sign}{abs(cost['points']):.2f} points vs E2E ({where}, K={cost['k']}, "
+            f"{cost['seeds']} seed(s){steps})")
+
+
+__all__ = ["DEFAULT_RESULT", "accuracy_cost", "describe_cost", "load_result"]

@@ -1,0 +1,61 @@
+"""benchmarks/accuracy.py: which runs are paired, the paired differences, and a real (tiny) run."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import accuracy  # noqa: E402
+
+
+def test_man_and_manpp_are_paired_with_their_base_method_seed_by_seed():
+    methods = ["e2e", "dgl", "infopro", "man:dgl", "manpp:dgl", "man:infopro", "manpp:infopro",
+               "manpp:infopro@scale_init=0.5"]
+    assert accuracy.base_methods("manpp:dgl", methods) == ["dgl", "man:dgl"]
+    assert accuracy.base_methods("man:infopro", methods) == ["infopro"]
+    assert accuracy.base_methods("manpp:infopro@scale_init=0.5", methods) == ["manpp:infopro"]
+    assert accuracy.base_methods("manpp:predsim", methods) == []  # its base was not run
+    assert accuracy.base_methods("dgl", methods) == accuracy.base_methods("manpp", methods) == []
+    acc = {("dgl", 0): 0.80, ("dgl", 1): 0.82, ("dgl", 2): 0.81, ("manpp:dgl", 0): 0.83, ("manpp:dgl", 1): 0.81,
+           ("e2e", 0): 0.90, ("e2e", 1): 0.91}
+    doc = {"setup": {"methods": methods, "dataset": "fashion-mnist", "test_subset": "all", "model": "resnet32",
+                     "seeds": [0, 1, 2], "epochs": 2, "train_subset": 40000, "subset_order": "seeded",
+                     "batch_size": 128, "lr": 0.1, "machine": "test", "python": "3", "torch": "2", "date": "today",
+                     "command": "python benchmarks/accuracy.py", "ks": [16]},
+           "runs": [{"fidelity": "ours", "method": m, "k": 1 if m == "e2e" else 16, "seed": s, "test_accuracy": a,
+                     "modules": 16, "epoch_time_s": 10.0, "steps": 625, "wall_s": 1800.0, "threads": 1}
+                    for (m, s), a in acc.items()]}
+    (pair,) = accuracy.paired(doc)  # seed 2 of dgl has no MAN++ partner
+    assert (pair["method"], pair["base"], pair["k"]) == ("manpp:dgl", "dgl", 16)
+    assert pair["diffs"] == pytest.approx({0: 3.0, 1: -1.0})
+    text = accuracy.summarize(doc)
+    assert "| manpp:dgl | dgl | 16 | ours | 0: +3.00, 1: -1.00 | +1.00 ± 2.83 | 1 of 2 |" in text
+    assert "7 runs, 3.5 CPU hours" in text and "(seeded subset)" in text
+    assert accuracy.cpu_hours({"runs": [{"seed": 0}]}) is None  # records without timing: no claim
+
+
+@pytest.mark.slow
+def test_the_accuracy_benchmark_trains_real_runs_and_resumes(tmp_path):
+    pytest.importorskip("matplotlib")
+    from manpp.data import FASHION_SYSTEM_DIR
+
+    if not FASHION_SYSTEM_DIR.is_dir():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    command = [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--model", "resnet8", "--ks", "2",
+               "--methods", "e2e,dgl,manpp:dgl", "--seeds", "0,1", "--train-subset", "128", "--epochs", "1",
+               "--batch-size", "32", "--monitor-subset", "64", "--test-subset", "200", "--jobs", "2",
+               "--out", str(tmp_path)]
+    env = dict(__import__("os").environ, PYTHONPATH=str(ROOT / "src"))
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    doc = json.loads((tmp_path / "accuracy_fashion_mnist_protocol.json").read_text())
+    assert len(doc["runs"]) == 6 and all(r["test_images"] == 200 and r["steps"] == 4 for r in doc["runs"])
+    assert {r["objective"] for r in doc["runs"] if r["method"] == "manpp:dgl"} == {"dgl"}
+    assert "| manpp:dgl | dgl | 2 | ours |" in (tmp_path / "accuracy_fashion_mnist_protocol.md").read_text()
+    again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)  # nothing left to train
+    assert again.returncode == 0 and "0 runs to train (6 already in" in again.stdout
