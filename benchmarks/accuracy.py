@@ -2,8 +2,9 @@
 
 The default is the protocol whose results the README quotes (``results/accuracy_fashion_mnist_protocol``):
 ResNet-32 at K=16 on Fashion-MNIST (offline: Debian's ``dataset-fashion-mnist``), each run 2 epochs of
-a random 40,000 training images drawn from its seed (``subset_order=seeded``: every method of one seed
-sees the same images, each seed other ones), so 80,000 images and 625 optimizer steps of batch 128;
+a random 40,064 training images (313 full batches) drawn from its seed (``subset_order=seeded``: every
+method of one seed sees the same images, each seed other ones), so 626 optimizer steps of batch 128
+and 80,128 images (the last partial batch of an epoch is dropped, so 40,000 would give 79,872);
 SGD lr 0.1 with a 0.1-epoch warm-up and cosine decay. Each run's final model is evaluated on the whole
 10,000-image test set. The methods: E2E, DGL, InfoPro, and MAN and MAN++ on each of the two
 (``manpp:dgl`` is MAN++ around DGL's heads), 3 seeds. The report gives mean ± std, the gap to E2E, and
@@ -65,7 +66,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--lr", type=float, default=0.1)
     p.add_argument("--warmup-epochs", type=float, default=0.1)
-    p.add_argument("--train-subset", type=int, default=40000, help="training images used (0: all)")
+    p.add_argument("--train-subset", type=int, default=40064, help="training images used (0: all); the default is "
+                   "313 full batches of 128, so 2 epochs are 626 steps and 80,128 images")
     p.add_argument("--subset-order", default="seeded", help="which training images: seeded (a random choice per "
                    "seed), random (the same for every seed) or first")
     p.add_argument("--monitor-subset", type=int, default=1000, help="test images evaluated each epoch (0: all)")
@@ -208,17 +210,19 @@ def main(argv=None) -> int:
                 continue
             doc["runs"].append(record)
             json_path.write_text(json.dumps(doc, indent=2))
+            report(doc, out, args.name, quiet=True)  # the table and plot as each run lands
             print(f"== {record['fidelity']} {record['method']} K={record['k']} seed {record['seed']}: test accuracy "
                   f"{record['test_accuracy']:.2%} ({record['epoch_time_s']:.0f} s/epoch)", flush=True)
     json_path.write_text(json.dumps(doc, indent=2))
     return report(doc, out, args.name)
 
 
-def report(doc: dict, out: Path, name: str) -> int:
+def report(doc: dict, out: Path, name: str, quiet: bool = False) -> int:
     table = summarize(doc)
     (out / f"{name}.md").write_text(table)
     plot(doc, out / f"{name}.png")
-    print(table)
+    if not quiet:
+        print(table)
     return 0
 
 

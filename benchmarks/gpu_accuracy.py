@@ -39,7 +39,6 @@ import platform
 import re
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -84,7 +83,9 @@ def run_command(method: str, seed: int, out: Path, args) -> list[str]:
     name, _, objective = method.partition(":")
     settings = [f"method={name}", f"seed={seed}", f"epochs={args.epochs}", f"batch_size={args.batch_size}",
                 f"lr={args.lr}", "warmup_epochs=0.1", f"device={args.device}", "log_every=0",
-                f"data_dir={args.data_dir}", f"model={args.model}", "dataset=fashion-mnist", "eval_batch_size=1000"]
+                f"model={args.model}", "dataset=fashion-mnist", "eval_batch_size=1000"]
+    if Path(args.data_dir).is_dir():  # else manpp finds Debian's copy itself
+        settings.append(f"data_dir={Path(args.data_dir).resolve()}")
     if name != "e2e":
         settings.append(f"k={args.k}")
     if objective:
@@ -106,9 +107,8 @@ def read_run(folder: Path) -> dict:
     history = s.get("history") or []
     return {"status": s.get("status"), "epochs_done": len(history), "epochs_planned": s.get("epochs_planned"),
             "test_accuracy": s.get("test_accuracy"), "best_test_accuracy": s.get("best_test_accuracy"),
-            "accuracy_per_epoch": [h.get("test_accuracy") for h in history],
-            "images_per_s": statistics.median([h["images_per_s"] for h in history if h.get("images_per_s")])
-            if history else None,
+            "accuracy_per_epoch": [h.get("test_accuracy") for h in history if h.get("complete", True)],
+            "images_per_s": s["batch_size"] / s["step_time_s"] if s.get("step_time_s") else None,
             "peak_activation_bytes": s.get("peak_activation_bytes"), "peak_allocated_bytes": s.get("peak_allocated_bytes"),
             "modules": s.get("modules")}
 

@@ -45,7 +45,8 @@ def test_every_command_takes_a_library_model(tmp_path, capsys):
     assert "timm/resnet10t / manpp (infopro): 3 modules" in capsys.readouterr().out
     assert main(["bench", "--model", "torchvision/mobilenet_v3_small", "--methods", "e2e,dgl", "--steps", "1",
                  "--warmup", "0", *common]) == 0
-    assert main(["plan", "--model", "timm/resnet10t", "--budget", "4GB", "--max-k", "2", *common]) == 0
+    assert main(["plan", "--model", "timm/resnet10t", "--budget", "4GB", "--max-k", "2", "--method", "dgl",
+                 "--rounds", "1", *common]) == 0
     assert main(["compare", "--model", "timm/resnet10t", "--methods", "e2e,dgl", "--k", "2", "--max-steps", "1",
                  "--epochs", "1", "--quiet", "train_subset=8", "test_subset=8", "--out", str(tmp_path / "c"),
                  *common]) == 0
