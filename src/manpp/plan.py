@@ -53,6 +53,8 @@ def settings_of(row: dict) -> str:
     parts = [f"method={row['method']}"]
     if row["local"]:
         parts += [f"k={row['k']}", "split=memory"]
+        if row.get("objective") and row["objective"] != row["method"]:  # MAN/MAN++ around another method's heads
+            parts.append(f"objective={row['objective']}")
     if row["checkpointing"] != "off":
         parts.append(f"checkpointing={row['checkpointing']}")
     if row["saved"]:
