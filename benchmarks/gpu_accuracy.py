@@ -36,7 +36,6 @@ import datetime
 import json
 import os
 import platform
-import re
 import shutil
 import signal
 import subprocess
@@ -153,18 +152,6 @@ def train_all(args, work: Path) -> list[dict]:
     return records
 
 
-def device_name(device: str) -> str:
-    if device.startswith("cuda"):
-        import torch
-
-        return torch.cuda.get_device_name(torch.device(device))
-    return f"CPU {platform.machine()}"
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
-
-
 def _pct(v) -> str:
     return "–" if v is None else f"{100 * v:.2f}%"
 
@@ -247,10 +234,12 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "src"))
     import torch
 
+    from gpu import device_name, slug  # benchmarks/gpu.py: one naming of devices and result files
+
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_accuracy_") as tmp:
         runs = train_all(args, Path(tmp))
-    doc = {"date": datetime.date.today().isoformat(), "device": args.device, "device_name": device_name(args.device),
+    doc = {"date": datetime.date.today().isoformat(), "device": args.device, "device_name": device_name(torch.device(args.device)),
            "torch": torch.__version__, "python": platform.python_version(), "model": args.model, "k": args.k,
            "epochs": args.epochs, "batch_size": args.batch_size, "lr": args.lr,
            "train_images": args.train_subset or 60000, "test_images": args.test_subset or 10000,
