@@ -40,6 +40,7 @@ import torch
 
 from manpp import config as C
 from manpp.train import train
+from manpp.safeio import write_text  # atomic: a run cut short never leaves a half-written result
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_METHODS = "e2e,dgl,infopro,man:dgl,manpp:dgl,man:infopro,manpp:infopro"
@@ -91,6 +92,12 @@ def _dates(old: str | None, today: datetime.date) -> str:
     """The dates of the runs in the file: the earlier ones, then today's if new."""
     dates = [d for d in (old or "").split(", ") if d]
     return ", ".join(dates + ([today.isoformat()] if today.isoformat() not in dates else []))
+
+
+def _commands(old: str | None, command: str) -> str:
+    """The commands that wrote the file, each once: resuming with the same command adds nothing."""
+    commands = [c.strip() for c in [*(old or "").split(";"), command] if c.strip()]
+    return "; ".join(dict.fromkeys(commands))
 
 
 def run_key(r: dict) -> tuple:
@@ -174,7 +181,7 @@ def main(argv=None) -> int:
     command = "python benchmarks/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:])
     methods = args.methods.split(",")
     doc["setup"] = {
-        "command": command if not old else f"{old['command']}; {command}",
+        "command": _commands(old.get("command"), command),
         "dataset": args.dataset, "model": args.model, "epochs": args.epochs, "batch_size": args.batch_size,
         "lr": args.lr, "warmup_epochs": args.warmup_epochs, "train_subset": args.train_subset or "all",
         "subset_order": args.subset_order, "images_per_run": args.epochs * args.train_subset if args.train_subset else None,
@@ -209,17 +216,17 @@ def main(argv=None) -> int:
                 print(f"== {record['failed']}", flush=True)
                 continue
             doc["runs"].append(record)
-            json_path.write_text(json.dumps(doc, indent=2))
+            write_text(json_path, json.dumps(doc, indent=2))
             report(doc, out, args.name, quiet=True)  # the table and plot as each run lands
             print(f"== {record['fidelity']} {record['method']} K={record['k']} seed {record['seed']}: test accuracy "
                   f"{record['test_accuracy']:.2%} ({record['epoch_time_s']:.0f} s/epoch)", flush=True)
-    json_path.write_text(json.dumps(doc, indent=2))
+    write_text(json_path, json.dumps(doc, indent=2))
     return report(doc, out, args.name)
 
 
 def report(doc: dict, out: Path, name: str, quiet: bool = False) -> int:
     table = summarize(doc)
-    (out / f"{name}.md").write_text(table)
+    write_text(out / f"{name}.md", table)
     plot(doc, out / f"{name}.png")
     if not quiet:
         print(table)

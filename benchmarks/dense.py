@@ -23,6 +23,7 @@ from manpp import config as C
 from manpp.bench import bench
 from manpp.memory import format_bytes
 from manpp.train import train
+from manpp.safeio import write_text  # atomic: a run cut short never leaves a half-written result
 
 HERE = Path(__file__).resolve().parent
 
@@ -92,9 +93,9 @@ def main(argv=None) -> int:
             entry["chance"] = 0.0
         doc["tasks"].append(entry)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps(doc, indent=2))
+    write_text(out / f"{args.name}.json", json.dumps(doc, indent=2))
     table = to_markdown(doc)
-    (out / f"{args.name}.md").write_text(table)
+    write_text(out / f"{args.name}.md", table)
     plot(doc, out / f"{args.name}.png")
     print(table)
     return 0

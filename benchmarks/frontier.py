@@ -40,6 +40,7 @@ from manpp.build import resolve_device
 from manpp.memory import format_bytes
 from manpp.resolve import backbone_facts, resolve
 from manpp.strategies import CHECKPOINTING_VARIANTS, Strategy, default_strategies, measure, pareto
+from manpp.safeio import write_text  # atomic: a run cut short never leaves a half-written result
 
 HERE = Path(__file__).resolve().parent
 
@@ -225,9 +226,9 @@ def main(argv: list[str] | None = None) -> int:
     stem += "_quick" if args.quick and not args.name else ""  # never over the committed results
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{stem}.json").write_text(json.dumps(doc, indent=1, default=str))
+    write_text(out / f"{stem}.json", json.dumps(doc, indent=1, default=str))
     text = markdown(doc)
-    (out / f"{stem}.md").write_text(text)
+    write_text(out / f"{stem}.md", text)
     plot(doc, out / f"{stem}.png")
     print(text)
     return 0

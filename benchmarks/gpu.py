@@ -64,6 +64,7 @@ from manpp import config as C
 from manpp.build import build_model, data_info, resolve_device
 from manpp.memory import format_bytes, measure_step
 from manpp.tasks import task_of
+from manpp.safeio import write_text  # atomic: a run cut short never leaves a half-written result
 
 HERE = Path(__file__).resolve().parent
 
@@ -272,8 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     def write() -> None:  # after every part, so that a part cut short loses only itself
         doc["seconds"] = time.perf_counter() - started
         doc["parts"] = recorded
-        (out / f"{stem}.json").write_text(json.dumps(doc, indent=2))
-        (out / f"{stem}.md").write_text(markdown(doc))
+        write_text(out / f"{stem}.json", json.dumps(doc, indent=2))
+        write_text(out / f"{stem}.md", markdown(doc))
         print(f"wrote {out / stem}.json and .md ({doc['seconds']:.0f} s so far)", flush=True)
 
     if "accuracy" in parts:

@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from gpu import device_name, slug  # benchmarks/gpu.py: one naming of devices and result files
+    from manpp.safeio import write_text  # atomic: a part cut short never leaves a half-written result
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_accuracy_") as tmp:
@@ -247,8 +248,8 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"gpu_{slug(doc['device_name'])}_accuracy" + ("_quick" if args.quick else "")
-    (out / f"{stem}.json").write_text(json.dumps(doc, indent=2))
-    (out / f"{stem}.md").write_text(markdown(doc))
+    write_text(out / f"{stem}.json", json.dumps(doc, indent=2))
+    write_text(out / f"{stem}.md", markdown(doc))
     plot(doc, out / f"{stem}.png")
     print(f"wrote {out / stem}.json, .md and .png in {doc['seconds']:.0f} s")
     failed = [f"{r['method']} s{r['seed']}" for r in runs if r["status"] not in ("finished", "stopped")]

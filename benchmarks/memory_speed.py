@@ -22,6 +22,7 @@ import torch
 from manpp import config as C
 from manpp.bench import bench
 from manpp.memory import format_bytes
+from manpp.safeio import write_text  # atomic: a run cut short never leaves a half-written result
 
 HERE = Path(__file__).resolve().parent
 
@@ -87,9 +88,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = f"{name}_{'cuda' if args.device.startswith('cuda') else 'cpu'}"
-    (out / f"{stem}.json").write_text(json.dumps(doc, indent=2))
+    write_text(out / f"{stem}.json", json.dumps(doc, indent=2))
     table = to_markdown(doc)
-    (out / f"{stem}.md").write_text(table)
+    write_text(out / f"{stem}.md", table)
     print(table)
     return 0
 

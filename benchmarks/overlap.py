@@ -25,6 +25,7 @@ from manpp import config as C
 from manpp import distributed as D
 from manpp.build import build_model, data_info
 from manpp.optim import build_optimizer, parameter_groups
+from manpp.safeio import write_text  # atomic: a run cut short never leaves a half-written result
 
 HERE = Path(__file__).resolve().parent
 
@@ -102,8 +103,8 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     name = args.name or f"overlap_{device.type}_b{args.batch_size}"
-    (out / f"{name}.json").write_text(json.dumps(record, indent=2))
-    (out / f"{name}.md").write_text(
+    write_text(out / f"{name}.json", json.dumps(record, indent=2))
+    write_text(out / f"{name}.md",
         f"# Overlapped gradient all-reduce, {record['date']}\n\n"
         f"{world} processes ({record['backend']}, {record['machine']}), torch {record['torch']}; {args.model} "
         f"{args.method} K={model.k}, global batch {args.batch_size}, {grad_bytes / 2**20:.1f} MiB of gradients per "

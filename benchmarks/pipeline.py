@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from manpp.safeio import write_text  # atomic: a run cut short never leaves a half-written result
+
 HERE = Path(__file__).resolve().parent
 CORES = os.cpu_count() or 1
 
@@ -82,7 +84,7 @@ def main(argv=None) -> int:
            "machine": f"{platform.machine()} {platform.processor() or 'cpu'}, {CORES} cores", "torch": torch.__version__,
            "date": datetime.date.today().isoformat(), "throughput": throughput, "accuracy": accuracy}
     out = Path(args.out)
-    (out / "pipeline.json").write_text(json.dumps(doc, indent=2))
+    write_text(out / "pipeline.json", json.dumps(doc, indent=2))
     base = throughput[1]["images_per_s"]
     lines = [f"{doc['machine']}; torch {doc['torch']}; {doc['date']}. ResNet-32, DGL-based MAN++ K=4, global batch "
              f"{args.batch_size}, {args.steps} steps on random CIFAR-shaped data; the stages share the machine's "
@@ -96,7 +98,7 @@ def main(argv=None) -> int:
                   "ResNet-32, DGL-based MAN++ K=4:", "", "| setup | test accuracy |", "|---|---:|"]
         lines += [f"| {r['setup']} | {100 * r['test_accuracy']:.2f} |" for r in accuracy]
     table = "\n".join(lines) + "\n"
-    (out / "pipeline.md").write_text(table)
+    write_text(out / "pipeline.md", table)
     print(table)
     return 0
 

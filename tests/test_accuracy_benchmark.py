@@ -59,3 +59,11 @@ def test_the_accuracy_benchmark_trains_real_runs_and_resumes(tmp_path):
     assert "| manpp:dgl | dgl | 2 | ours |" in (tmp_path / "accuracy_fashion_mnist_protocol.md").read_text()
     again = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)  # nothing left to train
     assert again.returncode == 0 and "0 runs to train (6 already in" in again.stdout
+    setup = json.loads((tmp_path / "accuracy_fashion_mnist_protocol.json").read_text())["setup"]
+    assert setup["command"].count("accuracy.py") == 1  # resuming with the same command is not a second command
+
+
+def test_the_commands_that_wrote_a_result_are_listed_once_each():
+    assert accuracy._commands(None, "python a.py ") == "python a.py"
+    assert accuracy._commands("python a.py ; python a.py", "python a.py") == "python a.py"  # older files' repeats
+    assert accuracy._commands("python a.py", "python a.py --seeds 3") == "python a.py; python a.py --seeds 3"
