@@ -127,3 +127,21 @@ def test_plan_refuses_bad_input_in_one_line(tmp_path, capsys):
         assert main(common + extra) == 2
         err = capsys.readouterr().err
         assert words in err and err.count("\n") == 1
+
+
+def test_the_accuracy_cost_compares_with_e2e_on_the_same_seeds():
+    from manpp.accuracycost import accuracy_cost, describe_cost
+
+    def run(method, seed, acc, k=16):
+        return {"method": method, "k": k, "seed": seed, "fidelity": "ours", "test_accuracy": acc, "steps": 626}
+
+    # E2E has seeds 0 and 1 (90% and 80%), DGL only seed 0: its cost is against E2E's seed 0, not the mean
+    doc = {"setup": {"dataset": "fashion-mnist", "model": "resnet32"},
+           "runs": [run("e2e", 0, 0.90, k=1), run("e2e", 1, 0.80, k=1), run("dgl", 0, 0.87),
+                    run("dgl", 0, 0.70, k=4) | {"fidelity": "release"}, run("dgl@scale_init=2", 0, 0.10)]}
+    cost = accuracy_cost(doc, "dgl", None, None, 16)
+    assert cost["points"] == pytest.approx(3.0) and cost["seeds"] == 1 and cost["k"] == 16
+    assert "accuracy -3.00 points vs E2E (fashion-mnist, resnet32, K=16, 1 seed(s), 626 steps)" == describe_cost(cost)
+    doc["runs"].append(run("dgl", 1, 0.79))
+    assert accuracy_cost(doc, "dgl", None, None, 16)["points"] == pytest.approx(2.0)  # (3 + 1) / 2
+    assert accuracy_cost(doc, "infopro", None, None, 16) is None and describe_cost(None) == "accuracy cost not measured"

@@ -44,35 +44,47 @@ def load_result(path: str | Path | None) -> dict | None:
     return doc
 
 
-def _accuracies(runs: list[dict], name: str) -> dict[int, list[float]]:
-    """K -> test accuracies of the runs of ``name`` (fidelity ours, finished with an accuracy)."""
-    out: dict[int, list[float]] = {}
+def _accuracies(runs: list[dict], name: str) -> dict[int, list[dict]]:
+    """K -> the runs of ``name`` (fidelity ours, finished with an accuracy)."""
+    out: dict[int, list[dict]] = {}
     for r in runs:
         if r.get("method") == name and r.get("fidelity", "ours") == "ours" and r.get("test_accuracy") is not None:
-            out.setdefault(int(r.get("k", 1)), []).append(float(r["test_accuracy"]))
+            out.setdefault(int(r.get("k", 1)), []).append(r)
     return out
+
+
+def _paired(e2e: list[dict], ours: list[dict]) -> tuple[list[float], list[float]]:
+    """The accuracies of E2E and of the method on the seeds both have (the same training images and
+    initial backbone), or of all their runs where the result names no common seed."""
+    e2e_by_seed = {r["seed"]: r["test_accuracy"] for r in e2e if r.get("seed") is not None}
+    common = [r for r in ours if r.get("seed") in e2e_by_seed]
+    if common:
+        return [float(e2e_by_seed[r["seed"]]) for r in common], [float(r["test_accuracy"]) for r in common]
+    return [float(r["test_accuracy"]) for r in e2e], [float(r["test_accuracy"]) for r in ours]
 
 
 def accuracy_cost(doc: dict | None, method: str, objective: str | None, default_objective: str | None,
                   k: int) -> dict | None:
-    """E2E's mean accuracy minus the method's (points), at ``k`` or the nearest K measured; ``None``
-    when the result holds no run of the method (or of E2E)."""
+    """E2E's mean accuracy minus the method's (points), at ``k`` or the nearest K measured, over the
+    seeds both were measured on; ``None`` when the result holds no run of the method (or of E2E)."""
     if doc is None or method == "e2e":
         return None
     names = [f"{method}:{objective}"] if objective and objective != method else []
     if objective in (None, method, default_objective):
         names.append(method)  # the accuracy benchmark names a method on its own objective plainly
-    e2e = [a for values in _accuracies(doc["runs"], "e2e").values() for a in values]
+    e2e = [r for runs in _accuracies(doc["runs"], "e2e").values() for r in runs]
     for name in names:
         by_k = _accuracies(doc["runs"], name)
         if by_k and e2e:
             near = min(by_k, key=lambda m: (abs(m - k), m))
-            ours = by_k[near]
+            e2e_acc, ours = _paired(e2e, by_k[near])
             setup = doc.get("setup", {})
-            return {"points": 100 * (statistics.mean(e2e) - statistics.mean(ours)), "k": near,
-                    "accuracy": statistics.mean(ours), "e2e_accuracy": statistics.mean(e2e), "seeds": len(ours),
+            steps = {r.get("steps") for r in by_k[near]}
+            return {"points": 100 * (statistics.mean(e2e_acc) - statistics.mean(ours)), "k": near,
+                    "accuracy": statistics.mean(ours), "e2e_accuracy": statistics.mean(e2e_acc), "seeds": len(ours),
                     "dataset": setup.get("dataset"), "model": setup.get("model"),
-                    "steps": setup.get("steps"), "source": doc.get("path")}
+                    "steps": setup.get("steps") or (steps.pop() if len(steps) == 1 else None),
+                    "source": doc.get("path")}
     return None
 
 
