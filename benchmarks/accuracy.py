@@ -18,8 +18,8 @@ then a markdown table and a plot. ``--jobs N`` trains N runs at a time, each on 
 cores, 2 single-thread runs do about 25% more work than one run on two threads); every record keeps
 its wall time, and the report sums the CPU hours.
 
-    python benchmarks/accuracy.py                         # the protocol (about 10 hours on 2 cores)
-    python benchmarks/accuracy.py --methods manpp:infopro@scale_init=0.5 --name accuracy_fashion_mnist_ablations
+    python benchmarks/accuracy.py                         # the protocol (21 runs, about 5 CPU hours: 2.6 h on 2 cores)
+    python benchmarks/accuracy.py --methods manpp:infopro@scale_init=0.5   # an ablation, paired with manpp:infopro
     python benchmarks/accuracy.py --smoke                 # the old tiny budget: 800 images, 3 epochs (a smoke test)
     python benchmarks/accuracy.py --epochs 100 --train-subset 0 --batch-size 128 --jobs 1   # a GPU's budget
 """
