@@ -246,6 +246,24 @@ def test_scale_init_and_aux_lr_scale():
         build_optimizer(C.apply(cfg, {"aux_lr_scale": 0}), parameter_groups(model, cfg))
 
 
+def test_aux_lr_scale_defaults_to_the_methods_own():
+    """MAN++'s auxiliary networks train at twice the backbone's lr under fidelity=ours (the default its
+    ablations measured); the other methods, and every method under fidelity=release, at the backbone's;
+    a run's own value wins."""
+    def scale(**values) -> float:
+        return resolve(C.apply(C.TrainConfig(), {"model": "resnet8", "dataset": "digits", **values})).aux_lr_scale
+
+    assert C.TrainConfig().aux_lr_scale is None  # open until resolved
+    assert scale(method="manpp", k=2) == 2.0 and scale(method="manpp", objective="dgl", k=2) == 2.0
+    assert scale(method="manpp", k=2, fidelity="release") == 1.0
+    assert [scale(method=m, k=2) for m in ("man", "dgl", "infopro", "predsim")] == [1.0] * 4
+    assert scale(method="e2e") == 1.0
+    assert scale(method="manpp", k=2, aux_lr_scale=1) == 1.0
+    assert scale(method="dgl", k=2, fidelity="release", aux_lr_scale=3) == 3.0
+    resolved = resolve(C.apply(C.TrainConfig(), {"model": "resnet8", "dataset": "digits", "method": "manpp", "k": 2}))
+    assert resolve(resolved) == resolved
+
+
 def test_aux_warmup_trains_only_the_auxiliary_networks_first(tmp_path):
     """aux_warmup_epochs: the backbone's lr is 0 for those epochs, the heads train; then both do."""
     from manpp.optim import holds_backbone

@@ -219,6 +219,28 @@ def test_checkpoints_load_without_running_pickled_code(tmp_path):
     assert not marker.exists()
 
 
+def test_a_run_from_before_aux_lr_scale_resumes_with_the_lr_it_trained_with(tmp_path):
+    """MAN++'s default aux_lr_scale became 2; a run whose config predates the field trained at 1 and
+    resumes at 1 (not refused as another configuration, not switched to today's default)."""
+    import yaml
+
+    out = tmp_path / "run"
+    assert run(out, "--epochs", "2", "--max-steps", "2", "aux_lr_scale=1") == 0
+    ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
+    del ckpt["config"]["aux_lr_scale"]
+    torch.save(ckpt, out / "checkpoint.pt")
+    written = yaml.safe_load((out / "config.yaml").read_text())
+    del written["aux_lr_scale"]
+    (out / "config.yaml").write_text(yaml.safe_dump(written, sort_keys=False))
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    assert summary(out)["status"] == "finished" and step_of(out) == 8
+    assert load_checkpoint(out)["config"]["aux_lr_scale"] == 1.0
+    fresh = tmp_path / "fresh"  # today's MAN++ run: twice the backbone's lr
+    assert run(fresh, "--epochs", "1", "--max-steps", "1") == 0
+    assert load_checkpoint(fresh)["config"]["aux_lr_scale"] == 2.0
+    assert main(["train", "--resume", str(out), "--quiet", "aux_lr_scale=2"]) == 2  # refused: another config
+
+
 def test_a_checkpoint_that_does_not_fit_names_the_keys(tmp_path, capsys):
     out = tmp_path / "run"
     assert run(out, "--epochs", "2", "--max-steps", "1") == 0

@@ -163,7 +163,7 @@ def cmd_train(args) -> int:
 
     base = None
     if args.resume:  # the run's own config (its checkpoint's, or config.yaml when it never checkpointed)
-        base = C.from_dict(resume_source(args.resume)[1], source=f"the run to resume, '{args.resume}'")
+        base = C.saved_config(resume_source(args.resume)[1], source=f"the run to resume, '{args.resume}'")
         base = dataclasses.replace(base, **{name: None for name in C.SESSION_FIELDS})  # this call's, not the run's
     cfg = resolve_config(args, base)
     result = train(cfg, resume=args.resume, overwrite=args.overwrite, verbose=not args.quiet)

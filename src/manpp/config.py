@@ -104,7 +104,9 @@ class TrainConfig(LocalSettings):
                                help="'cosine', or 'step': lr x0.1 at each fraction of the run in lr_milestones")
     lr_milestones: Any = setting((2 / 3, 8 / 9), help="'step' schedule (the detection recipe: 60k and 80k of 90k "
                                  "iterations)")
-    aux_lr_scale: float = setting(1.0, rule=AUX_LR_SCALE_RULE)
+    aux_lr_scale: float | None = setting(None, rule=AUX_LR_SCALE_RULE, help="the auxiliary networks' lr over the "
+                                         "backbone's (default: the method's under fidelity=ours, 2 for manpp and 1 "
+                                         "for the others; 1 under fidelity=release)")
     aux_warmup_epochs: float = setting(0.0, rule=AUX_WARMUP_RULE, help="epochs at the start in which only the "
                                        "auxiliary networks train (the backbone's lr is 0); local methods only")
     grad_clip: float | None = setting(None, rule=Number(low=0, low_open=True, optional=True,
@@ -290,9 +292,20 @@ def from_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:
     return apply(TrainConfig(), data, source)
 
 
+# the values runs trained with before these fields were written to their config (aux_lr_scale: its
+# default was 1 for every method until MAN++'s became 2)
+PREDATED = {"aux_lr_scale": 1.0}
+
+
+def saved_config(data: dict[str, Any], source: str = "config") -> TrainConfig:
+    """A run's own config as it saved it (checkpoint or ``config.yaml``); a field the run predates gets
+    the value it trained with (:data:`PREDATED`), not today's default."""
+    return from_dict({**PREDATED, **data}, source)
+
+
 def check_resumable(cfg: TrainConfig, saved: dict, where: str = "checkpoint") -> None:
     """A checkpoint continues only the run it is from: the fields that define the model must agree."""
-    saved_cfg = from_dict(saved, source=where)  # legacy flat keys land in heads, as for cfg
+    saved_cfg = saved_config(saved, source=where)  # legacy flat keys land in heads, as for cfg
     for name in IDENTITY_FIELDS:
         if getattr(saved_cfg, name) != getattr(cfg, name):
             raise ManppError(f"{where} is from another configuration: {name} is {getattr(saved_cfg, name)!r} "
@@ -302,5 +315,6 @@ def check_resumable(cfg: TrainConfig, saved: dict, where: str = "checkpoint") ->
                          f"there but {cfg.optimizer!r} here")
 
 
-__all__ = ["IDENTITY_FIELDS", "LEGACY_HEAD_KEYS", "SESSION_FIELDS", "TrainConfig", "apply", "check_resumable",
-           "config_text", "from_dict", "load_yaml", "parse_overrides", "run_config", "save_yaml"]
+__all__ = ["IDENTITY_FIELDS", "LEGACY_HEAD_KEYS", "PREDATED", "SESSION_FIELDS", "TrainConfig", "apply",
+           "check_resumable", "config_text", "from_dict", "load_yaml", "parse_overrides", "run_config", "save_yaml",
+           "saved_config"]

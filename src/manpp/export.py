@@ -64,7 +64,7 @@ def export_backbone(checkpoint: str | Path, out: str | Path, *, best: bool = Fal
         ckpt = dict(ckpt, model=load_checkpoint(folder / BEST, purpose="weights")["model"])
     paths = _paths(str(out), _formats(formats))
     _check_targets(paths, folder, source, force)
-    cfg = C.from_dict(ckpt["config"], source=f"checkpoint '{checkpoint}'")
+    cfg = C.saved_config(ckpt["config"], source=f"checkpoint '{checkpoint}'")
     state = {k[len("backbone."):]: v for k, v in ckpt["model"].items() if k.startswith("backbone.")}
     if not state:
         raise ManppError(f"checkpoint '{checkpoint}' holds no backbone weights")

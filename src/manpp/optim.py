@@ -26,7 +26,7 @@ LR_UPDATES = ("step", "epoch")
 LR_RULE = Number(low=0, low_open=True, meaning="the peak learning rate")
 SGD_MOMENTUM_RULE = Number(low=0, high=1, high_open=True, meaning="SGD's momentum")
 WEIGHT_DECAY_RULE = Number(low=0)
-AUX_LR_SCALE_RULE = Number(low=0, low_open=True, meaning="the auxiliary networks' lr over the backbone's")
+AUX_LR_SCALE_RULE = Number(low=0, low_open=True, optional=True, meaning="the auxiliary networks' lr over the backbone's")
 AUX_WARMUP_RULE = Number(low=0, meaning="epochs in which only the auxiliary networks train")
 
 
@@ -58,10 +58,11 @@ def parameter_groups(model: LocalModel, cfg, params=None) -> list[dict]:
     if warmup and not any(id(p) in aux for p in model.parameters_to_optimize()):
         raise ManppError(f"aux_warmup_epochs={warmup} trains only the auxiliary networks first, and method "
                          f"'{getattr(cfg, 'method', 'e2e')}' has none: use aux_warmup_epochs=0")
-    if cfg.aux_lr_scale == 1 and not warmup:
+    scale = 1.0 if cfg.aux_lr_scale is None else float(cfg.aux_lr_scale)  # None: not resolved (manpp.resolve)
+    if scale == 1 and not warmup:
         return [{"params": params, "lr_scale": 1.0, "backbone": False}]
     groups = [{"params": [p for p in params if id(p) not in aux], "lr_scale": 1.0, "backbone": True},
-              {"params": [p for p in params if id(p) in aux], "lr_scale": float(cfg.aux_lr_scale), "backbone": False}]
+              {"params": [p for p in params if id(p) in aux], "lr_scale": scale, "backbone": False}]
     return [g for g in groups if g["params"]]
 
 

@@ -129,6 +129,9 @@ class Method:
     learnable_scale: bool = False  # MAN++'s s_j (else s = 1, i.e. MAN)
     local: bool = True  # False: one module, end-to-end
     summary: str = ""
+    # its auxiliary networks' lr over the backbone's under fidelity=ours, when the run leaves aux_lr_scale
+    # unset (the release: 1); measured per method, docs/results.md
+    aux_lr_scale: float = 1.0
 
     @property
     def takes_objective(self) -> bool:

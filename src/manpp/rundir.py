@@ -216,8 +216,8 @@ class RunFolder:
         """The folder's other files belong to the checkpoint's run (not a checkpoint dropped in from another)."""
         if (self.folder / CONFIG).is_file():
             try:
-                written = C.from_dict(C.load_yaml(self.folder / CONFIG), source=f"'{self.folder / CONFIG}'")
-                saved = C.from_dict(ckpt["config"], source="its checkpoint")
+                written = C.saved_config(C.load_yaml(self.folder / CONFIG), source=f"'{self.folder / CONFIG}'")
+                saved = C.saved_config(ckpt["config"], source="its checkpoint")
             except ManppError as exc:
                 raise ManppError(f"cannot resume '{self.folder}': {exc}") from None
             for name in C.IDENTITY_FIELDS:
