@@ -145,3 +145,24 @@ def test_the_accuracy_cost_compares_with_e2e_on_the_same_seeds():
     doc["runs"].append(run("dgl", 1, 0.79))
     assert accuracy_cost(doc, "dgl", None, None, 16)["points"] == pytest.approx(2.0)  # (3 + 1) / 2
     assert accuracy_cost(doc, "infopro", None, None, 16) is None and describe_cost(None) == "accuracy cost not measured"
+
+
+def test_the_accuracy_cost_of_manpp_is_read_at_its_own_aux_lr_scale():
+    """MAN++'s default aux_lr_scale is 2: its cost comes from the run labelled @aux_lr_scale=2 (the
+    plain label is the benchmark's run at 1), never from a variant that changes something else too."""
+    from manpp import config as C
+    from manpp.accuracycost import accuracy_cost, describe_cost
+    from manpp.resolve import resolve
+
+    def run(method, acc, k=16):
+        return {"method": method, "k": k, "seed": 0, "fidelity": "ours", "test_accuracy": acc, "steps": 626}
+
+    doc = {"setup": {"dataset": "fashion-mnist", "model": "resnet32"},
+           "runs": [run("e2e", 0.90, k=1), run("manpp:infopro", 0.84), run("manpp:infopro@aux_lr_scale=2", 0.86),
+                    run("manpp:infopro@aux_lr_scale=2+scale_init=0.5", 0.50), run("manpp:infopro@aux_lr_scale=x", 0.5)]}
+    scale = resolve(C.apply(C.TrainConfig(), {"model": "resnet32", "dataset": "digits", "method": "manpp"})).aux_lr_scale
+    cost = accuracy_cost(doc, "manpp", "infopro", "infopro", 16, scale)
+    assert scale == 2.0 and cost["points"] == pytest.approx(4.0) and cost["accuracy"] == pytest.approx(0.86)
+    assert "K=16, aux_lr_scale=2, 1 seed(s)" in describe_cost(cost)
+    assert accuracy_cost(doc, "manpp", "infopro", "infopro", 16, 1.0)["points"] == pytest.approx(6.0)
+    assert accuracy_cost(doc, "manpp", "infopro", "infopro", 16, 3.0) is None  # not measured at 3

@@ -44,11 +44,32 @@ def load_result(path: str | Path | None) -> dict | None:
     return doc
 
 
-def _accuracies(runs: list[dict], name: str) -> dict[int, list[dict]]:
-    """K -> the runs of ``name`` (fidelity ours, finished with an accuracy)."""
+def _variant(label: str) -> tuple[str, dict[str, str]]:
+    """``NAME[:OBJECTIVE]@KEY=VALUE+...`` -> (``NAME[:OBJECTIVE]``, its overrides as text)."""
+    name, _, variant = label.partition("@")
+    return name, dict(item.partition("=")[::2] for item in variant.split("+") if item)
+
+
+def _is_run_of(label: str, name: str, aux_lr_scale: float) -> bool:
+    """Whether a run labelled ``label`` is ``name`` at ``aux_lr_scale``: the plain label at 1 (the
+    benchmark runs every method at 1), a variant that sets only ``aux_lr_scale`` otherwise."""
+    base, overrides = _variant(label)
+    if base != name:
+        return False
+    if not overrides:
+        return aux_lr_scale == 1
+    try:
+        return set(overrides) == {"aux_lr_scale"} and float(overrides["aux_lr_scale"]) == aux_lr_scale
+    except ValueError:
+        return False
+
+
+def _accuracies(runs: list[dict], name: str, aux_lr_scale: float = 1.0) -> dict[int, list[dict]]:
+    """K -> the runs of ``name`` at ``aux_lr_scale`` (fidelity ours, finished with an accuracy)."""
     out: dict[int, list[dict]] = {}
     for r in runs:
-        if r.get("method") == name and r.get("fidelity", "ours") == "ours" and r.get("test_accuracy") is not None:
+        if (_is_run_of(str(r.get("method")), name, aux_lr_scale) and r.get("fidelity", "ours") == "ours"
+                and r.get("test_accuracy") is not None):
             out.setdefault(int(r.get("k", 1)), []).append(r)
     return out
 
@@ -64,9 +85,10 @@ def _paired(e2e: list[dict], ours: list[dict]) -> tuple[list[float], list[float]
 
 
 def accuracy_cost(doc: dict | None, method: str, objective: str | None, default_objective: str | None,
-                  k: int) -> dict | None:
+                  k: int, aux_lr_scale: float = 1.0) -> dict | None:
     """E2E's mean accuracy minus the method's (points), at ``k`` or the nearest K measured, over the
-    seeds both were measured on; ``None`` when the result holds no run of the method (or of E2E)."""
+    seeds both were measured on; ``None`` when the result holds no run of the method (or of E2E) at
+    ``aux_lr_scale`` (the run's resolved one: MAN++'s default is 2)."""
     if doc is None or method == "e2e":
         return None
     names = [f"{method}:{objective}"] if objective and objective != method else []
@@ -74,13 +96,14 @@ def accuracy_cost(doc: dict | None, method: str, objective: str | None, default_
         names.append(method)  # the accuracy benchmark names a method on its own objective plainly
     e2e = [r for runs in _accuracies(doc["runs"], "e2e").values() for r in runs]
     for name in names:
-        by_k = _accuracies(doc["runs"], name)
+        by_k = _accuracies(doc["runs"], name, float(aux_lr_scale))
         if by_k and e2e:
             near = min(by_k, key=lambda m: (abs(m - k), m))
             e2e_acc, ours = _paired(e2e, by_k[near])
             setup = doc.get("setup", {})
             steps = {r.get("steps") for r in by_k[near]}
             return {"points": 100 * (statistics.mean(e2e_acc) - statistics.mean(ours)), "k": near,
+                    "aux_lr_scale": float(aux_lr_scale),
                     "accuracy": statistics.mean(ours), "e2e_accuracy": statistics.mean(e2e_acc), "seeds": len(ours),
                     "dataset": setup.get("dataset"), "model": setup.get("model"),
                     "steps": setup.get("steps") or (steps.pop() if len(steps) == 1 else None),
@@ -94,7 +117,8 @@ def describe_cost(cost: dict | None) -> str:
     where = ", ".join(str(v) for v in (cost["dataset"], cost["model"]) if v)
     steps = f", {cost['steps']} steps" if cost.get("steps") else ""
     sign = "-" if cost["points"] >= 0 else "+"
-    return (f"accuracy {sign}{abs(cost['points']):.2f} points vs E2E ({where}, K={cost['k']}, "
+    scale = f", aux_lr_scale={cost['aux_lr_scale']:g}" if cost.get("aux_lr_scale", 1.0) != 1 else ""
+    return (f"accuracy {sign}{abs(cost['points']):.2f} points vs E2E ({where}, K={cost['k']}{scale}, "
             f"{cost['seeds']} seed(s){steps})")
 
 

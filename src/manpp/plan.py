@@ -90,7 +90,8 @@ def plan(cfg: C.TrainConfig, budget: int, *, max_k: int | None = None, rounds: i
         row = {key: r[key] for key in ("label", "method", "k", "checkpointing", "saved", "offload", "local",
                                        "gradients", "objective", "split", "peak_activation_bytes", "state_bytes",
                                        "total_bytes", "step_time_s")}
-        row["accuracy_cost"] = (accuracy_cost(doc, r["method"], r["objective"], default_objective, r["k"])
+        row["accuracy_cost"] = (accuracy_cost(doc, r["method"], r["objective"], default_objective, r["k"],
+                                              cfg.aux_lr_scale if r["method"] == cfg.method else 1.0)
                                 if r["local"] else None)
         row["settings"] = settings_of(row)
         rows.append(row)
