@@ -9,8 +9,8 @@ batch 128, SGD lr 0.1, cosine, bf16 autocast and channels-last), each run evalua
 test images after every epoch. The methods are the protocol's (``benchmarks/accuracy.py``): E2E,
 DGL, InfoPro, and MAN and MAN++ on each, each at its defaults (MAN++'s auxiliary networks at twice
 the backbone's lr, where the CPU protocol runs every method at 1), one process per (method, seed),
-all at once on the one GPU
-(ResNet-32 is far too small to fill it; every process has its own CPU thread to launch kernels).
+all at once on the one GPU (ResNet-32 is far too small to fill it; every process has its own CPU
+thread to launch kernels).
 
 Time: the whole part must fit one call of at most 8 minutes. Every run gets a deadline
 (``--budget-s``, default 420 s from the start of the part): at the deadline every run still training
