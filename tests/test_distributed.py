@@ -14,7 +14,7 @@ from manpp import config as C
 from manpp import distributed as D
 from manpp.errors import ManppError
 from manpp.build import EpochBatches, build_model, load_data, seed_everything
-from manpp.optim import build_optimizer, lr_at
+from manpp.optim import build_optimizer, lr_at, parameter_groups, set_lr
 from manpp.resolve import resolve
 from manpp.train import train
 
@@ -97,7 +97,7 @@ def _reference_steps(cfg: C.TrainConfig, world: int) -> torch.nn.Module:
     train_set, _, info = load_data(cfg)
     model = build_model(cfg, info)
     params = model.parameters_to_optimize()
-    optimizer = build_optimizer(cfg, params)
+    optimizer = build_optimizer(cfg, parameter_groups(model, cfg, params))  # MAN++: the heads at 2x the lr
     steps_per_epoch = len(train_set) // cfg.batch_size
     for step, batch in enumerate(EpochBatches(len(train_set), cfg.batch_size, cfg.seed, 0)):
         if step == cfg.max_steps:
@@ -118,8 +118,7 @@ def _reference_steps(cfg: C.TrainConfig, world: int) -> torch.nn.Module:
         for i, p in enumerate(params):
             shard = [g[i] for g in grads if g[i] is not None]
             p.grad = sum(shard) / world if shard else None
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, cfg, steps_per_epoch)
+        set_lr(optimizer, lr_at(step, cfg, steps_per_epoch))
         optimizer.step()
     return model
 
