@@ -88,7 +88,7 @@ def accuracy_cost(doc: dict | None, method: str, objective: str | None, default_
                   k: int, aux_lr_scale: float = 1.0) -> dict | None:
     """E2E's mean accuracy minus the method's (points), at ``k`` or the nearest K measured, over the
     seeds both were measured on; ``None`` when the result holds no run of the method (or of E2E) at
-    ``aux_lr_scale`` (the run's resolved one: MAN++'s default is 2)."""
+    ``aux_lr_scale`` (the run's resolved one: MAN++'s default on InfoPro is 2)."""
     if doc is None or method == "e2e":
         return None
     names = [f"{method}:{objective}"] if objective and objective != method else []

@@ -105,8 +105,8 @@ class TrainConfig(LocalSettings):
     lr_milestones: Any = setting((2 / 3, 8 / 9), help="'step' schedule (the detection recipe: 60k and 80k of 90k "
                                  "iterations)")
     aux_lr_scale: float | None = setting(None, rule=AUX_LR_SCALE_RULE, help="the auxiliary networks' lr over the "
-                                         "backbone's (default: the method's under fidelity=ours, 2 for manpp and 1 "
-                                         "for the others; 1 under fidelity=release)")
+                                         "backbone's (default under fidelity=ours: 2 for manpp on infopro's heads, "
+                                         "1 for every other pairing; 1 under fidelity=release)")
     aux_warmup_epochs: float = setting(0.0, rule=AUX_WARMUP_RULE, help="epochs at the start in which only the "
                                        "auxiliary networks train (the backbone's lr is 0); local methods only")
     grad_clip: float | None = setting(None, rule=Number(low=0, low_open=True, optional=True,
@@ -293,7 +293,7 @@ def from_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:
 
 
 # the values runs trained with before these fields were written to their config (aux_lr_scale: its
-# default was 1 for every method until MAN++'s became 2)
+# default was 1 for every method until MAN++'s on InfoPro became 2)
 PREDATED = {"aux_lr_scale": 1.0}
 
 

@@ -129,9 +129,10 @@ class Method:
     learnable_scale: bool = False  # MAN++'s s_j (else s = 1, i.e. MAN)
     local: bool = True  # False: one module, end-to-end
     summary: str = ""
-    # its auxiliary networks' lr over the backbone's under fidelity=ours, when the run leaves aux_lr_scale
-    # unset (the release: 1); measured per method, docs/results.md
-    aux_lr_scale: float = 1.0
+    # (objective, scale): its auxiliary networks' lr over the backbone's on that objective's heads under
+    # fidelity=ours, when the run leaves aux_lr_scale unset; 1 elsewhere and under the release. Each pair
+    # is measured (docs/results.md, ablations)
+    aux_lr_scales: tuple[tuple[str, float], ...] = ()
 
     @property
     def takes_objective(self) -> bool:

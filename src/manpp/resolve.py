@@ -12,8 +12,8 @@ facts back into the config. ``config.yaml`` records exactly the resolved config.
 - the objective (the method's own, the one asked for, or the backbone family's default) and its
   full settings (``objective_settings``: defaults, the release's where ``fidelity=release``, then the
   run's own);
-- ``aux_lr_scale``: the method's own under ``fidelity=ours`` (2 for MAN++, 1 for the others), 1 under
-  ``fidelity=release``.
+- ``aux_lr_scale``: the method's own for its objective under ``fidelity=ours`` (2 for MAN++ on InfoPro's
+  heads, 1 for every other pairing), 1 under ``fidelity=release``.
 
 What is known of a backbone before it is built (its family, units, default K, paper presets) comes
 from its registration by name (:mod:`manpp.models.registry`, :data:`manpp.partition.PAPER_PRESETS`);
@@ -97,12 +97,11 @@ def resolve(cfg: C.TrainConfig) -> C.TrainConfig:
     cfg = resolve_switches(cfg)
     release = cfg.fidelity == "release"
     method = METHODS.get(cfg.method)
-    aux_lr_scale = cfg.aux_lr_scale if cfg.aux_lr_scale is not None else 1.0 if release else method.aux_lr_scale
     if not method.local:  # end-to-end: one module, no objective
         if cfg.k not in (None, 1):
             raise ManppError(f"method 'e2e' trains the network as one module: K must be 1, got K={cfg.k}")
         return dataclasses.replace(cfg, split=cfg.split or "even", objective=None, objective_settings={},
-                                   aux_lr_scale=aux_lr_scale)
+                                   aux_lr_scale=1.0 if cfg.aux_lr_scale is None else cfg.aux_lr_scale)
     chosen = method.objective or cfg.objective
     open_k = cfg.k is None and not _explicit_split(cfg.split)
     facts = backbone_facts(cfg) if chosen is None or open_k or cfg.split is None else None  # only what is open
@@ -116,6 +115,9 @@ def resolve(cfg: C.TrainConfig) -> C.TrainConfig:
         split = F.SPLIT_RELEASE if release and k in facts.presets else "even"
     given = {**(objective.release if release else {}), **cfg.objective_settings}  # the run's own settings win
     settings = dataclasses.asdict(objective.make_settings(given))
+    aux_lr_scale = cfg.aux_lr_scale
+    if aux_lr_scale is None:
+        aux_lr_scale = 1.0 if release else dict(method.aux_lr_scales).get(name, 1.0)
     return dataclasses.replace(cfg, k=k, split=split, objective=name if method.takes_objective else None,
                                objective_settings=settings, aux_lr_scale=aux_lr_scale)
 
