@@ -13,6 +13,7 @@ import json
 import statistics
 from pathlib import Path
 
+from .config import parse_overrides
 from .errors import ManppError
 
 # where plan looks for the accuracy protocol's result when no file is given: the working directory's
@@ -44,23 +45,18 @@ def load_result(path: str | Path | None) -> dict | None:
     return doc
 
 
-def _variant(label: str) -> tuple[str, dict[str, str]]:
-    """``NAME[:OBJECTIVE]@KEY=VALUE+...`` -> (``NAME[:OBJECTIVE]``, its overrides as text)."""
-    name, _, variant = label.partition("@")
-    return name, dict(item.partition("=")[::2] for item in variant.split("+") if item)
-
-
 def _is_run_of(label: str, name: str, aux_lr_scale: float) -> bool:
     """Whether a run labelled ``label`` is ``name`` at ``aux_lr_scale``: the plain label at 1 (the
     benchmark runs every method at 1), a variant that sets only ``aux_lr_scale`` otherwise."""
-    base, overrides = _variant(label)
+    base, _, variant = label.partition("@")
     if base != name:
         return False
-    if not overrides:
+    if not variant:
         return aux_lr_scale == 1
     try:
+        overrides = parse_overrides(variant.split("+"))  # the benchmark's NAME@KEY=VALUE+... labels
         return set(overrides) == {"aux_lr_scale"} and float(overrides["aux_lr_scale"]) == aux_lr_scale
-    except ValueError:
+    except (ManppError, TypeError, ValueError):
         return False
 
 
