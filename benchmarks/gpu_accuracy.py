@@ -7,8 +7,8 @@
 ResNet-32 at K=16 (E2E: one module) on the whole Fashion-MNIST training set (60,000 images, 15 epochs,
 batch 128, SGD lr 0.1, cosine, bf16 autocast and channels-last), each run evaluated on all 10,000
 test images after every epoch. The methods are the protocol's (``benchmarks/accuracy.py``): E2E,
-DGL, InfoPro, and MAN and MAN++ on each, each at its defaults (MAN++'s auxiliary networks at twice
-the backbone's lr, where the CPU protocol runs every method at 1), one process per (method, seed),
+DGL, InfoPro, and MAN and MAN++ on each, each at its defaults (MAN++ on InfoPro's heads at twice the
+backbone's lr, where the CPU protocol runs every method at 1), one process per (method, seed),
 all at once on the one GPU (ResNet-32 is far too small to fill it; every process has its own CPU
 thread to launch kernels).
 
