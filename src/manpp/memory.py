@@ -17,8 +17,10 @@ from typing import Iterable
 import torch
 
 
-def _key(t: torch.Tensor) -> tuple[str, int]:
-    return str(t.device), t.untyped_storage().data_ptr()
+def storage_key(t: torch.Tensor) -> tuple[str, int]:
+    """Which storage ``t`` lives in: the same for every view of it, for real and for fake tensors (whose
+    storages have no data pointer: :mod:`manpp.estimate` runs the same accounting on them)."""
+    return str(t.device), t.untyped_storage()._cdata
 
 
 class _Saved:
@@ -37,7 +39,7 @@ class ActivationTracker:
     """Context manager tracking the bytes of storages saved for backward (see module docstring)."""
 
     def __init__(self, exclude: Iterable[torch.Tensor] = ()):
-        self.excluded = {_key(t) for t in exclude}
+        self.excluded = {storage_key(t) for t in exclude}
         self.live: dict = {}
         self.current = 0
         self.peak = 0
@@ -56,10 +58,10 @@ class ActivationTracker:
             self.phase_peaks[self.phase] = max(self.phase_peaks.get(self.phase, 0), self.current)
 
     def _pack(self, t: torch.Tensor):
-        if t.layout != torch.strided or t.device.type == "meta":
+        if t.layout != torch.strided:
             return t
-        key = _key(t)
-        if key in self.excluded or key[1] == 0:
+        key = storage_key(t)
+        if key in self.excluded:
             return t
         entry = self.live.get(key)
         if entry is None:
@@ -133,8 +135,11 @@ def measure_step(model, inputs: torch.Tensor, targets: torch.Tensor, *, restore:
     """Run one training step of a :class:`~manpp.engine.LocalModel` and measure its memory.
 
     With ``restore`` (the default) the model's parameters, buffers and gradients are put back
-    afterwards, so measuring has no effect on training.
+    afterwards, so measuring has no effect on training (on fake tensors, :mod:`manpp.estimate`, there is
+    nothing to put back).
     """
+    if isinstance(inputs, torch._subclasses.fake_tensor.FakeTensor):
+        restore = False
     if getattr(model, "first_step_hooks", None):
         model.run_first_step_hooks(inputs, targets)  # settled first: their own measured steps are not counted here
     saved = copy.deepcopy(model.state_dict()) if restore else None
@@ -180,7 +185,7 @@ def state_bytes(model, optimizer: str = "sgd") -> int:
     each parameter it trains."""
     held = {}
     for t in list(model.parameters()) + list(model.buffers()):
-        held[_key(t)] = t.untyped_storage().nbytes()
+        held[storage_key(t)] = t.untyped_storage().nbytes()
     trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
     return sum(held.values()) + trained * (1 + OPTIMIZER_STATE_COPIES[optimizer])
 

@@ -206,8 +206,8 @@ def settle_recompute(model, inputs, targets) -> list[int]:
     Modules run one at a time, so the step's peak is the largest module's. Two measured steps
     (the model is restored after each) give every module's peak with and without the
     recomputation; a module keeps its EMA activations when even then it stays at or below the
-    peak of the all-recompute step. Memory is therefore that of ``recompute_ema=true``, and the
-    modules that do not set the peak save one EMA forward pass each per step.
+    peak of the all-recompute step (:func:`recompute_choice`). Memory is therefore that of
+    ``recompute_ema=true``, and the modules that do not set the peak save one EMA forward pass each per step.
     """
     from .memory import measure_step
 
@@ -220,8 +220,16 @@ def settle_recompute(model, inputs, targets) -> list[int]:
             for a in auto:
                 a.recompute_ema = False
             without = measure_step(model, inputs, targets).module_peak_bytes
-        limit = max(with_recompute)
+        flags = recompute_choice(with_recompute, without)
         for j, a in enumerate(model.aux):
             if any(a is b for b in auto):
-                a.recompute_ema = without[j] > limit
+                a.recompute_ema = flags[j]
     return [j for j, a in enumerate(model.aux) if getattr(a, "recompute_ema", False) is True]
+
+
+def recompute_choice(with_recompute: list[int], without: list[int]) -> list[bool]:
+    """``recompute_ema='auto'``'s rule, from every module's activation peak in a step that recomputes the
+    EMA branch everywhere and in one that recomputes it nowhere: module j recomputes when keeping its EMA
+    activations would lift it above the largest peak of the all-recompute step."""
+    limit = max(with_recompute)
+    return [peak > limit for peak in without]

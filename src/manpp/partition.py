@@ -210,11 +210,12 @@ def make_partition(backbone, k: int | None = None, split: str | Sequence = "even
 # --- memory-balanced splits ------------------------------------------------------------------
 
 def unit_activation_bytes(backbone, batch_size: int, in_channels: int, image_size: int,
-                          device: torch.device | str = "cpu") -> list[int]:
+                          device: torch.device | str | None = None) -> list[int]:
     """Bytes autograd saves during each unit's forward (the head counts with the last unit), for one
-    batch of random images; this is what each unit adds to an end-to-end graph."""
+    batch of random images on ``device`` (default: the backbone's, the meta device included); this is
+    what each unit adds to an end-to-end graph."""
     p = next(backbone.parameters())
-    x = torch.randn(batch_size, in_channels, image_size, image_size, device=device, dtype=p.dtype)
+    x = torch.randn(batch_size, in_channels, image_size, image_size, device=device or p.device, dtype=p.dtype)
     tracker = ActivationTracker(list(backbone.parameters()) + list(backbone.buffers()))
     marks: list[int] = []
     handles = [u.register_forward_hook(lambda *_: marks.append(tracker.current)) for u in backbone.units]

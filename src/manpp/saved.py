@@ -25,7 +25,7 @@ import weakref
 import torch
 
 from .errors import ManppError, choices
-from .memory import ActivationTracker, active_tracker
+from .memory import ActivationTracker, active_tracker, storage_key
 
 SAVED_DTYPES = {"bf16": torch.bfloat16}
 MIN_ELEMENTS = 1024  # smaller saved tensors (statistics, scalars) stay as they are
@@ -89,7 +89,7 @@ def saved_in(dtype: torch.dtype | None = None, offload: bool = False):
         moved = offload and _activation(t)
         if not (narrow or moved):
             return (tracker.hold(t) if tracker is not None else t), None, None
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t._version)
+        key = (storage_key(t), t.storage_offset(), tuple(t.shape), t.stride(), t._version)
         cached = copies.get(key)
         if cached is not None and cached[0]() is not None:
             stored = cached[1]

@@ -28,7 +28,8 @@ from .registry import METHODS
 from .saved import saved_dtype
 from .tasks import task_of
 
-KS = (2, 4, 8, 16)  # the K a local method is measured at (capped at the backbone's units)
+KS = (2, 4, 8, 16)
+MEASURED, ESTIMATED = "measured", "estimated"  # every record says which its memory and its time are  # the K a local method is measured at (capped at the backbone's units)
 CHECKPOINTING_VARIANTS = ("off", "units", "sqrt")
 SAVED_VARIANTS = (None, "bf16")
 
@@ -84,7 +85,7 @@ def default_strategies(method: str, units: int, *, ks: Iterable[int] = KS, offlo
     return out
 
 
-def _config_of(cfg: C.TrainConfig, method: str, k: int) -> C.TrainConfig:
+def config_of(cfg: C.TrainConfig, method: str, k: int) -> C.TrainConfig:
     """``cfg`` for ``method`` at K; a local method on the memory-balanced split, with the objective and
     its settings of ``cfg`` where the method takes an objective."""
     spec = METHODS.get(method)
@@ -95,33 +96,68 @@ def _config_of(cfg: C.TrainConfig, method: str, k: int) -> C.TrainConfig:
                                objective_settings=dict(cfg.objective_settings) if same else {})
 
 
-def _apply(model, strategy: Strategy) -> None:
+def apply_strategy(model, strategy: Strategy) -> None:
+    """Set ``strategy``'s checkpointing and saved-activation storage on ``model``."""
     model.checkpointing = strategy.checkpointing
     model.saved_dtype = saved_dtype(strategy.saved)
     model.offload = strategy.offload
 
 
-def _sync(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device (a step timed on CUDA is timed when it ends, not when it was queued)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def measure(cfg: C.TrainConfig, strategies: Sequence[Strategy], *, rounds: int = 3, warmup: int = 1,
-            progress: bool = True) -> list[dict]:
-    """One record per strategy (see the module docstring), in the order given."""
-    from tqdm.auto import tqdm
-
-    info = data_info(cfg)
-    device = resolve_device(cfg.device)
+def build_models(cfg: C.TrainConfig, strategies: Sequence[Strategy], info, device) -> dict[tuple[str, int], dict]:
+    """One model per (method, K) of ``strategies``, each from the seed of ``cfg`` (the same backbone weights).
+    On the meta device (for an estimate: shapes only, nothing initialised) where the model builds there,
+    else on the CPU."""
     models: dict[tuple[str, int], dict] = {}
     for s in strategies:
         key = (s.method, s.k)
         if key not in models:
             torch.manual_seed(cfg.seed)
-            run = _config_of(cfg, s.method, s.k)
-            model = build_model(dataclasses.replace(run, compile=False), info, device)
-            models[key] = {"model": model, "cfg": run, "opt": torch.optim.SGD(model.parameters_to_optimize(),
-                                                                                lr=1e-4, momentum=0.9)}
+            run = dataclasses.replace(config_of(cfg, s.method, s.k), compile=False)
+            models[key] = {"model": _build_on(run, info, device), "cfg": run}
+    return models
+
+
+def _build_on(cfg: C.TrainConfig, info, device):
+    if torch.device(device).type != "meta":
+        return build_model(cfg, info, device)
+    try:
+        with torch.device("meta"):
+            return build_model(cfg, info, "meta")
+    except (RuntimeError, NotImplementedError):  # a builder that reads values: built for real
+        return build_model(cfg, info, "cpu")
+
+
+def settle(model, strategy: Strategy, x, y, auto: bool) -> list | None:
+    """Apply ``strategy`` to ``model`` and settle its EMA recomputation as a run of it would (``auto``);
+    returns each momentum auxiliary network's choice (None: the method has none)."""
+    apply_strategy(model, strategy)
+    if model.first_step_hooks:
+        model.run_first_step_hooks(x, y)
+    momentum = [a for a in model.aux if isinstance(a, MomentumAux)]
+    if momentum and auto:
+        for a in momentum:
+            a.recompute_ema = "auto"
+        settle_recompute(model, x, y)
+    return [a.recompute_ema for a in momentum] if momentum else None
+
+
+def measure(cfg: C.TrainConfig, strategies: Sequence[Strategy], *, rounds: int = 3, warmup: int = 1,
+            progress: bool = True) -> list[dict]:
+    """One record per strategy (see the module docstring), in the order given: memory and time measured
+    by running each strategy's step for real."""
+    from tqdm.auto import tqdm
+
+    info = data_info(cfg)
+    device = resolve_device(cfg.device)
+    models = build_models(cfg, strategies, info, device)
+    for entry in models.values():
+        entry["opt"] = torch.optim.SGD(entry["model"].parameters_to_optimize(), lr=1e-4, momentum=0.9)
     first = next(iter(models.values()))["model"]
     x, y = task_of(first.backbone).example_batch(cfg.batch_size, info, device)
     x = x.contiguous(memory_format=memory_format(cfg))
@@ -131,34 +167,24 @@ def measure(cfg: C.TrainConfig, strategies: Sequence[Strategy], *, rounds: int =
                leave=False)
     for s in strategies:
         entry = models[(s.method, s.k)]
-        model = entry["model"]
-        _apply(model, s)
-        if model.first_step_hooks:
-            model.run_first_step_hooks(x, y)
-        recompute = None
-        momentum = [a for a in model.aux if isinstance(a, MomentumAux)]
-        if momentum and auto:  # settled for this strategy's memory, as a run of it would
-            for a in momentum:
-                a.recompute_ema = "auto"
-            settle_recompute(model, x, y)
-        if momentum:
-            recompute = [a.recompute_ema for a in momentum]
-        report = measure_step(model, x, y)
-        runs.append({"strategy": s, "entry": entry, "report": report, "recompute": recompute, "times": []})
+        recompute = settle(entry["model"], s, x, y, auto)
+        report = measure_step(entry["model"], x, y)
+        runs.append({"strategy": s, "entry": entry, "report": report, "recompute": recompute, "times": [],
+                     "memory_source": MEASURED})
         bar.update(1)
 
     def step(run) -> float:
         model, opt = run["entry"]["model"], run["entry"]["opt"]
-        _apply(model, run["strategy"])
+        apply_strategy(model, run["strategy"])
         if run["recompute"] is not None:
             for a, flag in zip((a for a in model.aux if isinstance(a, MomentumAux)), run["recompute"]):
                 a.recompute_ema = flag
-        _sync(device)
+        synchronize(device)
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         model.train_step(x, y)
         opt.step()
-        _sync(device)
+        synchronize(device)
         return time.perf_counter() - start
 
     for run in runs:
@@ -169,15 +195,20 @@ def measure(cfg: C.TrainConfig, strategies: Sequence[Strategy], *, rounds: int =
             run["times"].append(step(run))
             bar.update(1)
     bar.close()
-    return [_record(cfg, run, info, device) for run in runs]
+    for run in runs:
+        run["step_time_s"] = statistics.median(run["times"]) if run["times"] else None
+        run["time_source"] = f"{MEASURED}: median of {rounds} interleaved round(s)"
+    return [record_of(cfg, run, info, device) for run in runs]
 
 
-def _record(cfg: C.TrainConfig, run: dict, info, device: torch.device) -> dict:
+def record_of(cfg: C.TrainConfig, run: dict, info, device: torch.device) -> dict:
+    """The record of one strategy's run (``strategy``, ``entry`` with its model, memory ``report``,
+    ``recompute``, ``step_time_s``, ``flops``, and where the memory and the time come from)."""
     s: Strategy = run["strategy"]
     model = run["entry"]["model"]
     report: MemoryReport = run["report"]
     state = state_bytes(model, cfg.optimizer)
-    median = statistics.median(run["times"]) if run["times"] else None
+    median = run["step_time_s"]
     return {
         "label": s.label, **dataclasses.asdict(s), "local": s.local, "gradients": s.gradients,
         "objective": model.objective, "split": model.partition.describe(model.backbone.unit_names),
@@ -185,9 +216,10 @@ def _record(cfg: C.TrainConfig, run: dict, info, device: torch.device) -> dict:
         "peak_activation_bytes": report.peak_activation_bytes, "module_peak_bytes": report.module_peak_bytes,
         "peak_allocated_bytes": report.peak_allocated_bytes, "step_allocated_bytes": report.step_allocated_bytes,
         "state_bytes": state, "total_bytes": report.peak_activation_bytes + state,
-        "step_time_s": median, "times_s": run["times"],
+        "step_time_s": median, "times_s": run.get("times"), "flops": run.get("flops"),
         "images_per_s": cfg.batch_size / median if median else None,
         "ema_recomputed": run["recompute"],
+        "memory_source": run["memory_source"], "time_source": run["time_source"],
     }
 
 
@@ -201,4 +233,5 @@ def pareto(records: Sequence[dict], *, time_key: str = "step_time_s", memory_key
     return [not dominated(r) for r in records]
 
 
-__all__ = ["KS", "Strategy", "default_strategies", "measure", "pareto"]
+__all__ = ["ESTIMATED", "KS", "MEASURED", "Strategy", "apply_strategy", "build_models", "config_of",
+           "default_strategies", "measure", "pareto", "record_of", "settle", "synchronize"]
