@@ -62,7 +62,7 @@ def test_parse_bytes():
             parse_bytes(bad)
 
 
-def test_plan_measures_every_strategy_ranks_them_and_says_when_checkpointing_alone_wins(capsys, tmp_path):
+def test_plan_estimates_every_strategy_ranks_them_and_says_when_checkpointing_alone_wins(capsys, tmp_path):
     result_file = tmp_path / "accuracy.json"  # an accuracy benchmark's result: E2E and DGL at K=4
     result_file.write_text(json.dumps({"setup": {"dataset": "fashion-mnist", "model": "resnet32", "steps": 5000},
                                        "runs": [{"method": "e2e", "k": 1, "fidelity": "ours", "test_accuracy": a}

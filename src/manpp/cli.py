@@ -84,6 +84,13 @@ TRAIN_EXAMPLES = """examples:
 """
 
 
+PLAN_EXAMPLES = """examples:
+  manpp plan --model resnet101 --dataset imagenet --batch-size 128 --budget 16GB   # estimated, under a minute
+  manpp plan --model resnet101 --dataset imagenet --device cuda --budget 80GB      # for a GPU, from a laptop
+  manpp plan --model resnet32 --dataset cifar10 --budget 100MB --measure           # every strategy run for real
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="manpp", description="Supervised local learning with MAN++.")
     parser.add_argument("--version", action="version", version=f"manpp {__import__('manpp').__version__}")
@@ -113,12 +120,18 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("--json", action="store_true", help="print the table as JSON")
     p = sub.add_parser("plan", help="every way to fit a memory budget (E2E, checkpointing, bf16, local K), "
-                       "measured and ranked fastest first")
+                       "estimated in seconds (or measured) and ranked fastest first", epilog=PLAN_EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(p)
-    p.add_argument("--budget", required=True, help="memory per GPU, e.g. 8GB (binary units: 1 GB = 2**30 bytes)")
+    p.add_argument("--budget", help="memory per GPU, e.g. 8GB (binary units: 1 GB = 2**30 bytes); default: the "
+                   "memory of the GPU --device names, where this machine has it")
     p.add_argument("--max-k", type=int, help="try the local method at K = 2, 4, 8, 16 (and --k) up to this "
                    "(default: the number of units)")
-    p.add_argument("--rounds", type=int, default=2, help="timed steps per strategy, interleaved (default 2)")
+    p.add_argument("--measure", action="store_true", help="run and time every strategy for real on --device "
+                   "instead of estimating (minutes to hours at ImageNet sizes)")
+    p.add_argument("--rounds", type=int, default=2, help="with --measure: timed steps per strategy, interleaved "
+                   "(default 2)")
+    p.add_argument("--jobs", type=int, help="processes estimating side by side (default: one per core)")
     p.add_argument("--accuracy", metavar="FILE", help="accuracy result of benchmarks/accuracy.py for the local "
                    "strategies' accuracy cost (default: benchmarks/results/accuracy_fashion_mnist_protocol.json "
                    "where this checkout has it)")
@@ -221,9 +234,10 @@ def cmd_describe(args) -> int:
 def cmd_plan(args) -> int:
     from .plan import format_plan, parse_bytes, plan
 
-    budget = parse_bytes(args.budget)
+    budget = parse_bytes(args.budget) if args.budget is not None else None
     cfg = resolve_config(args)
-    result = plan(cfg, budget, max_k=args.max_k, rounds=args.rounds, accuracy=args.accuracy, verbose=not args.json)
+    result = plan(cfg, budget, max_k=args.max_k, rounds=args.rounds, accuracy=args.accuracy, verbose=not args.json,
+                  measured=args.measure, jobs=args.jobs)
     print(json.dumps(result, indent=2) if args.json else format_plan(result))
     return 0 if result["chosen"] is not None else 1
 

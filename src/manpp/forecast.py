@@ -42,6 +42,7 @@ from .strategies import (ESTIMATED, MEASURED, Strategy, apply_strategy, build_mo
 from .tasks import task_of
 
 PROBE_FLOPS = {"cpu": 2e10, "cuda": 2e12}  # the work of one probe step: a fraction of a second on each
+HOST_LINK_BYTES_PER_S = 16e9  # offloaded activations: about what a PCIe 4.0 x16 link moves each way (assumed)
 PARALLEL_MIN_STRATEGIES = 12  # fewer are estimated in this process (starting workers costs seconds)
 
 
@@ -113,6 +114,8 @@ def _estimate_settled(model, x, y, mode, auto: bool) -> tuple[StepEstimate, list
     chosen = [every if j < len(model.aux) and flags[j] else none for j in range(model.k)]
     peaks = [c.report.module_peak_bytes[j] for j, c in enumerate(chosen)]
     module_flops = [c.module_flops[j] for j, c in enumerate(chosen)]
+    if every.report.offloaded_bytes or none.report.offloaded_bytes:  # what moves is counted per step: take it
+        return estimate_step(model, x, y, mode), [a.recompute_ema for a in momentum]
     return (StepEstimate(MemoryReport(max(peaks), peaks), sum(module_flops), module_flops, every.device),
             [a.recompute_ema for a in momentum])
 
@@ -120,7 +123,7 @@ def _estimate_settled(model, x, y, mode, auto: bool) -> tuple[StepEstimate, list
 def _estimate_group(job: tuple) -> dict:
     """One (method, K): every strategy of ``group`` estimated on one fake model. Returns ``{"records": ...}``,
     or ``{"unsupported": why}`` when the fake step cannot follow it. Runs in a worker process, or here."""
-    cfg, group, device = job
+    cfg, group, device, source = job
     info = data_info(cfg)
     entry = build_models(cfg, group, info, "meta")[(group[0].method, group[0].k)]  # shapes only, made fake below
     x_real, y_real = task_of(entry["model"].backbone).example_batch(cfg.batch_size, info, "cpu")
@@ -137,7 +140,7 @@ def _estimate_group(job: tuple) -> dict:
             apply_strategy(model, s)
             est, recompute = _estimate_settled(model, x, y, mode, auto)
             run = {"strategy": s, "entry": entry, "report": est.report, "recompute": recompute, "flops": est.flops,
-                   "memory_source": ESTIMATED, "step_time_s": None, "time_source": None}
+                   "memory_source": source, "step_time_s": None, "time_source": None}
             records.append(record_of(cfg, run, info, device))
     except EstimateUnsupported as exc:
         return {"unsupported": str(exc)}
@@ -196,7 +199,11 @@ def estimate(cfg: C.TrainConfig, strategies: Sequence[Strategy], *, probe: bool 
     order = sorted(groups, key=lambda key: -key[1] * (2 if key[0] != "e2e" else 1))
     jobs = jobs or (default_jobs() if len(strategies) >= PARALLEL_MIN_STRATEGIES else 1)
     jobs = max(1, min(jobs, len(groups)))
-    work = [(cfg, groups[key], str(device)) for key in order]
+    # fake CUDA tensors need a CUDA driver for their backward; without one the step runs on fake CPU tensors,
+    # whose operators save the same tensors as the GPU's for convolutions, normalisations and (fused) attention
+    fake_device = device if present or device.type == "cpu" else torch.device("cpu")
+    source = ESTIMATED if fake_device == device else f"{ESTIMATED} with the CPU's operators ({device} is not here)"
+    work = [(cfg, groups[key], str(fake_device), source) for key in order]
     bar = tqdm(total=len(strategies), desc="strategies (estimated)", unit="strategy", disable=not progress,
                leave=False)
     results: dict[tuple[str, int], dict] = {}
@@ -231,10 +238,13 @@ def estimate(cfg: C.TrainConfig, strategies: Sequence[Strategy], *, probe: bool 
         probed = probe_rate(cfg, info, device, e2e["flops"] / max(1, cfg.batch_size))
     rate = probed["flops_per_s"] if probed else None
     for r in out:
-        r["step_time_s"] = r["flops"] / rate if rate else None
+        transfers = 2 * r["offloaded_bytes"] / HOST_LINK_BYTES_PER_S
+        r["step_time_s"] = r["flops"] / rate + transfers if rate else None
         r["images_per_s"] = cfg.batch_size / r["step_time_s"] if r["step_time_s"] else None
+        moved = (f", plus {transfers * 1000:.0f} ms to move its offloaded activations to the host and back at "
+                 f"{HOST_LINK_BYTES_PER_S / 1e9:.0f} GB/s (assumed)" if r["offloaded_bytes"] else "")
         r["time_source"] = (f"{ESTIMATED}: its FLOPs at {rate / 1e9:.1f} GFLOP/s, the rate of a real E2E step at "
-                            f"batch {probed['batch_size']} on {device}" if rate else
+                            f"batch {probed['batch_size']} on {device}{moved}" if rate else
                             f"{ESTIMATED}: FLOPs only ({device} is not on this machine: no probe)" if not present
                             else f"{ESTIMATED}: FLOPs only (no probe)")
     return out, probed

@@ -45,6 +45,7 @@ class ActivationTracker:
         self.peak = 0
         self.phase = None
         self.phase_peaks: dict = {}
+        self.offloaded = 0  # bytes copied to host memory (offload_activations): each crosses the bus twice
         self._hooks = None
 
     def set_phase(self, phase) -> None:
@@ -86,6 +87,10 @@ class ActivationTracker:
             self.current -= entry[0]
             del self.live[key]
 
+    def note_offloaded(self, t: torch.Tensor) -> None:
+        """Count ``t`` as copied to host memory (it is not held on the device, so not in the peak)."""
+        self.offloaded += t.numel() * t.element_size()
+
     def hold(self, t: torch.Tensor):
         """Count ``t`` as saved for backward until what this returns is released (for another
         ``saved_tensors_hooks`` pair that stores tensors its own way, e.g. in bf16)."""
@@ -121,6 +126,7 @@ class MemoryReport:
     module_peak_bytes: list[int] = field(default_factory=list)  # the same, while module j was running
     peak_allocated_bytes: int | None = None  # CUDA allocator peak during the step; None elsewhere
     allocated_before_bytes: int | None = None  # CUDA: allocated when the step began (weights, gradients, ...)
+    offloaded_bytes: int = 0  # saved activations copied to host memory during the step (offload_activations)
 
     @property
     def step_allocated_bytes(self) -> int | None:
@@ -138,7 +144,8 @@ def measure_step(model, inputs: torch.Tensor, targets: torch.Tensor, *, restore:
     afterwards, so measuring has no effect on training (on fake tensors, :mod:`manpp.estimate`, there is
     nothing to put back).
     """
-    if isinstance(inputs, torch._subclasses.fake_tensor.FakeTensor):
+    fake = isinstance(inputs, torch._subclasses.fake_tensor.FakeTensor)
+    if fake:
         restore = False
     if getattr(model, "first_step_hooks", None):
         model.run_first_step_hooks(inputs, targets)  # settled first: their own measured steps are not counted here
@@ -146,7 +153,7 @@ def measure_step(model, inputs: torch.Tensor, targets: torch.Tensor, *, restore:
     grads = {p: (None if p.grad is None else p.grad.clone()) for p in model.parameters()} if restore else None
     was_training = model.training
     model.train()
-    cuda = inputs.is_cuda
+    cuda = inputs.is_cuda and not fake  # a fake CUDA tensor has no allocator to read
     tracker = ActivationTracker(list(model.parameters()) + list(model.buffers()))
     handles = [
         stage.register_forward_pre_hook(lambda _m, _a, j=j: tracker.set_phase(j))
@@ -173,7 +180,7 @@ def measure_step(model, inputs: torch.Tensor, targets: torch.Tensor, *, restore:
                 p.grad = g
         model.train(was_training)
     per_module = [tracker.phase_peaks.get(j, 0) for j in range(len(model.local_modules))]
-    return MemoryReport(tracker.peak, per_module, allocated, before)
+    return MemoryReport(tracker.peak, per_module, allocated, before, tracker.offloaded)
 
 
 OPTIMIZER_STATE_COPIES = {"sgd": 1, "adamw": 2}  # per trainable parameter: SGD momentum; AdamW's two moments

@@ -1,15 +1,20 @@
-"""``manpp plan``: every way to fit a training step in a memory budget, measured and ranked.
+"""``manpp plan``: every way to fit a training step in a memory budget, estimated (or measured) and ranked.
 
 The strategies are those of :mod:`manpp.strategies`: E2E and the run's local method at K = 2, 4, 8, 16
 (and the run's own K), each plain, with activation checkpointing (each unit a segment, or sqrt(n)
-segments), with bf16 saved activations and with both (on CUDA also offloaded). Each is built and
-measured for real: one training step's activation peak plus the parameters, buffers, gradients and
-optimizer state of the backbone and auxiliary networks (its footprint), and its median step time over
-interleaved rounds. The strategies that fit the budget come first, fastest first; each is marked exact
-(E2E's gradients) or local, and a local one shows the accuracy it cost in the accuracy benchmark
-(:mod:`manpp.accuracycost`) where one measured it. When an exact strategy fits and is the fastest, the
-plan says so: then local learning buys nothing. The activation measure is the device-independent one,
-so on a GPU keep a margin for the allocator's workspace and fragmentation.
+segments), with bf16 saved activations and with both (on CUDA also offloaded). By default each is
+estimated in seconds (:mod:`manpp.forecast`): its footprint (one training step's activation peak plus the
+parameters, buffers, gradients and optimizer state of the backbone and auxiliary networks) from the step
+run on fake tensors, its step time from its FLOPs at the rate of one short real probe of the model on the
+device. The device need not be this machine's: ``--device cuda`` on a laptop plans for a GPU (memory
+estimated, time as FLOPs). ``--measure`` builds and times every strategy for real instead (median of
+interleaved rounds). Every figure says which it is.
+
+The strategies that fit the budget come first, fastest first; each is marked exact (E2E's gradients) or
+local, and a local one shows the accuracy it cost in the accuracy benchmark (:mod:`manpp.accuracycost`)
+where one measured it. When an exact strategy fits and is the fastest, the plan says so: then local
+learning buys nothing. The activation figure is the device-independent one (what autograd holds), so on a
+GPU keep a margin for the allocator's workspace and fragmentation (docs/memory.md).
 """
 
 from __future__ import annotations
@@ -19,11 +24,10 @@ import re
 
 from . import config as C
 from .accuracycost import accuracy_cost, describe_cost, load_result
-from .build import resolve_device
 from .errors import ManppError
 from .memory import format_bytes
 from .resolve import backbone_facts, data_info, resolve
-from .strategies import KS, default_strategies, measure
+from .strategies import ESTIMATED, KS, default_strategies, measure
 
 _UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 2**10, "kib": 2**10, "m": 2**20, "mb": 2**20, "mib": 2**20,
           "g": 2**30, "gb": 2**30, "gib": 2**30, "t": 2**40, "tb": 2**40, "tib": 2**40}
@@ -64,32 +68,49 @@ def settings_of(row: dict) -> str:
     return " ".join(parts)
 
 
-def plan(cfg: C.TrainConfig, budget: int, *, max_k: int | None = None, rounds: int = 2, accuracy=None,
-         verbose: bool = True) -> dict:
-    """Measure every strategy of ``cfg``'s model and method (see the module docstring) against ``budget``
-    bytes. ``accuracy``: a path to an accuracy benchmark result (default: the committed protocol's
-    result where this checkout has it)."""
+def plan(cfg: C.TrainConfig, budget: int | None, *, max_k: int | None = None, rounds: int = 2, accuracy=None,
+         verbose: bool = True, measured: bool = False, jobs: int | None = None) -> dict:
+    """Every strategy of ``cfg``'s model and method (see the module docstring) against ``budget`` bytes
+    (None: the memory of ``cfg.device``, a GPU here), estimated, or with ``measured`` run and timed for real
+    (``rounds`` interleaved rounds). ``accuracy``: a path to an accuracy benchmark result (default: the
+    committed protocol's result where this checkout has it)."""
+    from .forecast import estimate, target_device
+
     if max_k is not None and max_k < 1:
         raise ManppError(f"--max-k must be at least 1, got {max_k}")
     if rounds < 1:
         raise ManppError(f"--rounds must be at least 1, got {rounds}")
+    if jobs is not None and jobs < 1:
+        raise ManppError(f"--jobs must be at least 1, got {jobs}")
     doc = load_result(accuracy)
     cfg = resolve(cfg)
     info = data_info(cfg)
-    device = resolve_device(cfg.device)
+    device, present = target_device(cfg.device)
+    if measured and not present:
+        raise ManppError(f"--measure runs every strategy on {device}, which this machine does not have; without "
+                         f"--measure the plan is estimated for it")
+    budget = budget if budget is not None else device_memory(device, present)
     units = backbone_facts(cfg).units
     top = min(units, max_k or units)
     ks = sorted(k for k in {*KS, cfg.k or 1} if 2 <= k <= top)
-    strategies = default_strategies(cfg.method, units, ks=ks, offload=device.type == "cuda")
-    if verbose:
-        print(f"measuring {len(strategies)} strategies ({rounds} timed round(s) each)", flush=True)
-    records = measure(cfg, strategies, rounds=rounds, progress=verbose)
+    # offloading costs transfers, not FLOPs: it is ranked only where a probe gives seconds to add them to
+    strategies = default_strategies(cfg.method, units, ks=ks, offload=device.type == "cuda" and present)
+    probe = None
+    if measured:
+        if verbose:
+            print(f"measuring {len(strategies)} strategies ({rounds} timed round(s) each)", flush=True)
+        records = measure(cfg, strategies, rounds=rounds, progress=verbose)
+    else:
+        if verbose:
+            print(f"estimating {len(strategies)} strategies on fake tensors (--measure runs them for real)",
+                  flush=True)
+        records, probe = estimate(cfg, strategies, progress=verbose, jobs=jobs)
     default_objective = resolve(dataclasses.replace(cfg, objective=None)).objective
     rows = []
     for r in records:
         row = {key: r[key] for key in ("label", "method", "k", "checkpointing", "saved", "offload", "local",
                                        "gradients", "objective", "split", "peak_activation_bytes", "state_bytes",
-                                       "total_bytes", "step_time_s")}
+                                       "total_bytes", "step_time_s", "flops", "memory_source", "time_source")}
         row["accuracy_cost"] = (accuracy_cost(doc, r["method"], r["objective"], default_objective, r["k"],
                                               cfg.aux_lr_scale if r["method"] == cfg.method else 1.0)
                                 if r["local"] else None)
@@ -97,15 +118,36 @@ def plan(cfg: C.TrainConfig, budget: int, *, max_k: int | None = None, rounds: i
         rows.append(row)
     return rank(rows, budget, {"model": cfg.model, "method": cfg.method, "objective": cfg.objective,
                                "batch_size": cfg.batch_size, "image_size": info.image_size, "device": str(device),
-                               "units": units, "accuracy_source": None if doc is None else doc["path"]})
+                               "device_here": present, "units": units, "probe": probe,
+                               "accuracy_source": None if doc is None else doc["path"]})
+
+
+def device_memory(device, present: bool) -> int:
+    """The total memory of a GPU this machine has (the budget when none is given)."""
+    import torch
+
+    if device.type == "cuda" and present:
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    raise ManppError(f"give --budget (e.g. --budget 16GB): without it the plan takes the memory of the GPU it plans "
+                     f"for, and {device} is not on this machine to read it from" if device.type == "cuda" else
+                     "give --budget (e.g. --budget 16GB): a plan for the CPU has no device memory to default to")
+
+
+def _time(row: dict) -> float:
+    """What ranks by speed: the step time, or (an estimate with no probe) the FLOPs."""
+    return row["step_time_s"] if row["step_time_s"] is not None else float(row.get("flops") or 0)
+
+
+def _speed_ratio(slow: dict, fast: dict) -> str:
+    return f"{_time(slow) / _time(fast):.2f}x" if _time(fast) else "?"
 
 
 def rank(rows: list[dict], budget: int, facts: dict) -> dict:
     """The plan of measured strategies for ``budget`` bytes: those that fit, fastest first (the first is
     ``chosen``), then the others, smallest first; ``fastest_exact`` and the ``advice``."""
     rows = [dict(r, fits=r["total_bytes"] <= budget) for r in rows]
-    fitting = sorted((r for r in rows if r["fits"]), key=lambda r: (r["step_time_s"], r["total_bytes"]))
-    others = sorted((r for r in rows if not r["fits"]), key=lambda r: (r["total_bytes"], r["step_time_s"]))
+    fitting = sorted((r for r in rows if r["fits"]), key=lambda r: (_time(r), r["total_bytes"]))
+    others = sorted((r for r in rows if not r["fits"]), key=lambda r: (r["total_bytes"], _time(r)))
     result = {**facts, "budget_bytes": budget, "strategies": fitting + others,
               "chosen": fitting[0] if fitting else None,
               "fastest_exact": next((r for r in fitting if _exact(r)), None)}
@@ -118,7 +160,7 @@ def advice(result: dict) -> str:
     chosen, exact = result["chosen"], result["fastest_exact"]
     if chosen is None:
         best = result["strategies"][0]
-        return (f"nothing fits {format_bytes(result['budget_bytes'])}: the smallest footprint measured is "
+        return (f"nothing fits {format_bytes(result['budget_bytes'])}: the smallest footprint {_how(best)} is "
                 f"{format_bytes(best['total_bytes'])} ({best['label']}); lower the batch size or the image size")
     if _exact(chosen):
         text = (f"{chosen['label']} fits and is the fastest strategy that does: use it. Its gradients are "
@@ -126,7 +168,7 @@ def advice(result: dict) -> str:
         local = next((r for r in result["strategies"] if r["fits"] and r["local"]), None)
         if local is not None:
             text += (f" (the fastest local one, {local['label']}, takes "
-                     f"{local['step_time_s'] / chosen['step_time_s']:.2f}x its step time)")
+                     f"{_speed_ratio(local, chosen)} its step time{_estimated_time(local, chosen)})")
         return text + "."
     cost = describe_cost(chosen["accuracy_cost"])
     if exact is None:
@@ -134,24 +176,73 @@ def advice(result: dict) -> str:
         need = f" (the smallest, {smallest['label']}, needs {format_bytes(smallest['total_bytes'])})" if smallest else ""
         return (f"no strategy with E2E's gradients fits{need}; {chosen['label']} fits and is the fastest "
                 f"that does. It trains with local gradients: {cost}.")
-    return (f"{chosen['label']} is the fastest that fits, {exact['step_time_s'] / chosen['step_time_s']:.2f}x "
-            f"the speed of the fastest exact strategy that fits ({exact['label']}). It trains with local "
+    return (f"{chosen['label']} is the fastest that fits, {_speed_ratio(exact, chosen)} the speed of the fastest "
+            f"exact strategy that fits ({exact['label']}){_estimated_time(exact, chosen)}. It trains with local "
             f"gradients: {cost}; {exact['label']} keeps E2E's.")
 
 
+def _how(row: dict) -> str:
+    return "estimated" if str(row.get("memory_source", "")).startswith(ESTIMATED) else "measured"
+
+
+def _estimated_time(*rows: dict) -> str:
+    return ", estimated from FLOPs" if any(str(r.get("time_source", "")).startswith(ESTIMATED) for r in rows) else ""
+
+
+def _mark(row: dict, key: str) -> str:
+    """``~`` before an estimated figure; nothing before a measured one."""
+    return "~" if str(row.get(key) or "").startswith(ESTIMATED) else ""
+
+
+def _step_cell(row: dict) -> str:
+    if row["step_time_s"] is not None:
+        return f"{_mark(row, 'time_source')}{1000 * row['step_time_s']:.0f}ms"
+    return f"~{row['flops'] / 1e12:.2f}TF" if row.get("flops") else "-"
+
+
 def format_plan(result: dict) -> str:
+    rows = result["strategies"]
     head = (f"{result['model']} / {result['method']}, batch {result['batch_size']}, {result['image_size']} px, "
-            f"{result['device']}, budget {format_bytes(result['budget_bytes'])}")
-    lines = [head, f"{'':3}{'strategy':<34} {'gradients':<20} {'activations':>11} {'total':>11} {'step':>9}  "
+            f"{result['device']}{'' if result.get('device_here', True) else ' (not on this machine)'}, budget "
+            f"{format_bytes(result['budget_bytes'])}")
+    lines = [head, f"{'':3}{'strategy':<34} {'gradients':<20} {'activations':>12} {'total':>12} {'step':>10}  "
                    "accuracy cost"]
-    for r in result["strategies"]:
+    for r in rows:
         cost = "" if not r["local"] else describe_cost(r["accuracy_cost"]).removeprefix("accuracy ")
+        memory = _mark(r, "memory_source")
         lines.append(f"{'ok' if r['fits'] else '--':<3}{r['label']:<34} {r['gradients']:<20} "
-                     f"{format_bytes(r['peak_activation_bytes']):>11} {format_bytes(r['total_bytes']):>11} "
-                     f"{1000 * r['step_time_s']:>7.0f}ms  {cost}")
+                     f"{memory + format_bytes(r['peak_activation_bytes']):>12} "
+                     f"{memory + format_bytes(r['total_bytes']):>12} {_step_cell(r):>10}  {cost}")
     lines.append("(ok: fits the budget; fitting strategies fastest first, then the others smallest first; total = "
                  "activations + parameters, gradients, optimizer state)")
+    lines += _sources(result)
     lines.append(result["advice"])
     if result["chosen"] is not None:
         lines.append(f"train it with: {result['chosen']['settings']}")
     return "\n".join(lines)
+
+
+def _sources(result: dict) -> list[str]:
+    """Where the figures come from, in words (each figure estimated carries a ``~``)."""
+    rows = result["strategies"]
+    out = []
+    if any(_mark(r, "memory_source") for r in rows):
+        cpu = any("CPU's operators" in str(r.get("memory_source")) for r in rows)
+        out.append("~ memory: estimated, the training step run on fake tensors (no arithmetic); the same accounting "
+                   "as a measured step, held within 2% of it by the tests"
+                   + (f"; with the CPU's operators, as {result['device']} is not on this machine" if cpu else ""))
+    for r in rows:
+        if not _mark(r, "memory_source") and str(r.get("memory_source", "")).startswith("measured:"):
+            out.append(f"memory of {r['label']}: {r['memory_source']}")
+            break
+    probe = result.get("probe")
+    if probe and any(_mark(r, "time_source") for r in rows):
+        out.append(f"~ step: estimated, the step's FLOPs (recomputation included) at {probe['flops_per_s'] / 1e9:.1f} "
+                   f"GFLOP/s, the rate of a real E2E step at batch {probe['batch_size']} on {result['device']}; "
+                   f"memory-bound work and many small modules cost more than this says. manpp plan --measure times "
+                   f"them for real")
+    if any(r["step_time_s"] is None for r in rows):
+        out.append(f"~ step in TF: estimated FLOPs of one step (10^12), recomputation included; {result['device']} "
+                   f"is not on this machine, so nothing was timed and the FLOPs rank the strategies (offloading "
+                   f"to host memory, whose cost is transfers rather than FLOPs, is left out)")
+    return out

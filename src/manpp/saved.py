@@ -97,6 +97,8 @@ def saved_in(dtype: torch.dtype | None = None, offload: bool = False):
             stored = t.detach().to(dtype) if narrow else t.detach()
             stored = _to_host(stored) if moved else stored
             copies[key] = (weakref.ref(t), stored)
+            if moved and tracker is not None:
+                tracker.note_offloaded(stored)
         on_device = tracker.hold(stored) if tracker is not None and not moved else stored
         return on_device, (t.dtype if narrow else None), (t.device if moved else None)
 

@@ -150,7 +150,7 @@ def settle(model, strategy: Strategy, x, y, auto: bool) -> list | None:
 def measure(cfg: C.TrainConfig, strategies: Sequence[Strategy], *, rounds: int = 3, warmup: int = 1,
             progress: bool = True) -> list[dict]:
     """One record per strategy (see the module docstring), in the order given: memory and time measured
-    by running each strategy's step for real."""
+    by running each strategy's step for real (``rounds=0``: memory only)."""
     from tqdm.auto import tqdm
 
     info = data_info(cfg)
@@ -197,7 +197,7 @@ def measure(cfg: C.TrainConfig, strategies: Sequence[Strategy], *, rounds: int =
     bar.close()
     for run in runs:
         run["step_time_s"] = statistics.median(run["times"]) if run["times"] else None
-        run["time_source"] = f"{MEASURED}: median of {rounds} interleaved round(s)"
+        run["time_source"] = f"{MEASURED}: median of {rounds} interleaved round(s)" if rounds else None
     return [record_of(cfg, run, info, device) for run in runs]
 
 
@@ -215,6 +215,7 @@ def record_of(cfg: C.TrainConfig, run: dict, info, device: torch.device) -> dict
         "model": cfg.model, "batch_size": cfg.batch_size, "image_size": info.image_size, "device": str(device),
         "peak_activation_bytes": report.peak_activation_bytes, "module_peak_bytes": report.module_peak_bytes,
         "peak_allocated_bytes": report.peak_allocated_bytes, "step_allocated_bytes": report.step_allocated_bytes,
+        "offloaded_bytes": report.offloaded_bytes,
         "state_bytes": state, "total_bytes": report.peak_activation_bytes + state,
         "step_time_s": median, "times_s": run.get("times"), "flops": run.get("flops"),
         "images_per_s": cfg.batch_size / median if median else None,
