@@ -124,17 +124,22 @@ def _reference_steps(cfg: C.TrainConfig, world: int) -> torch.nn.Module:
 
 
 @pytest.mark.slow  # the fast tier starts torchrun in tests/test_run_safety.py (ranks stopping together)
-@pytest.mark.parametrize("optimizer,objective,k,overlap,checkpointing", [
-    ("sgd", "dgl", 3, True, "off"), ("sgd", "dgl", 3, False, "off"), ("adamw", "infopro", 2, False, "off"),
-    ("sgd", "infopro", 3, True, "units")])
-def test_two_gloo_processes_equal_single_process_training(tmp_path, optimizer, objective, k, overlap, checkpointing):
+@pytest.mark.parametrize("optimizer,objective,k,overlap,checkpointing,extra", [
+    ("sgd", "dgl", 3, True, "off", {}), ("sgd", "dgl", 3, False, "off", {}), ("adamw", "infopro", 2, False, "off", {}),
+    ("sgd", "infopro", 3, True, "units", {}),
+    ("sgd", "infopro", 3, False, "off", {"step_in_backward": True}),  # each module averaged, then stepped, early
+    ("adamw", None, None, False, "off", {"step_in_backward": True, "method": "e2e"})])  # each parameter
+def test_two_gloo_processes_equal_single_process_training(tmp_path, optimizer, objective, k, overlap, checkpointing,
+                                                          extra):
     """torchrun with 2 CPU processes: every module's parameters (and the EMA copies) after 3 steps
     equal one process that averages the two shards' gradients of each global batch, with each
-    module's all-reduce overlapped with the next module's compute (overlap_comm) or all at the end.
+    module's all-reduce overlapped with the next module's compute (overlap_comm) or all at the end,
+    or (step_in_backward) each module's, E2E's each parameter's, averaged and stepped inside the backward.
     The processes may checkpoint activations; the reference never does (the gradients are exact)."""
     out = tmp_path / "run"
     settings = dict(CFG, optimizer=optimizer, objective=objective, k=k, overlap_comm=overlap,
-                    checkpointing=checkpointing)
+                    checkpointing=checkpointing, **extra)
+    settings = {key: value for key, value in settings.items() if value is not None}
     cli = [f"{key}={value}" for key, value in settings.items()]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -148,7 +153,7 @@ def test_two_gloo_processes_equal_single_process_training(tmp_path, optimizer, o
     assert sorted(p.name for p in out.iterdir()) == ["best.pt", "checkpoint.pt", "config.yaml", "log.csv",
                                                      "summary.json"]
 
-    cfg = C.TrainConfig(**dict(settings, checkpointing="off"))
+    cfg = C.TrainConfig(**dict(settings, checkpointing="off", step_in_backward=False))
     reference = _reference(cfg, world=2).state_dict()
     saved = ckpt["model"]
     assert saved.keys() == reference.keys()

@@ -170,8 +170,8 @@ def test_plan_says_which_figures_are_estimated(capsys):
     assert main(args) == 0
     out = capsys.readouterr().out
     table = [line for line in out.splitlines() if line.startswith(("ok ", "-- "))]
-    assert len(table) == 12 and all(line.count("~") == 3 for line in table)  # activations, total, step
+    assert len(table) == 24 and all(line.count("~") == 3 for line in table)  # activations, total, step
     assert "~ memory: estimated" in out and "~ step: estimated" in out and "GFLOP/s" in out
     assert main(args + ["--measure", "--rounds", "1"]) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("ok ", "-- "))]
-    assert len(table) == 12 and not any("~" in line for line in table)  # measured: no mark
+    assert len(table) == 24 and not any("~" in line for line in table)  # measured: no mark

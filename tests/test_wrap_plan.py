@@ -76,13 +76,20 @@ def test_plan_estimates_every_strategy_ranks_them_and_says_when_checkpointing_al
     rows = {r["label"]: r for r in measured["strategies"]}
     assert measured["chosen"] is None and "nothing fits" in measured["advice"]
     # E2E and DGL at K=2 (max-k), each plain, checkpointed two ways, bf16, and both
-    assert len(rows) == 12 and {r["k"] for r in rows.values()} == {1, 2}
+    assert len(rows) == 24 and {r["k"] for r in rows.values()} == {1, 2}
     assert rows["E2E"]["gradients"] == "exact" and rows["dgl K=2"]["gradients"] == "local"
     assert rows["E2E + ckpt(units) + bf16"]["gradients"] == "exact, bf16-rounded"
     assert rows["E2E + ckpt(units)"]["peak_activation_bytes"] < rows["E2E"]["peak_activation_bytes"]
     assert rows["dgl K=2"]["peak_activation_bytes"] < rows["E2E"]["peak_activation_bytes"]
     assert rows["dgl K=2"]["state_bytes"] > rows["E2E"]["state_bytes"]  # the auxiliary networks' weights
-    assert all(r["total_bytes"] == r["peak_activation_bytes"] + r["state_bytes"] for r in rows.values())
+    assert all(r["total_bytes"] == r["step_peak_bytes"] + r["state_bytes"] for r in rows.values())
+    assert all(r["step_peak_bytes"] >= r["peak_activation_bytes"] for r in rows.values())  # gradients on top
+    # stepping inside the backward frees each module's gradients before the next module runs: never more memory
+    for label, r in rows.items():
+        if r["early_step"]:
+            twin = rows[label.removesuffix(" + early step")]
+            assert r["peak_activation_bytes"] == twin["peak_activation_bytes"]
+            assert r["total_bytes"] <= twin["total_bytes"] and r["settings"].endswith("step_in_backward=true")
     cost = rows["dgl K=2"]["accuracy_cost"]  # measured at K=4, the nearest K in the result
     assert cost["k"] == 4 and cost["points"] == pytest.approx(2.5) and cost["seeds"] == 2
     assert rows["E2E"]["accuracy_cost"] is None
@@ -114,7 +121,7 @@ def test_plan_estimates_every_strategy_ranks_them_and_says_when_checkpointing_al
 
     assert main(common + ["--budget", "1GB"]) == 0  # everything fits: the text table
     out = capsys.readouterr().out
-    assert "train it with: method=" in out and "-2.50 points vs E2E" in out and out.count("\nok ") == 12
+    assert "train it with: method=" in out and "-2.50 points vs E2E" in out and out.count("\nok ") == 24
 
 
 def test_plan_refuses_bad_input_in_one_line(tmp_path, capsys):

@@ -109,6 +109,9 @@ class TrainConfig(LocalSettings):
                                          "1 for every other pairing; 1 under fidelity=release)")
     aux_warmup_epochs: float = setting(0.0, rule=AUX_WARMUP_RULE, help="epochs at the start in which only the "
                                        "auxiliary networks train (the backbone's lr is 0); local methods only")
+    step_in_backward: bool = setting(False, help="the optimizer steps inside the backward passes: each module's "
+                                     "parameters (E2E: each parameter) as soon as their gradients are final, which "
+                                     "are then freed (gradient memory: one module's, not the network's); exact")
     grad_clip: float | None = setting(None, rule=Number(low=0, low_open=True, optional=True,
                                                         meaning="the largest global gradient norm"))
     pretrained: str | None = setting(None, flag="--pretrained", metavar="FILE", const="library",

@@ -92,7 +92,7 @@ def probe_rate(cfg: C.TrainConfig, info, device: torch.device, flops_per_image: 
 def _estimate_settled(model, x, y, mode, auto: bool) -> tuple[StepEstimate, list | None]:
     """The step of ``model`` estimated as a run of it would take it: with ``recompute_ema='auto'`` its
     momentum auxiliary networks settled as :func:`~manpp.momentum.settle_recompute` settles them, from a
-    step that recomputes every EMA branch and one that recomputes none (each module's peak and FLOPs are
+    step that recomputes every EMA branch and one that recomputes none (each module's peaks and FLOPs are
     then those of its choice: modules run one at a time). Returns the estimate and the choices."""
     momentum = [a for a in model.aux if isinstance(a, MomentumAux)]
     if not momentum:
@@ -111,13 +111,20 @@ def _estimate_settled(model, x, y, mode, auto: bool) -> tuple[StepEstimate, list
     for j, a in enumerate(model.aux):
         if isinstance(a, MomentumAux):
             a.recompute_ema = flags[j]
-    chosen = [every if j < len(model.aux) and flags[j] else none for j in range(model.k)]
-    peaks = [c.report.module_peak_bytes[j] for j, c in enumerate(chosen)]
-    module_flops = [c.module_flops[j] for j, c in enumerate(chosen)]
     if every.report.offloaded_bytes or none.report.offloaded_bytes:  # what moves is counted per step: take it
         return estimate_step(model, x, y, mode), [a.recompute_ema for a in momentum]
-    return (StepEstimate(MemoryReport(max(peaks), peaks), sum(module_flops), module_flops, every.device),
-            [a.recompute_ema for a in momentum])
+    chosen = [every if j < len(model.aux) and flags[j] else none for j in range(model.k)]
+
+    def composed(field: str) -> list[int]:
+        return [getattr(c.report, field)[j] for j, c in enumerate(chosen)]
+
+    peaks, step_peaks, early_peaks = (composed("module_peak_bytes"), composed("module_step_peak_bytes"),
+                                      composed("module_step_early_peak_bytes"))
+    report = dataclasses.replace(every.report, peak_activation_bytes=max(peaks), module_peak_bytes=peaks,
+                                 peak_step_bytes=max(step_peaks), module_step_peak_bytes=step_peaks,
+                                 peak_step_early_bytes=max(early_peaks), module_step_early_peak_bytes=early_peaks)
+    module_flops = [c.module_flops[j] for j, c in enumerate(chosen)]
+    return StepEstimate(report, sum(module_flops), module_flops, every.device), [a.recompute_ema for a in momentum]
 
 
 def _estimate_group(job: tuple) -> dict:
@@ -135,10 +142,14 @@ def _estimate_group(job: tuple) -> dict:
     model.first_step_hooks = [h for h in model.first_step_hooks if h is not settle_recompute]
     auto = cfg.recompute_ema == "auto"
     records = []
+    steps: dict[Strategy, tuple] = {}  # one fake step gives a strategy and its early-step twin
     try:
         for s in group:
-            apply_strategy(model, s)
-            est, recompute = _estimate_settled(model, x, y, mode, auto)
+            base = dataclasses.replace(s, early_step=False)
+            if base not in steps:
+                apply_strategy(model, base)
+                steps[base] = _estimate_settled(model, x, y, mode, auto)
+            est, recompute = steps[base]
             run = {"strategy": s, "entry": entry, "report": est.report, "recompute": recompute, "flops": est.flops,
                    "memory_source": source, "step_time_s": None, "time_source": None}
             records.append(record_of(cfg, run, info, device))
@@ -159,7 +170,7 @@ def _measured_instead(cfg, group, info, device, present: bool, why: str) -> list
     auto = cfg.recompute_ema == "auto"
     out = []
     for s in group:
-        recompute = settle(model, s, x, y, auto)
+        recompute = settle(model, s, x, y, auto)  # (an early-step twin measures the same step again)
         counter = FlopCount()
         with counter:
             report = measure_step(model, x, y)

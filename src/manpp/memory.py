@@ -1,11 +1,15 @@
-"""Measuring activation memory: what autograd keeps alive for backward, on any device.
+"""Measuring a training step's memory: what autograd keeps alive for backward, and the gradients, on any device.
 
 ``ActivationTracker`` registers ``saved_tensors_hooks`` and counts the bytes of the distinct
 storages that autograd graphs hold, excluding parameters and buffers, from the moment a tensor
 is saved until its graph releases it. Its peak is the activation memory of a training step,
-independent of the allocator (so it works on CPU). On CUDA, ``measure_step`` also reports the
-allocator peak (``torch.cuda.max_memory_allocated`` after a reset), which includes parameters,
-gradients and workspace.
+independent of the allocator (so it works on CPU). :func:`measure_step` also counts each parameter's
+gradient (``.grad``) from the moment autograd accumulates it until it is freed (at the end of the step,
+or early with ``step_in_backward``), so the step's peak of activations plus gradients is known too; with
+:func:`state_bytes` (parameters, buffers, optimizer state) it makes the step's total footprint. Not
+counted: the gradients in flight inside a backward pass, temporaries, and what an allocator adds
+(a CUDA workspace, rounding, fragmentation). On CUDA, ``measure_step`` also reports the allocator's peak
+(``torch.cuda.max_memory_allocated`` after a reset), which holds all of it.
 """
 
 from __future__ import annotations
@@ -46,6 +50,12 @@ class ActivationTracker:
         self.phase = None
         self.phase_peaks: dict = {}
         self.offloaded = 0  # bytes copied to host memory (offload_activations): each crosses the bus twice
+        # the parameters' gradients now alive (counted by measure_step): kept to the end of the step, and as
+        # step_in_backward keeps them (freed when their module's backward ends; E2E: at once)
+        self.gradients = {"end": 0, "early": 0}
+        self.gradient_live: dict = {"end": {}, "early": {}}
+        self.total_peaks = {"end": 0, "early": 0}  # the peaks of activations plus gradients
+        self.phase_total_peaks: dict = {"end": {}, "early": {}}
         self._hooks = None
 
     def set_phase(self, phase) -> None:
@@ -57,6 +67,28 @@ class ActivationTracker:
         self.peak = max(self.peak, self.current)
         if self.phase is not None:
             self.phase_peaks[self.phase] = max(self.phase_peaks.get(self.phase, 0), self.current)
+        for when, held in self.gradients.items():
+            total = self.current + held
+            self.total_peaks[when] = max(self.total_peaks[when], total)
+            if self.phase is not None:
+                peaks = self.phase_total_peaks[when]
+                peaks[self.phase] = max(peaks.get(self.phase, 0), total)
+
+    def gradient_ready(self, p: torch.Tensor) -> None:
+        """``p.grad`` now exists (autograd accumulated it): counted in both ways until released."""
+        key = storage_key(p.grad)
+        for when, live in self.gradient_live.items():
+            if key not in live:
+                live[key] = p.grad.untyped_storage().nbytes()
+                self.gradients[when] += live[key]
+        self._note()
+
+    def release_early(self, params) -> None:
+        """``step_in_backward`` would step ``params`` now and free their gradients (only the "early" count)."""
+        live = self.gradient_live["early"]
+        for p in params:
+            if p.grad is not None:
+                self.gradients["early"] -= live.pop(storage_key(p.grad), 0)
 
     def _pack(self, t: torch.Tensor):
         if t.layout != torch.strided:
@@ -127,6 +159,11 @@ class MemoryReport:
     peak_allocated_bytes: int | None = None  # CUDA allocator peak during the step; None elsewhere
     allocated_before_bytes: int | None = None  # CUDA: allocated when the step began (weights, gradients, ...)
     offloaded_bytes: int = 0  # saved activations copied to host memory during the step (offload_activations)
+    peak_step_bytes: int | None = None  # max over the step of activations plus the gradients alive then
+    module_step_peak_bytes: list[int] = field(default_factory=list)  # the same, while module j was running
+    peak_step_early_bytes: int | None = None  # the same with step_in_backward (each gradient freed when final)
+    module_step_early_peak_bytes: list[int] = field(default_factory=list)
+    trained_bytes: int | None = None  # bytes of the parameters that received a gradient (hold optimizer state)
 
     @property
     def step_allocated_bytes(self) -> int | None:
@@ -140,9 +177,12 @@ class MemoryReport:
 def measure_step(model, inputs: torch.Tensor, targets: torch.Tensor, *, restore: bool = True) -> MemoryReport:
     """Run one training step of a :class:`~manpp.engine.LocalModel` and measure its memory.
 
-    With ``restore`` (the default) the model's parameters, buffers and gradients are put back
-    afterwards, so measuring has no effect on training (on fake tensors, :mod:`manpp.estimate`, there is
-    nothing to put back).
+    The step starts as a training step does, with no gradient (they are put aside). Each gradient counts
+    from the moment autograd accumulates it, in two ways from the same step: kept to the end of the step
+    (an optimizer step after all the backward passes), and freed where ``step_in_backward``
+    (:mod:`manpp.earlystep`) frees it, when its module's backward ends (E2E: at once). With ``restore``
+    (the default) the model's parameters, buffers and gradients are put back afterwards, so measuring has
+    no effect on training (on fake tensors, :mod:`manpp.estimate`, there is nothing to put back).
     """
     fake = isinstance(inputs, torch._subclasses.fake_tensor.FakeTensor)
     if fake:
@@ -151,14 +191,25 @@ def measure_step(model, inputs: torch.Tensor, targets: torch.Tensor, *, restore:
         model.run_first_step_hooks(inputs, targets)  # settled first: their own measured steps are not counted here
     saved = copy.deepcopy(model.state_dict()) if restore else None
     grads = {p: (None if p.grad is None else p.grad.clone()) for p in model.parameters()} if restore else None
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.grad = None
     was_training = model.training
     model.train()
     cuda = inputs.is_cuda and not fake  # a fake CUDA tensor has no allocator to read
     tracker = ActivationTracker(list(model.parameters()) + list(model.buffers()))
-    handles = [
-        stage.register_forward_pre_hook(lambda _m, _a, j=j: tracker.set_phase(j))
-        for j, stage in enumerate(model.local_modules)
-    ]
+    trained: dict[int, int] = {}
+    k = len(model.local_modules)
+
+    def ready(p: torch.Tensor) -> None:
+        trained[id(p)] = p.numel() * p.element_size()
+        tracker.gradient_ready(p)
+        if k == 1:  # E2E steps each parameter as soon as its gradient is accumulated
+            tracker.release_early([p])
+
+    handles = [stage.register_forward_pre_hook(lambda _m, _a, j=j: tracker.set_phase(j))
+               for j, stage in enumerate(model.local_modules)]
+    handles += [p.register_post_accumulate_grad_hook(ready) for p in trainable]
     try:
         before = None
         if cuda:
@@ -166,7 +217,9 @@ def measure_step(model, inputs: torch.Tensor, targets: torch.Tensor, *, restore:
             torch.cuda.reset_peak_memory_stats(inputs.device)
             before = int(torch.cuda.memory_allocated(inputs.device))
         with tracker:
-            model.train_step(inputs, targets)
+            model.train_step(inputs, targets,
+                             after_module=(lambda j: tracker.release_early(model.module_parameters(j))) if k > 1
+                             else None)
         allocated = None
         if cuda:
             torch.cuda.synchronize(inputs.device)
@@ -179,22 +232,29 @@ def measure_step(model, inputs: torch.Tensor, targets: torch.Tensor, *, restore:
             for p, g in grads.items():
                 p.grad = g
         model.train(was_training)
-    per_module = [tracker.phase_peaks.get(j, 0) for j in range(len(model.local_modules))]
-    return MemoryReport(tracker.peak, per_module, allocated, before, tracker.offloaded)
+    phases = range(k)
+    return MemoryReport(
+        tracker.peak, [tracker.phase_peaks.get(j, 0) for j in phases], allocated, before, tracker.offloaded,
+        tracker.total_peaks["end"], [tracker.phase_total_peaks["end"].get(j, 0) for j in phases],
+        tracker.total_peaks["early"], [tracker.phase_total_peaks["early"].get(j, 0) for j in phases],
+        sum(trained.values()))
 
 
 OPTIMIZER_STATE_COPIES = {"sgd": 1, "adamw": 2}  # per trainable parameter: SGD momentum; AdamW's two moments
 
 
-def state_bytes(model, optimizer: str = "sgd") -> int:
-    """What a model holds besides activations: every parameter and buffer once (backbone, auxiliary
-    networks, frozen EMA copies, BatchNorm statistics), plus a gradient and the optimizer's state for
-    each parameter it trains."""
+def state_bytes(model, optimizer: str = "sgd", trained_bytes: int | None = None) -> int:
+    """What a model holds across steps: every parameter and buffer once (backbone, auxiliary networks,
+    frozen EMA copies, BatchNorm statistics), and the optimizer's state of each parameter it trains:
+    ``trained_bytes`` of them (a step's :attr:`MemoryReport.trained_bytes`: those that receive a gradient;
+    the optimizer makes no state for the others), or without it every parameter that requires grad. The
+    gradients are not here: they live within a step (:attr:`MemoryReport.peak_step_bytes`)."""
     held = {}
     for t in list(model.parameters()) + list(model.buffers()):
         held[storage_key(t)] = t.untyped_storage().nbytes()
-    trained = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    return sum(held.values()) + trained * (1 + OPTIMIZER_STATE_COPIES[optimizer])
+    if trained_bytes is None:
+        trained_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return sum(held.values()) + trained_bytes * OPTIMIZER_STATE_COPIES[optimizer]
 
 
 def format_bytes(n: int | float | None) -> str:

@@ -65,6 +65,8 @@ def settings_of(row: dict) -> str:
         parts.append(f"saved_activations={row['saved']}")
     if row["offload"]:
         parts.append("offload_activations=true")
+    if row.get("early_step"):
+        parts.append("step_in_backward=true")
     return " ".join(parts)
 
 
@@ -94,7 +96,9 @@ def plan(cfg: C.TrainConfig, budget: int | None, *, max_k: int | None = None, ro
     top = min(units, max_k or units)
     ks = sorted(k for k in {*KS, cfg.k or 1} if 2 <= k <= top)
     # offloading costs transfers, not FLOPs: it is ranked only where a probe gives seconds to add them to
-    strategies = default_strategies(cfg.method, units, ks=ks, offload=device.type == "cuda" and present)
+    early = cfg.amp != "fp16" and cfg.grad_clip is None  # what step_in_backward cannot combine with (earlystep)
+    strategies = default_strategies(cfg.method, units, ks=ks, offload=device.type == "cuda" and present,
+                                    early_step=early)
     probe = None
     if measured:
         if verbose:
@@ -108,9 +112,10 @@ def plan(cfg: C.TrainConfig, budget: int | None, *, max_k: int | None = None, ro
     default_objective = resolve(dataclasses.replace(cfg, objective=None)).objective
     rows = []
     for r in records:
-        row = {key: r[key] for key in ("label", "method", "k", "checkpointing", "saved", "offload", "local",
-                                       "gradients", "objective", "split", "peak_activation_bytes", "state_bytes",
-                                       "total_bytes", "step_time_s", "flops", "memory_source", "time_source")}
+        row = {key: r[key] for key in ("label", "method", "k", "checkpointing", "saved", "offload", "early_step",
+                                       "local", "gradients", "objective", "split", "peak_activation_bytes",
+                                       "step_peak_bytes", "state_bytes", "total_bytes", "step_time_s", "flops",
+                                       "memory_source", "time_source")}
         row["accuracy_cost"] = (accuracy_cost(doc, r["method"], r["objective"], default_objective, r["k"],
                                               cfg.aux_lr_scale if r["method"] == cfg.method else 1.0)
                                 if r["local"] else None)
@@ -214,7 +219,8 @@ def format_plan(result: dict) -> str:
                      f"{memory + format_bytes(r['peak_activation_bytes']):>12} "
                      f"{memory + format_bytes(r['total_bytes']):>12} {_step_cell(r):>10}  {cost}")
     lines.append("(ok: fits the budget; fitting strategies fastest first, then the others smallest first; total = "
-                 "activations + parameters, gradients, optimizer state)")
+                 "the step's peak of activations and gradients + parameters, buffers, optimizer state; early step: "
+                 "step_in_backward, each gradient stepped and freed as soon as it is final)")
     lines += _sources(result)
     lines.append(result["advice"])
     if result["chosen"] is not None:

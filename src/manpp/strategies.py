@@ -22,6 +22,7 @@ import torch
 
 from . import config as C
 from .build import build_model, data_info, memory_format, resolve_device
+from .earlystep import StepInBackward
 from .memory import MemoryReport, measure_step, state_bytes
 from .momentum import MomentumAux, settle_recompute
 from .registry import METHODS
@@ -41,6 +42,7 @@ class Strategy:
     checkpointing: str = "off"
     saved: str | None = None  # saved_activations
     offload: bool = False  # offload_activations
+    early_step: bool = False  # step_in_backward: each gradient stepped and freed as soon as it is final
 
     @property
     def local(self) -> bool:
@@ -55,6 +57,8 @@ class Strategy:
             parts.append(self.saved)
         if self.offload:
             parts.append("offload")
+        if self.early_step:
+            parts.append("early step")
         return " + ".join(parts)
 
     @property
@@ -66,13 +70,16 @@ class Strategy:
     def overrides(self) -> dict:
         """The config settings that train this strategy."""
         values = {"method": self.method, "k": self.k, "checkpointing": self.checkpointing,
-                  "saved_activations": self.saved, "offload_activations": self.offload}
+                  "saved_activations": self.saved, "offload_activations": self.offload,
+                  "step_in_backward": self.early_step}
         return values if self.local else {**values, "k": None}
 
 
-def default_strategies(method: str, units: int, *, ks: Iterable[int] = KS, offload: bool = False) -> list[Strategy]:
+def default_strategies(method: str, units: int, *, ks: Iterable[int] = KS, offload: bool = False,
+                       early_step: bool = True) -> list[Strategy]:
     """E2E and ``method`` at every K of ``ks`` that the units allow, each plain, checkpointed (each
-    unit, or sqrt(n) segments), with bf16 saved activations and with both; offloaded ones with ``offload``."""
+    unit, or sqrt(n) segments), with bf16 saved activations and with both; offloaded ones with ``offload``;
+    and with ``early_step`` each of them again with the optimizer stepping inside the backward passes."""
     variants = [(c, s) for s in SAVED_VARIANTS for c in CHECKPOINTING_VARIANTS]
     out = [Strategy("e2e", 1, c, s) for c, s in variants]
     if offload:
@@ -82,6 +89,8 @@ def default_strategies(method: str, units: int, *, ks: Iterable[int] = KS, offlo
             out += [Strategy(method, k, c, s) for c, s in variants]
             if offload:
                 out.append(Strategy(method, k, "units", None, True))
+    if early_step:
+        out += [dataclasses.replace(s, early_step=True) for s in out]
     return out
 
 
@@ -165,10 +174,14 @@ def measure(cfg: C.TrainConfig, strategies: Sequence[Strategy], *, rounds: int =
     runs = []
     bar = tqdm(total=len(strategies) * (1 + rounds), desc="strategies", unit="step", disable=not progress,
                leave=False)
+    steps: dict[Strategy, tuple] = {}  # one measured step gives a strategy and its early-step twin
     for s in strategies:
         entry = models[(s.method, s.k)]
-        recompute = settle(entry["model"], s, x, y, auto)
-        report = measure_step(entry["model"], x, y)
+        base = dataclasses.replace(s, early_step=False)
+        if base not in steps:
+            recompute = settle(entry["model"], base, x, y, auto)
+            steps[base] = (measure_step(entry["model"], x, y), recompute)
+        report, recompute = steps[base]
         runs.append({"strategy": s, "entry": entry, "report": report, "recompute": recompute, "times": [],
                      "memory_source": MEASURED})
         bar.update(1)
@@ -179,13 +192,23 @@ def measure(cfg: C.TrainConfig, strategies: Sequence[Strategy], *, rounds: int =
         if run["recompute"] is not None:
             for a, flag in zip((a for a in model.aux if isinstance(a, MomentumAux)), run["recompute"]):
                 a.recompute_ema = flag
-        synchronize(device)
-        start = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        model.train_step(x, y)
-        opt.step()
-        synchronize(device)
-        return time.perf_counter() - start
+        early = StepInBackward(model, opt) if run["strategy"].early_step else None
+        try:
+            synchronize(device)
+            start = time.perf_counter()
+            opt.zero_grad(set_to_none=True)
+            if early is not None:
+                early.begin_step()
+            model.train_step(x, y, after_module=early.after_module if early is not None else None)
+            if early is None:
+                opt.step()
+            else:
+                early.end_step()
+            synchronize(device)
+            return time.perf_counter() - start
+        finally:
+            if early is not None:
+                early.close()
 
     for run in runs:
         for _ in range(warmup):
@@ -207,7 +230,9 @@ def record_of(cfg: C.TrainConfig, run: dict, info, device: torch.device) -> dict
     s: Strategy = run["strategy"]
     model = run["entry"]["model"]
     report: MemoryReport = run["report"]
-    state = state_bytes(model, cfg.optimizer)
+    state = state_bytes(model, cfg.optimizer, report.trained_bytes)
+    step_peak = report.peak_step_early_bytes if s.early_step else report.peak_step_bytes
+    step_peak = report.peak_activation_bytes if step_peak is None else step_peak
     median = run["step_time_s"]
     return {
         "label": s.label, **dataclasses.asdict(s), "local": s.local, "gradients": s.gradients,
@@ -216,7 +241,7 @@ def record_of(cfg: C.TrainConfig, run: dict, info, device: torch.device) -> dict
         "peak_activation_bytes": report.peak_activation_bytes, "module_peak_bytes": report.module_peak_bytes,
         "peak_allocated_bytes": report.peak_allocated_bytes, "step_allocated_bytes": report.step_allocated_bytes,
         "offloaded_bytes": report.offloaded_bytes,
-        "state_bytes": state, "total_bytes": report.peak_activation_bytes + state,
+        "step_peak_bytes": step_peak, "state_bytes": state, "total_bytes": step_peak + state,
         "step_time_s": median, "times_s": run.get("times"), "flops": run.get("flops"),
         "images_per_s": cfg.batch_size / median if median else None,
         "ema_recomputed": run["recompute"],

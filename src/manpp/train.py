@@ -23,6 +23,7 @@ from . import distributed as D
 from .build import RANK_SEED, build_model, check_options, epoch_loader, load_data, memory_format, seed_everything
 from .build import steps_per_epoch as steps_per_epoch_of
 from .checkpoint import load_model_state, rng_state, set_rng_state
+from .earlystep import StepInBackward
 from .errors import ManppError
 from .lifecycle import Diverged, Position, RunLifecycle, agreed_signal, ending
 from .memory import format_bytes, measure_step
@@ -117,6 +118,11 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
             reducer = D.OverlappedReducer([model.module_parameters(j) for j in range(model.k)], params)
         optimizer = build_optimizer(cfg, parameter_groups(model, cfg, params))
         scaler = build_scaler(cfg, device)
+        early = None  # step_in_backward: every module (E2E: every parameter) steps when its gradients are final
+        if cfg.step_in_backward:
+            early = StepInBackward(model, optimizer, params)
+            stack.callback(early.close)
+            reducer = None  # each module's gradients are averaged when it steps
         cfg = dataclasses.replace(cfg, out=str(out))
         steps_per_epoch = steps_per_epoch_of(len(train_set), cfg.batch_size, cfg.drop_last)
         loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=False,
@@ -171,9 +177,14 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
                 lr = lr_at(step, cfg, steps_per_epoch)
                 set_lr(optimizer, lr, holds_backbone(step, cfg, steps_per_epoch))
                 optimizer.zero_grad(set_to_none=True)
-                result = model.train_step(inputs, targets, scaler,
-                                          after_module=reducer.start if reducer is not None else None)
-                skipped += _optimizer_step(cfg, optimizer, scaler, params, reducer)
+                after = early.after_module if early is not None else reducer.start if reducer is not None else None
+                if early is not None:
+                    early.begin_step()
+                result = model.train_step(inputs, targets, scaler, after_module=after)
+                if early is not None:
+                    early.end_step()
+                else:
+                    skipped += _optimizer_step(cfg, optimizer, scaler, params, reducer)
                 stats = _step_stats(model, task, result, inputs, targets, device, world, stop.signum)
                 losses = stats[:model.k]
                 if not torch.isfinite(losses).all():

@@ -16,6 +16,7 @@ from typing import Any
 
 from . import config as C
 from . import distributed as D
+from .earlystep import check_step_in_backward
 from .errors import ManppError
 from .optim import adamw_betas, check_milestones
 from .registry import METHODS, OBJECTIVES
@@ -41,6 +42,7 @@ def check_config(cfg: C.TrainConfig) -> None:
     for name, rule in RULES.items():
         check_rule(name, rule, getattr(cfg, name))
     check_milestones(cfg.lr_milestones)
+    check_step_in_backward(cfg)
     if cfg.optimizer == "adamw":
         adamw_betas(cfg)
     if resolve_switches(cfg).drop_last is False:  # an explicit false, or fidelity=release's
