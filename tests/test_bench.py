@@ -94,8 +94,9 @@ def test_the_device_check_runs_in_quick_mode_on_the_cpu(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_frontier_benchmark_measures_exact_and_local_strategies_side_by_side(tmp_path):
-    """benchmarks/frontier.py --quick: every strategy family, measured in one run, Pareto-marked."""
+def test_the_frontier_benchmark_maps_the_regimes(tmp_path):
+    """benchmarks/frontier.py --quick: every strategy family at two batches, one measured and one estimated,
+    Pareto-marked; the crossover sweep; a rerun resumes (skips what is done)."""
     import json
     import subprocess
     import sys
@@ -103,21 +104,36 @@ def test_the_frontier_benchmark_measures_exact_and_local_strategies_side_by_side
 
     root = Path(__file__).resolve().parent.parent
     env = dict(__import__("os").environ, PYTHONPATH=str(root / "src"))
-    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "frontier.py"), "--quick", "--device", "cpu",
-                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=300, env=env)
+    command = [sys.executable, str(root / "benchmarks" / "frontier.py"), "--quick", "--device", "cpu", "--jobs", "1",
+               "--out", str(tmp_path)]
+    proc = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     doc = json.loads((tmp_path / "frontier_cpu_quick.json").read_text())
-    (setting,) = doc["settings"]
-    records = {r["label"]: r for r in setting["records"]}
+    measured, estimated = doc["points"]
+    assert (measured["batch_size"], measured["measured"], estimated["measured"]) == (4, "all", None)
+    records = {r["label"]: r for r in measured["records"]}
     assert {"E2E", "E2E + ckpt(units)", "E2E + ckpt(sqrt) + bf16", "manpp K=2", "manpp K=2 + ckpt(units) + bf16",
-            "dgl K=2 + ckpt(sqrt)"} <= set(records)
+            "dgl K=2 + ckpt(sqrt)", "E2E + early step", "manpp K=2 + early step"} <= set(records)
     assert records["E2E + ckpt(units)"]["peak_activation_bytes"] < records["E2E"]["peak_activation_bytes"]
     assert records["manpp K=2 + ckpt(units)"]["peak_activation_bytes"] < records["manpp K=2"]["peak_activation_bytes"]
-    assert all(r["step_time_s"] > 0 and r["total_bytes"] > r["state_bytes"] > 0 for r in records.values())
+    early = {label: r for label, r in records.items() if label.endswith(" + early step")}
+    assert len(early) == len(records) // 2  # every strategy, once stepping at the end and once early
+    assert all(r["total_bytes"] <= records[label.removesuffix(" + early step")]["total_bytes"]
+               for label, r in early.items())  # freeing gradients early never costs memory
+    assert records["E2E + ckpt(units) + early step"]["total_bytes"] < records["E2E + ckpt(units)"]["total_bytes"]
+    for r in records.values():  # measured, and the estimate kept beside it: the same bytes
+        assert r["memory_source"].startswith("measured") and r["time_source"].startswith("measured")
+        assert r["step_time_s"] > 0 and r["total_bytes"] > r["state_bytes"] > 0
+        assert r["estimated"]["total_bytes"] == pytest.approx(r["measured"]["total_bytes"], rel=0.02)
+    assert all(r["memory_source"].startswith("estimated") for r in estimated["records"])
     front = [r for r in records.values() if r["pareto"]]
     assert front and not any(o["step_time_s"] < r["step_time_s"] and o["total_bytes"] < r["total_bytes"]
                              for r in front for o in records.values())
-    assert "smallest_exact" in setting["verdict"]
+    assert measured["verdict"]["smallest_exact"] and measured["verdict"]["smallest_local"]
+    sweep = doc["sweeps"]["resnet8_quick"]
+    assert [r["batch_size"] for r in sweep["rows"]] == doc["sweep_batches"] and "text" in sweep["local"]
     text = (tmp_path / "frontier_cpu_quick.md").read_text()
-    assert text.startswith("# The memory/time frontier") and "**" in text
+    assert text.startswith("# The regime map") and "**" in text and "The crossover" in text
     assert (tmp_path / "frontier_cpu_quick.png").stat().st_size > 0
+    again = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode == 0 and "strategies, 4 units; estimating" not in again.stdout  # nothing redone
