@@ -29,10 +29,10 @@ CASES = [  # (overrides, strategies): every kind of part the real measurement co
       "recompute_ema": False}, [Strategy("man", 3), Strategy("man", 2, "units")]),
     ({"model": "vit_tiny", "dataset": "imagenet", "image_size": 32, "batch_size": 4, "method": "manpp"},
      [Strategy("e2e", 1, "sqrt"), Strategy("manpp", 4), Strategy("manpp", 4, "units", "bf16")]),
-    ({"model": "resnet18", "dataset": "imagenet", "image_size": 64, "batch_size": 4, "method": "manpp",
-      "amp": "bf16"}, [Strategy("e2e"), Strategy("manpp", 4, "sqrt")]),
-    ({"model": "deeplabv3_resnet50", "dataset": "shapes", "image_size": 64, "batch_size": 2, "method": "manpp"},
-     [Strategy("manpp", 4)]),
+    pytest.param({"model": "resnet18", "dataset": "imagenet", "image_size": 64, "batch_size": 4, "method": "manpp",
+                  "amp": "bf16"}, [Strategy("e2e"), Strategy("manpp", 4, "sqrt")], marks=pytest.mark.slow),
+    pytest.param({"model": "deeplabv3_resnet50", "dataset": "shapes", "image_size": 64, "batch_size": 2,
+                  "method": "manpp"}, [Strategy("manpp", 4)], marks=pytest.mark.slow),
 ]
 
 
@@ -40,7 +40,12 @@ def _cfg(overrides: dict) -> C.TrainConfig:
     return resolve(C.apply(C.TrainConfig(), {"device": "cpu", **overrides}))
 
 
-@pytest.mark.parametrize("overrides,strategies", CASES, ids=[c[0]["model"] + "-" + c[0]["method"] for c in CASES])
+def _id(case) -> str:
+    overrides = case.values[0] if hasattr(case, "values") else case[0]
+    return f"{overrides['model']}-{overrides['method']}"
+
+
+@pytest.mark.parametrize("overrides,strategies", CASES, ids=[_id(c) for c in CASES])
 def test_the_estimate_agrees_with_the_measurement_within_two_percent(overrides, strategies):
     cfg = _cfg(overrides)
     estimated, probe = estimate(cfg, strategies, progress=False, jobs=1, probe=False)

@@ -56,7 +56,7 @@ def settings_of(row: dict) -> str:
     """The key=value settings that train the strategy of ``row``."""
     parts = [f"method={row['method']}"]
     if row["local"]:
-        parts += [f"k={row['k']}", "split=memory"]
+        parts += [f"k={row['k']}", f"split={row.get('split_name') or 'memory'}"]
         if row.get("objective") and row["objective"] != row["method"]:  # MAN/MAN++ around another method's heads
             parts.append(f"objective={row['objective']}")
     if row["checkpointing"] != "off":
@@ -113,7 +113,8 @@ def plan(cfg: C.TrainConfig, budget: int | None, *, max_k: int | None = None, ro
     rows = []
     for r in records:
         row = {key: r[key] for key in ("label", "method", "k", "checkpointing", "saved", "offload", "early_step",
-                                       "local", "gradients", "objective", "split", "peak_activation_bytes",
+                                       "local", "gradients", "objective", "split", "split_name",
+                                       "peak_activation_bytes",
                                        "step_peak_bytes", "state_bytes", "total_bytes", "step_time_s", "flops",
                                        "memory_source", "time_source")}
         row["accuracy_cost"] = (accuracy_cost(doc, r["method"], r["objective"], default_objective, r["k"],

@@ -95,13 +95,14 @@ def default_strategies(method: str, units: int, *, ks: Iterable[int] = KS, offlo
 
 
 def config_of(cfg: C.TrainConfig, method: str, k: int) -> C.TrainConfig:
-    """``cfg`` for ``method`` at K; a local method on the memory-balanced split, with the objective and
-    its settings of ``cfg`` where the method takes an objective."""
+    """``cfg`` for ``method`` at K; a local method on the memory-balanced split (or the paper's, when ``cfg``
+    asks for it), with the objective and its settings of ``cfg`` where the method takes an objective."""
     spec = METHODS.get(method)
     if not spec.local:
         return dataclasses.replace(cfg, method=method, k=None, split="even", objective=None, objective_settings={})
     same = spec.takes_objective
-    return dataclasses.replace(cfg, method=method, k=k, split="memory", objective=cfg.objective if same else None,
+    return dataclasses.replace(cfg, method=method, k=k, split="paper" if cfg.split == "paper" else "memory",
+                               objective=cfg.objective if same else None,
                                objective_settings=dict(cfg.objective_settings) if same else {})
 
 
@@ -237,6 +238,7 @@ def record_of(cfg: C.TrainConfig, run: dict, info, device: torch.device) -> dict
     return {
         "label": s.label, **dataclasses.asdict(s), "local": s.local, "gradients": s.gradients,
         "objective": model.objective, "split": model.partition.describe(model.backbone.unit_names),
+        "split_name": run["entry"]["cfg"].split,
         "model": cfg.model, "batch_size": cfg.batch_size, "image_size": info.image_size, "device": str(device),
         "peak_activation_bytes": report.peak_activation_bytes, "module_peak_bytes": report.module_peak_bytes,
         "peak_allocated_bytes": report.peak_allocated_bytes, "step_allocated_bytes": report.step_allocated_bytes,
