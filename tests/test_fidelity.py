@@ -265,6 +265,46 @@ def test_aux_lr_scale_defaults_to_the_methods_own():
     assert resolve(resolved) == resolved
 
 
+@pytest.mark.parametrize("method,objective", [("manpp", "infopro"), ("manpp", "dgl"), ("man", "infopro"),
+                                              ("infopro", None), ("dgl", None), ("e2e", None)])
+def test_python_and_the_command_line_build_the_same_optimizer_groups(method, objective):
+    """local_model and wrap resolve aux_lr_scale as manpp train does: the same groups, the same lr per group."""
+    from manpp.optim import build_optimizer, parameter_groups, set_lr
+
+    values = {"model": "resnet8", "dataset": "digits", "method": method, "lr": 0.1,
+              **({"k": 2} if method != "e2e" else {}), **({"objective": objective} if objective else {})}
+    cfg = resolve(C.apply(C.TrainConfig(), values))
+    info = load_data(cfg)[2]
+    cli_model = build_model(cfg, info)
+    cli = build_optimizer(cfg, parameter_groups(cli_model, cfg))
+    set_lr(cli, cfg.lr)  # what manpp train does before each step (here at the peak lr)
+    net = build_backbone("resnet8", num_classes=info.num_classes, in_channels=info.in_channels)
+    py_model = manpp.local_model(net, method=method, **({"k": 2} if method != "e2e" else {}),
+                                 **({"objective": objective} if objective else {}))
+    py = torch.optim.SGD(manpp.parameter_groups(py_model, lr=0.1), lr=0.1, momentum=0.9)
+    assert py_model.aux_lr_scale == cli_model.aux_lr_scale == cfg.aux_lr_scale
+
+    def groups(model, optimizer):
+        names = {id(p): n for n, p in model.named_parameters()}
+        return sorted((g["lr"], sorted(names[id(p)] for p in g["params"])) for g in optimizer.param_groups)
+
+    assert groups(cli_model, cli) == groups(py_model, py)
+    expected = 2 if (method, objective) == ("manpp", "infopro") else 1  # the only pairing measured at 2
+    assert len(py.param_groups) == expected and max(g["lr"] for g in py.param_groups) == pytest.approx(0.1 * expected)
+
+
+def test_wrap_resolves_the_aux_lr_scale_as_the_command_line_does():
+    import torchvision
+
+    wrapped = manpp.wrap(torchvision.models.resnet18(num_classes=10), method="manpp", k=2, image_size=32)
+    cfg = resolve(C.apply(C.TrainConfig(), {"model": "torchvision/resnet18", "dataset": "cifar10", "method": "manpp",
+                                            "k": 2}))
+    assert wrapped.objective == cfg.objective and wrapped.aux_lr_scale == cfg.aux_lr_scale
+    assert len(manpp.parameter_groups(wrapped)) == (2 if cfg.aux_lr_scale != 1 else 1)
+    assert manpp.wrap(torchvision.models.resnet18(num_classes=10), method="manpp", k=2, image_size=32,
+                      aux_lr_scale=3).aux_lr_scale == 3.0  # a value of one's own wins
+
+
 def test_aux_warmup_trains_only_the_auxiliary_networks_first(tmp_path):
     """aux_warmup_epochs: the backbone's lr is 0 for those epochs, the heads train; then both do."""
     from manpp.optim import holds_backbone

@@ -18,6 +18,7 @@ from .api import local_model, wrap
 from .engine import LocalContext, LocalModel, StepResult, evaluate, local_step
 from .errors import ManppError
 from .methods import LocalSettings, build_local_model
+from .optim import parameter_groups
 from .models import build_backbone
 from .partition import Partition, make_partition
 from .registry import METHODS, OBJECTIVES, Method, register_method, register_objective
@@ -27,6 +28,6 @@ __version__ = "0.2.0"  # the one place the version is written (pyproject.toml re
 __all__ = [
     "LocalContext", "LocalModel", "LocalSettings", "ManppError", "METHODS", "Method", "OBJECTIVES", "Partition",
     "StepResult",
-    "build_backbone", "build_local_model", "evaluate", "local_model", "local_step", "make_partition",
+    "build_backbone", "build_local_model", "evaluate", "local_model", "local_step", "make_partition", "parameter_groups",
     "register_method", "register_objective", "wrap",
 ]

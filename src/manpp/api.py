@@ -18,7 +18,8 @@ def local_model(backbone: nn.Module, *, method: str = "manpp", k: int | None = N
                 num_classes: int | None = None, ema_momentum: float = EMA_MOMENTUM, copy_init: str = "copy",
                 scale_init: float = SCALE_INIT, recompute_ema: bool | str = "auto",
                 objective_settings: dict[str, Any] | None = None, allow_zero_loss: bool = False,
-                denormalize: Callable | None = None, task=None, **settings) -> LocalModel:
+                denormalize: Callable | None = None, task=None, aux_lr_scale: float | None = None,
+                **settings) -> LocalModel:
     """Cut ``backbone`` (a manpp backbone: ``manpp.build_backbone``) into ``k`` modules and attach the
     local objectives of ``method``. Every argument after the backbone is a keyword, in the order
     ``wrap`` takes them too.
@@ -29,7 +30,10 @@ def local_model(backbone: nn.Module, *, method: str = "manpp", k: int | None = N
     ``"paper"``, ``"memory"`` (balanced activation memory) or a list of module end units.
     ``in_channels`` and ``image_size`` are the input's (default: the backbone's own, else 3 and 32).
     Settings that leave a module without any local loss are refused unless ``allow_zero_loss=True``.
-    ``heads=`` and ``image_channels=`` are the names of earlier versions, still taken.
+    ``aux_lr_scale``: the auxiliary networks' lr over the backbone's (default: the method's own on its
+    objective, as ``manpp train`` resolves it), recorded as ``model.aux_lr_scale``; build the optimizer
+    from ``manpp.parameter_groups(model, lr=...)`` to apply it. ``heads=`` and ``image_channels=`` are the
+    names of earlier versions, still taken.
     """
     _check_backbone(backbone, num_classes)
     given = {**(objective_settings or {}), **(settings.pop("heads", None) or {})}
@@ -42,7 +46,7 @@ def local_model(backbone: nn.Module, *, method: str = "manpp", k: int | None = N
         num_classes=num_classes or backbone.num_classes,
         in_channels=in_channels or getattr(backbone, "in_channels", 3),
         image_size=image_size or getattr(backbone, "image_size", None) or 32, denormalize=denormalize,
-        task=task or task_of(backbone),
+        task=task or task_of(backbone), aux_lr_scale=aux_lr_scale,
     )
 
 

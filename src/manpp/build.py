@@ -144,7 +144,8 @@ def build_model(cfg: C.TrainConfig, info, device: torch.device | str = "cpu") ->
         load_pretrained(backbone, cfg)
     model = build_local_model(backbone, cfg.local_settings(), num_classes=info.num_classes,
                               in_channels=info.in_channels, image_size=info.image_size,
-                              denormalize=lambda x: denormalize(x, info), task=task_of(backbone))
+                              denormalize=lambda x: denormalize(x, info), task=task_of(backbone),
+                              aux_lr_scale=cfg.aux_lr_scale)
     model.amp_dtype = amp_dtype(cfg)
     model.saved_dtype = saved_dtype(cfg.saved_activations)
     model.offload = cfg.offload_activations

@@ -21,7 +21,7 @@ from .momentum import (EMA_MOMENTUM, EMA_MOMENTUM_RULE, INIT_RULE, RECOMPUTE_RUL
                        MomentumAux, check_settings, settle_recompute)
 from .objectives.spec import AuxSpec
 from .partition import default_k, make_partition, memory_balanced_ends
-from .registry import METHODS, OBJECTIVES, Method, default_objective, register_method
+from .registry import METHODS, OBJECTIVES, Method, aux_lr_scale_of, default_objective, register_method
 from .settings import positive_int, setting
 
 register_method(Method("e2e", None, local=False, summary="end-to-end backpropagation (K = 1)"))
@@ -113,19 +113,25 @@ def unit_output_shapes(backbone: nn.Module, in_channels: int, image_size: int) -
 
 
 def build_local_model(backbone: nn.Module, settings: LocalSettings, *, num_classes: int, in_channels: int,
-                      image_size: int, denormalize: Callable | None = None, task=None) -> LocalModel:
+                      image_size: int, denormalize: Callable | None = None, task=None,
+                      aux_lr_scale: float | None = None, release: bool = False) -> LocalModel:
     """Compose a :class:`LocalModel` from a backbone and the method settings.
 
     ``task`` (a :class:`manpp.tasks.Task`) gives the final loss and what dense auxiliary heads need;
-    None: classification with cross-entropy.
+    None: classification with cross-entropy. ``aux_lr_scale``: the auxiliary networks' lr over the
+    backbone's, recorded on the model (``model.aux_lr_scale``, which :func:`manpp.optim.parameter_groups`
+    reads); None: the method's own on its objective (:func:`manpp.registry.aux_lr_scale_of`, as a run's
+    config resolves it; ``release``: 1).
     """
     method = METHODS.get(settings.method)
     final_loss = task.loss if task is not None else None
     if not method.local:
         if settings.k not in (None, 1):
             raise ManppError(f"method 'e2e' trains the network as one module: K must be 1, got K={settings.k}")
-        return LocalModel(backbone, make_partition(backbone, 1, "even"), [], denormalize, method=method.name,
-                          final_loss=final_loss)
+        model = LocalModel(backbone, make_partition(backbone, 1, "even"), [], denormalize, method=method.name,
+                           final_loss=final_loss)
+        model.aux_lr_scale = 1.0 if aux_lr_scale is None else float(aux_lr_scale)
+        return model
     family = family_of(backbone)
     name = resolve_objective(method, settings.objective, backbone)
     objective = OBJECTIVES.get(name)
@@ -168,4 +174,6 @@ def build_local_model(backbone: nn.Module, settings: LocalSettings, *, num_class
     model = LocalModel(backbone, partition, aux, denormalize, method=method.name, final_loss=final_loss,
                        first_step_hooks=hooks)
     model.objective, model.objective_settings = name, heads  # what was chosen, for configs and tables
+    model.aux_lr_scale = (aux_lr_scale_of(method.name, name, release=release) if aux_lr_scale is None
+                          else float(aux_lr_scale))
     return model

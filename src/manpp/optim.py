@@ -48,22 +48,38 @@ def adamw_betas(cfg) -> tuple[float, float]:
     return float(betas[0]), float(betas[1])
 
 
-def parameter_groups(model: LocalModel, cfg, params=None) -> list[dict]:
-    """The optimizer's groups: one, or with ``aux_lr_scale != 1`` or an ``aux_warmup_epochs`` the
+def parameter_groups(model: LocalModel, cfg=None, params=None, *, lr: float | None = None) -> list[dict]:
+    """The optimizer's groups: one, or with an ``aux_lr_scale`` other than 1 or an ``aux_warmup_epochs`` the
     auxiliary networks (their learnable copies, scales and heads) apart, with ``lr_scale`` =
-    ``aux_lr_scale``; the backbone's group is marked ``backbone`` (both read by :func:`set_lr`)."""
+    ``aux_lr_scale``; the backbone's group is marked ``backbone`` (both read by :func:`set_lr`).
+
+    ``aux_lr_scale`` is ``cfg``'s (a resolved run config), else the model's own (``model.aux_lr_scale``,
+    resolved by the same rule when the model was built: ``local_model`` and ``wrap`` train as ``manpp
+    train`` does). With ``lr``, each group also gets its lr, ``lr`` times its ``lr_scale``, for a loop of
+    your own: ``torch.optim.SGD(manpp.parameter_groups(model, lr=0.1), lr=0.1, momentum=0.9)``."""
     params = list(model.parameters_to_optimize() if params is None else params)
     warmup = getattr(cfg, "aux_warmup_epochs", 0) or 0
     aux = {id(p) for p in model.aux.parameters()}
     if warmup and not any(id(p) in aux for p in model.parameters_to_optimize()):
         raise ManppError(f"aux_warmup_epochs={warmup} trains only the auxiliary networks first, and method "
                          f"'{getattr(cfg, 'method', 'e2e')}' has none: use aux_warmup_epochs=0")
-    scale = 1.0 if cfg.aux_lr_scale is None else float(cfg.aux_lr_scale)  # None: not resolved (manpp.resolve)
+    scale = getattr(cfg, "aux_lr_scale", None)
+    if scale is None:
+        scale = getattr(model, "aux_lr_scale", None)
+    if scale is None:
+        raise ManppError("parameter_groups needs the auxiliary networks' lr scale: a resolved config "
+                         "(manpp.resolve.resolve) or a model built by manpp (model.aux_lr_scale)")
+    scale = float(scale)
     if scale == 1 and not warmup:
-        return [{"params": params, "lr_scale": 1.0, "backbone": False}]
-    groups = [{"params": [p for p in params if id(p) not in aux], "lr_scale": 1.0, "backbone": True},
-              {"params": [p for p in params if id(p) in aux], "lr_scale": scale, "backbone": False}]
-    return [g for g in groups if g["params"]]
+        groups = [{"params": params, "lr_scale": 1.0, "backbone": False}]
+    else:
+        groups = [{"params": [p for p in params if id(p) not in aux], "lr_scale": 1.0, "backbone": True},
+                  {"params": [p for p in params if id(p) in aux], "lr_scale": scale, "backbone": False}]
+    groups = [g for g in groups if g["params"]]
+    if lr is not None:
+        for g in groups:
+            g["lr"] = lr * g["lr_scale"]
+    return groups
 
 
 def holds_backbone(step: int, cfg, steps_per_epoch: int) -> bool:

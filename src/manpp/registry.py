@@ -139,6 +139,16 @@ class Method:
         return self.local and self.objective is None
 
 
+def aux_lr_scale_of(method: str, objective: str | None, *, release: bool = False) -> float:
+    """The auxiliary networks' lr over the backbone's when a run leaves ``aux_lr_scale`` unset: the
+    method's own on ``objective``'s heads (``Method.aux_lr_scales``) under fidelity=ours, 1 under the
+    release. The one rule: :func:`manpp.resolve.resolve` (the command line) and
+    :func:`manpp.methods.build_local_model` (``local_model``, ``wrap``) both apply it."""
+    if release:
+        return 1.0
+    return float(dict(METHODS.get(method).aux_lr_scales).get(objective, 1.0))
+
+
 OBJECTIVES: Registry[Objective] = Registry("objective")
 # end-to-end first, then the plain local methods, then the momentum wrappers
 METHODS: Registry[Method] = Registry("method", order=lambda m: 0 if not m.local else 2 if m.momentum else 1)

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from . import config as C
 from . import fidelity as F
 from .errors import ManppError
-from .registry import METHODS, OBJECTIVES, default_objective
+from .registry import METHODS, OBJECTIVES, aux_lr_scale_of, default_objective
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def resolve(cfg: C.TrainConfig) -> C.TrainConfig:
     settings = dataclasses.asdict(objective.make_settings(given))
     aux_lr_scale = cfg.aux_lr_scale
     if aux_lr_scale is None:
-        aux_lr_scale = 1.0 if release else dict(method.aux_lr_scales).get(name, 1.0)
+        aux_lr_scale = aux_lr_scale_of(method.name, name, release=release)
     return dataclasses.replace(cfg, k=k, split=split, objective=name if method.takes_objective else None,
                                objective_settings=settings, aux_lr_scale=aux_lr_scale)
 
