@@ -2,9 +2,11 @@
 
 Local learning isolates the gradients: module j's are final when its backward ends, and no later module
 touches them. So its parameters can step right then, and their gradients be freed before module j + 1
-runs: gradient memory peaks at one module's, not the whole network's. E2E gets the same, a parameter at a
-time, through ``register_post_accumulate_grad_hook``: a parameter's gradient is final when autograd has
-accumulated it, so it steps and is freed there (a fair comparison: both keep only what they still need).
+runs: gradient memory peaks at one module's, not the whole network's. E2E gets the same through
+``register_post_accumulate_grad_hook``: a parameter's gradient is final when autograd has accumulated it,
+so it can step there; the gradients step a bucket at a time (about a sixteenth of them, at least the
+largest parameter: :func:`manpp.memory.e2e_bucket_bytes`), which keeps one optimizer call per bucket
+instead of one per parameter (a fair comparison: both keep little more than what they still need).
 
 It is exact: the updates are those of one step after all the backward passes. The optimizer is the run's
 own (its state, its checkpoint): ``optimizer.step()`` skips the parameters without a gradient, and when a
@@ -27,6 +29,7 @@ import torch
 
 from . import distributed as D
 from .errors import ManppError
+from .memory import e2e_bucket_bytes
 
 
 def check_step_in_backward(cfg) -> None:
@@ -61,6 +64,8 @@ class StepInBackward:
         self.stepped: set[int] = set()
         self.active = False
         self.handles = []
+        self.pending: list[torch.nn.Parameter] = []  # E2E: accumulated gradients waiting for their bucket to fill
+        self.bucket = e2e_bucket_bytes(self.params)
         if model.k == 1:
             self.handles = [p.register_post_accumulate_grad_hook(self._parameter_done) for p in self.params]
         else:
@@ -97,11 +102,19 @@ class StepInBackward:
 
     def _parameter_done(self, p: torch.nn.Parameter) -> None:
         if self.active:
-            self._step([p])
+            self.pending.append(p)
+            if sum(q.numel() * q.element_size() for q in self.pending) >= self.bucket:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            params, self.pending = self.pending, []
+            self._step(params)
 
     def begin_step(self) -> None:
         """A training step starts: from now on, gradients step as they become final."""
         self.stepped.clear()
+        self.pending = []
         self.active = True
 
     def after_module(self, j: int) -> None:
@@ -110,7 +123,8 @@ class StepInBackward:
             self._step(self.modules[j])
 
     def end_step(self) -> None:
-        """After ``train_step``: every gradient has stepped (none is left for a step at the end)."""
+        """After ``train_step``: the last bucket steps (E2E), and every gradient has stepped."""
+        self._flush()
         self.active = False
         left = [p for p in self.params if p.grad is not None]
         self.stepped.clear()

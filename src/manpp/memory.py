@@ -201,11 +201,17 @@ def measure_step(model, inputs: torch.Tensor, targets: torch.Tensor, *, restore:
     trained: dict[int, int] = {}
     k = len(model.local_modules)
 
+    bucket = e2e_bucket_bytes(trainable)
+    pending: list[torch.Tensor] = []
+
     def ready(p: torch.Tensor) -> None:
         trained[id(p)] = p.numel() * p.element_size()
         tracker.gradient_ready(p)
-        if k == 1:  # E2E steps each parameter as soon as its gradient is accumulated
-            tracker.release_early([p])
+        if k == 1:  # E2E steps its gradients as they are accumulated, a bucket at a time
+            pending.append(p)
+            if sum(q.numel() * q.element_size() for q in pending) >= bucket:
+                tracker.release_early(pending)
+                pending.clear()
 
     handles = [stage.register_forward_pre_hook(lambda _m, _a, j=j: tracker.set_phase(j))
                for j, stage in enumerate(model.local_modules)]
@@ -238,6 +244,16 @@ def measure_step(model, inputs: torch.Tensor, targets: torch.Tensor, *, restore:
         tracker.total_peaks["end"], [tracker.phase_total_peaks["end"].get(j, 0) for j in phases],
         tracker.total_peaks["early"], [tracker.phase_total_peaks["early"].get(j, 0) for j in phases],
         sum(trained.values()))
+
+
+E2E_BUCKETS = 16  # step_in_backward under E2E: gradients step in about this many buckets per step (manpp.earlystep)
+
+
+def e2e_bucket_bytes(params) -> int:
+    """The bytes of gradients E2E's ``step_in_backward`` collects before it steps them: a sixteenth of all,
+    and at least the largest parameter (one optimizer call per bucket, not per parameter)."""
+    sizes = [p.numel() * p.element_size() for p in params]
+    return max(max(sizes, default=0), sum(sizes) // E2E_BUCKETS)
 
 
 OPTIMIZER_STATE_COPIES = {"sgd": 1, "adamw": 2}  # per trainable parameter: SGD momentum; AdamW's two moments
