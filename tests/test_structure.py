@@ -194,3 +194,37 @@ def test_local_model_and_the_config_share_one_default_k():
     assert (default_k(cifar), default_k(imagenet)) == (16, 4)
     assert manpp.local_model(cifar, method="dgl").k == 16
     assert manpp.local_model(imagenet, method="dgl", image_size=32).k == 4
+
+
+def _import_cost_ms() -> tuple[float, list[str]]:
+    """What ``import manpp`` adds to ``import torch``, in ms (``python -X importtime``): manpp's cumulative
+    time less torch's (everything manpp imports besides torch counts), and its three heaviest imports."""
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-X", "importtime", "-c", "import manpp"], capture_output=True, text=True,
+                         check=True).stderr.splitlines()
+    total = {}
+    for line in out:
+        if line.startswith("import time:") and "|" in line:
+            own, cumulative, name = (part.strip() for part in line.removeprefix("import time:").split("|"))
+            if cumulative.isdigit():
+                total.setdefault(name.strip(), int(cumulative))
+    heaviest = sorted((us, name) for name, us in total.items() if name.split(".")[0] != "torch" and name != "manpp")
+    return (total["manpp"] - total["torch"]) / 1000, [name for _, name in heaviest[-3:]]
+
+
+def test_import_manpp_adds_under_150_ms_to_torch():
+    """Heavy imports (torch._dynamo, torchvision, plotting, data libraries) happen where they are used:
+    ``import manpp`` itself costs under 150 ms of its own modules' time (the best of three runs, since a
+    loaded machine only adds)."""
+    runs = [_import_cost_ms() for _ in range(3)]
+    best, heaviest = min(runs)
+    assert best < 150, f"import manpp costs {best:.0f} ms of its own (heaviest: {heaviest})"
+    import subprocess
+    import sys
+
+    loaded = subprocess.run([sys.executable, "-c", "import sys, manpp; print(sorted(m for m in sys.modules if m in "
+                             "('torch._dynamo', 'torchvision', 'matplotlib', 'sklearn', 'scipy', 'timm')))"],
+                            capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]", f"import manpp loads {loaded}"

@@ -95,8 +95,14 @@ def _pack(h: Any) -> tuple[tuple[torch.Tensor, ...], bool]:
     raise TypeError(f"checkpointing passes tensors or tuples of tensors between units, not {type(h).__name__}")
 
 
-@torch.compiler.disable  # traced by torch.compile, the reentrant checkpoint gives wrong gradients; the
-def run_checkpointed(fn: Callable[[Any], Any], h: Any, modules: Sequence[nn.Module]) -> Any:  # units compile alone
+# Traced by torch.compile, the reentrant checkpoint gives wrong gradients (the units compile alone instead), so
+# torch.compile must never trace it. torch._disable_dynamo is torch.compiler.disable that imports torch._dynamo
+# only when the function is first called (about a second at import otherwise); torch uses it for the same reason.
+_never_compiled = getattr(torch, "_disable_dynamo", None) or torch.compiler.disable
+
+
+@_never_compiled
+def run_checkpointed(fn: Callable[[Any], Any], h: Any, modules: Sequence[nn.Module]) -> Any:
     """``fn(h)`` keeping only ``h`` for backward, recomputed there (see the module docstring).
     ``modules`` are what ``fn`` runs (their running statistics are restored after the recomputation)."""
     tensors, as_tuple = _pack(h)
