@@ -35,7 +35,8 @@ def test_every_dataset_has_consistent_info():
         info = dataset_info(name)
         assert info.name == name
         assert len(info.mean) == len(info.std) == info.in_channels
-        expected = {"imagenet": 1000, "shapes": 4, "coco": 80, "cityscapes": 19, "cifar100": 100}.get(name, 10)
+        expected = {"imagenet": 1000, "shapes": 4, "coco": 80, "cityscapes": 19, "cifar100": 100,
+                    "folder": 2}.get(name, 10)  # (folder, imagenet: until the folder is read)
         assert info.num_classes == expected
     assert dataset_info("stl10").image_size == 96
     assert dataset_info("imagenet").image_size == 224 and dataset_info("imagenet", image_size=64).image_size == 64

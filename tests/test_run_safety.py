@@ -342,7 +342,7 @@ def test_export_refuses_a_diverged_run_and_weights_that_are_not_finite(finished,
     capsys.readouterr()
     assert ckpt(out)["status"] == "finished" and summary(out)["status"] == "diverged"  # the last finite one
     assert main(["export", str(out), "--out", str(tmp_path / "a.pt")]) == 2
-    assert "its summary says diverged" in one_line(capsys.readouterr().err)
+    assert "is not finished (diverged, 2 of 2 epochs" in one_line(capsys.readouterr().err)
     with pytest.warns(UserWarning, match="diverged"):
         assert main(["export", str(out), "--out", str(tmp_path / "a.pt"), "--allow-unfinished"]) == 0
     nan = copy_of(finished, tmp_path, "nan")

@@ -161,7 +161,7 @@ def test_every_config_field_is_validated_in_one_place():
     hints = typing.get_type_hints(C.TrainConfig)
     booleans = {f.name for f in dataclasses.fields(C.TrainConfig) if hints[f.name] in (bool, bool | None)}
     named = {"model", "dataset", "method", "objective", "split", "objective_settings", "data_dir", "out", "pretrained", "device",
-             "lr_milestones", "adamw_betas"}
+             "lr_milestones", "adamw_betas", "classes"}  # classes: validate.check_classes
     fields = {f.name for f in dataclasses.fields(C.TrainConfig)}
     assert fields - set(RULES) - booleans - named == set()
     assert set(RULES) <= fields  # no rule for a field that does not exist
@@ -191,18 +191,24 @@ def test_best_checkpoint_and_export(tmp_path, capsys):
     assert main(["export", str(out), "--out", str(tmp_path / "last.pt"), "--format", "pt"]) == 0
     assert (tmp_path / "last.pt").exists() and not (tmp_path / "last.safetensors").exists()
     assert main(["export", str(out), "--out", str(tmp_path / "new") + "/", "--format", "safetensors"]) == 0
-    assert [p.name for p in (tmp_path / "new").iterdir()] == ["backbone.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == ["backbone.safetensors", "classes.json"]
 
 
-def test_export_refuses_an_unfinished_run_unless_allowed(tmp_path, capsys):
+def test_export_takes_a_run_stopped_at_its_max_steps_and_refuses_other_ends_unless_allowed(tmp_path, capsys):
+    import json
+
     out = tmp_path / "run"
     assert run(out, "--epochs", "2", "--max-steps", "5") == 0
-    assert main(["export", str(out), "--out", str(tmp_path / "a.pt")]) == 2
-    assert "not finished (1 of 2 epochs, status unfinished)" in capsys.readouterr().err
-    assert not (tmp_path / "a.pt").exists()
+    assert main(["export", str(out), "--out", str(tmp_path / "a.pt")]) == 0  # it ended where the user asked
+    assert "the run stopped at its max_steps" in capsys.readouterr().out and (tmp_path / "a.pt").exists()
+    record = json.loads((out / "summary.json").read_text())  # the same run, recorded as failed instead
+    (out / "summary.json").write_text(json.dumps(dict(record, status="failed", reason="disk full")))
+    assert main(["export", str(out), "--out", str(tmp_path / "b.pt")]) == 2
+    assert "not finished (failed, 1 of 2 epochs: disk full)" in capsys.readouterr().err  # the summary's word
+    assert not (tmp_path / "b.pt").exists()
     with pytest.warns(UserWarning, match="exporting a run that is not finished"):
-        assert main(["export", str(out), "--out", str(tmp_path / "a.pt"), "--allow-unfinished"]) == 0
-    assert (tmp_path / "a.pt").exists()
+        assert main(["export", str(out), "--out", str(tmp_path / "b.pt"), "--allow-unfinished"]) == 0
+    assert (tmp_path / "b.pt").exists()
 
 
 def test_checkpoints_load_without_running_pickled_code(tmp_path):

@@ -51,12 +51,25 @@ def load_data(cfg: C.TrainConfig):
     check_value("normalize", cfg.normalize)
     train_set, test_set, own = build_datasets(cfg.dataset, cfg.data_dir, download=cfg.download, seed=cfg.seed,
                                               image_size=cfg.image_size, task=model_task(cfg.model),
-                                              augment=cfg.augment != "off")
+                                              augment=cfg.augment != "off", val_fraction=cfg.val_fraction)
     info = adjusted_info(own, cfg.gray_to_rgb, cfg.normalize)
     train_set = adapt(train_set, own, info, cfg.augment, training=True)
     test_set = adapt(test_set, own, info, cfg.augment, training=False)
     return (subset(train_set, cfg.train_subset, "train_subset", cfg.subset_order, cfg.seed),
             subset(test_set, cfg.test_subset, "test_subset", cfg.subset_order, cfg.seed), info)
+
+
+def with_classes(cfg: C.TrainConfig, info, ckpt: dict | None = None) -> C.TrainConfig:
+    """``cfg`` with the data's class names recorded (``classes``); a run that named other classes (in its config,
+    or the checkpoint it resumes) is refused: its labels would mean other things."""
+    names = info.names()
+    for where, given in (("the config", cfg.classes), ("the checkpoint", (ckpt or {}).get("config", {}).get("classes"))):
+        if given is not None and list(given) != names:
+            differ = sorted(set(map(str, given)) ^ set(names))[:4]
+            raise ManppError(f"the data's classes are not those of {where}: {len(names)} classes here, {len(given)} "
+                             f"there{f' (differing: {differ})' if differ else ' (in another order)'}; train on the "
+                             f"same class folders, or start a new run")
+    return dataclasses.replace(cfg, classes=names)
 
 
 def subset(dataset, n: int | None, name: str, order: str = "random", seed: int = 0):

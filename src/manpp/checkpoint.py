@@ -140,6 +140,15 @@ def load_weights(path: str | Path) -> dict:
     if not path.is_file():
         raise ManppError(f"pretrained weights file '{path}' does not exist" if not path.exists()
                          else f"pretrained weights '{path}' is a folder, not a file")
+    if path.suffix == ".safetensors":  # manpp export's other format: tensors only
+        from .extras import require
+
+        load_file = require("safetensors.torch", "read .safetensors weights").load_file
+        try:
+            return load_file(str(path))
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error types
+            raise ManppError(f"weights '{path}' are not a readable safetensors file ({type(exc).__name__}: "
+                             f"{' '.join(str(exc).split())[:160]})") from None
     state = _read(path)
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shlex
 import sys
 import typing
 import warnings
@@ -84,6 +85,11 @@ TRAIN_EXAMPLES = """examples:
 """
 
 
+PREDICT_EXAMPLES = """examples:
+  manpp predict runs/mine photos/cat.jpg photos/dogs/      # files and folders, from a run
+  manpp predict exported/backbone.safetensors new/ --top 1 # from an export (classes.json beside it)
+"""
+
 PLAN_EXAMPLES = """examples:
   manpp plan --model resnet101 --dataset imagenet --batch-size 128 --budget 16GB   # estimated, under a minute
   manpp plan --model resnet101 --dataset imagenet --device cuda --budget 80GB      # for a GPU, from a laptop
@@ -136,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
                    "strategies' accuracy cost (default: benchmarks/results/accuracy_fashion_mnist_protocol.json "
                    "where this checkout has it)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p = sub.add_parser("predict", help="the top classes of new images, by name, from a run or an export",
+                       epilog=PREDICT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("source", metavar="RUN", help="run folder, checkpoint, or exported .pt/.safetensors (with the "
+                   "classes.json manpp export writes beside it)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files, or folders searched for images")
+    p.add_argument("--top", type=int, default=3, help="classes shown per image (default 3)")
+    p.add_argument("--best", action="store_true", help="the run's best weights (best.pt), not the last")
+    p.add_argument("--json", action="store_true", help="one JSON list of {image, top: [{class, label, probability}]}")
     p = sub.add_parser("export", help="write a trained backbone without its auxiliary networks")
     p.add_argument("checkpoint", metavar="RUN", help="run folder or checkpoint file")
     p.add_argument("--out", metavar="PATH", required=True,
@@ -186,12 +200,20 @@ def cmd_train(args) -> int:
         return code
     name = metric_title(s["metric"])
     score = "-" if s["test_score"] is None else f"{s['test_score']:.2%} (best {s['best_test_score']:.2%})"
+    export = f"manpp export {shlex.quote(str(result.out))} --out {shlex.quote(str(result.out) + '-export/')}"
     if s["status"] == "finished":
-        print(f"done: test {name} {score} after {s['epochs']} epoch(s); results in {result.out}")
+        print(f"done: test {name} {score} after {s['epochs']} epoch(s); results in {result.out}; the trained network "
+              f"alone: {export}")
     else:
         print(f"{s['status']}: {s['reason']}; test {name} {score} after {s['epochs']} complete epoch(s) of "
-              f"{s['epochs_planned']}; results in {result.out}")
+              f"{s['epochs_planned']}; results in {result.out}"
+              + (f"; the network as it is: {export}" if max_steps_end(s) else ""))
     return code
+
+
+def max_steps_end(summary: dict) -> bool:
+    """Whether a run stopped where its --max-steps asked (an end the user chose, not a failure)."""
+    return summary.get("status") == "stopped" and str(summary.get("reason") or "").startswith("max_steps")
 
 
 def cmd_compare(args) -> int:
@@ -242,15 +264,25 @@ def cmd_plan(args) -> int:
     return 0 if result["chosen"] is not None else 1
 
 
+def cmd_predict(args) -> int:
+    from .predict import format_predictions, predict
+
+    rows = predict(args.source, args.images, top=args.top, best=args.best)
+    print(json.dumps(rows, indent=2) if args.json else format_predictions(rows))
+    return 0
+
+
 def cmd_export(args) -> int:
     from .export import export_backbone
 
     formats = tuple(f.strip() for f in args.format.split(",")) if args.format else None
     info = export_backbone(args.checkpoint, args.out, best=args.best, allow_unfinished=args.allow_unfinished,
                            allow_nonfinite=args.allow_nonfinite, force=args.force, formats=formats)
-    which = "best" if info["best"] else "last"
-    print(f"wrote {' and '.join(info['paths'])} ({which} weights): {info['model']} backbone, {info['params']:,} parameters, "
-          f"{info['num_classes']} classes; loads with strict=True into {info['loads_into']}")
+    which = ("best" if info["best"] else "last") + " weights" + ("; the run stopped at its max_steps"
+                                                                  if info.get("stopped_by") == "max_steps" else "")
+    print(f"wrote {' and '.join(info['paths'])} ({which}): {info['model']} backbone, {info['params']:,} parameters, "
+          f"{info['num_classes']} classes; loads with strict=True into {info['loads_into']}; manpp predict "
+          f"{info['path']} IMAGES names their classes")
     return 0
 
 
@@ -267,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("once", category=UserWarning, module="manpp")
     warnings.formatwarning = lambda message, *_args, **_kw: f"manpp: warning: {message}\n"
     command = {"train": cmd_train, "compare": cmd_compare, "bench": cmd_bench,
-               "describe": cmd_describe, "plan": cmd_plan, "export": cmd_export}[args.command]
+               "describe": cmd_describe, "plan": cmd_plan, "predict": cmd_predict, "export": cmd_export}[args.command]
     try:
         with held_warnings():  # shown once the checks pass (a run's start), dropped if one fails
             return command(args)

@@ -65,6 +65,12 @@ class TrainConfig(LocalSettings):
     data_dir: str | None = setting(None, flag="--data-dir",
                                    help="where the dataset lives or is downloaded to (default ./data)")
     download: bool = setting(True, help="let torchvision download a missing dataset")
+    val_fraction: float = setting(0.1, rule=Number(low=0, high=1, low_open=True, high_open=True,
+                                                   meaning="the share of each class held out"),
+                                  help="dataset folder with one subfolder per class: the share of each class held "
+                                  "out for evaluation (drawn from the seed)")
+    classes: Any = setting(None, help="the class names in label order: recorded from the data when a run starts "
+                           "(given, the data must have exactly these)")
     image_size: int | None = setting(None, rule=positive_int(True, "the input side in pixels"), flag="--image-size",
                                      help="input side in pixels for the resizable datasets (default: the dataset's "
                                      "own, 224 for imagenet, 32 for synthetic)")

@@ -1,15 +1,18 @@
 """``manpp export``: the trained backbone alone, as the plain model's state dict.
 
 It is written as a ``.pt`` file and, with the ``safetensors`` extra, as ``.safetensors`` beside it
-(tensors only: nothing in it can run code). The auxiliary networks (heads, learnable and EMA copies,
+(tensors only: nothing in it can run code), with ``classes.json`` beside them: the class names in label
+order and what ``manpp predict`` needs to prepare an image (model, image size, channels, normalisation);
+the safetensors file carries the same in its metadata. The auxiliary networks (heads, learnable and EMA copies,
 scales) are dropped. For torchvision backbones (ImageNet ResNets, ResNeXts, ViTs) the keys are
 torchvision's, so the file loads with ``strict=True`` into ``torchvision.models.<arch>(num_classes=N)``
 for inference or fine-tuning; for CIFAR ResNets it loads into ``manpp.build_backbone(name, ...)``.
 
 What it checks before it writes anything:
 
-- the run finished: its checkpoint trained every epoch, and its ``summary.json`` (when there is
-  one) says ``finished``; a stopped, diverged, failed or running run needs ``allow_unfinished``;
+- the run finished (its checkpoint trained every epoch, and its ``summary.json``, when there is one, says
+  ``finished``) or stopped where its ``max_steps`` asked; a run stopped by a signal, diverged, failed or
+  running needs ``allow_unfinished`` (the messages use the summary's word for how it ended);
 - every weight is finite (``allow_nonfinite`` overrides it);
 - no target is a file of a run (``checkpoint.pt``, ``best.pt``, ``log.csv``, ``config.yaml``,
   ``summary.json``, the lock): those are never written, whatever the flags;
@@ -21,6 +24,7 @@ Files are written atomically (:mod:`manpp.safeio`), with the usual permissions o
 from __future__ import annotations
 
 import io
+import json
 import warnings
 from pathlib import Path
 
@@ -56,7 +60,7 @@ def export_backbone(checkpoint: str | Path, out: str | Path, *, best: bool = Fal
     ckpt = load_checkpoint(checkpoint, purpose="weights")
     if ckpt.get("kind") == "best":
         raise ManppError(f"'{checkpoint}' is a best.pt: export the run folder '{folder}' with --best")
-    _check_finished(ckpt, folder, checkpoint, allow_unfinished)
+    stopped_by = _check_finished(ckpt, folder, checkpoint, allow_unfinished)
     if best:
         if not (folder / BEST).is_file():
             raise ManppError(f"run '{checkpoint}' has no {BEST} (runs of manpp before 0.2 keep only the last "
@@ -88,9 +92,15 @@ def export_backbone(checkpoint: str | Path, out: str | Path, *, best: bool = Fal
             raise ManppError(f"the weights of '{checkpoint}' are not finite ('{bad}' holds a NaN or an infinity): "
                              f"nothing was written; export them anyway with --allow-nonfinite")
         warnings.warn(f"exporting weights that are not finite ('{bad}')", stacklevel=2)
-    encoded = {path: _encode(plain, fmt) for fmt, path in paths.items()}  # before any file is touched
+    meta = export_meta(cfg, info, int(num_classes), int(stem.shape[1]))
+    classes_path = next(iter(paths.values())).parent / CLASSES_FILE
+    if classes_path.exists() and not force and json.loads(classes_path.read_text() or "{}") != meta:
+        raise ManppError(f"'{classes_path}' already exists with other classes: export into another folder, or "
+                         f"replace it with --force")
+    encoded = {path: _encode(plain, fmt, meta) for fmt, path in paths.items()}  # before any file is touched
     make_folder(next(iter(paths.values())).parent)
     written = [str(write_bytes(path, data)) for path, data in encoded.items()]
+    written.append(str(write_bytes(classes_path, (json.dumps(meta, indent=1) + "\n").encode())))
     loader = (f"torchvision.models.{backbone.arch}" if hasattr(backbone, "export_state_dict")
               else f"manpp.build_backbone('{cfg.model}', ...)")
     if is_library_name(cfg.model):
@@ -101,7 +111,7 @@ def export_backbone(checkpoint: str | Path, out: str | Path, *, best: bool = Fal
         loader = "torchvision.models.detection.RetinaNet (ResNet-FPN body, P6 from C5; see the README)"
     elif cfg.model.startswith("deeplabv3_"):
         loader = f"torchvision.models.segmentation.{cfg.model}(aux_loss=False)"
-    return {"path": written[0], "paths": written, "best": best, "model": cfg.model, "num_classes": int(num_classes),
+    return {"path": written[0], "paths": written, "best": best, "classes": meta["classes"], "stopped_by": stopped_by, "model": cfg.model, "num_classes": int(num_classes),
             "tensors": len(plain), "params": sum(v.numel() for k, v in plain.items() if "running_" not in k and "num_batches" not in k),
             "loads_into": loader}
 
@@ -119,18 +129,24 @@ def _formats(formats: tuple[str, ...] | None) -> tuple[str, ...]:
     return tuple(dict.fromkeys(formats))
 
 
-def _check_finished(ckpt: dict, folder: Path, checkpoint, allow_unfinished: bool) -> None:
-    """A finished run: its checkpoint trained every epoch and its summary (if any) says so."""
-    status = (read_summary(folder) or {}).get("status") if (folder / "summary.json").exists() else "finished"
-    if is_finished(ckpt) and status == "finished":
-        return
+def _check_finished(ckpt: dict, folder: Path, checkpoint, allow_unfinished: bool) -> str | None:
+    """A finished run, or one that stopped where its ``max_steps`` asked (returns ``"max_steps"``): its
+    summary's word for how it ended (without a summary: finished when its checkpoint trained every epoch,
+    else stopped)."""
+    summary = read_summary(folder) if (folder / "summary.json").exists() else None
+    status = (summary or {}).get("status") or ("finished" if is_finished(ckpt) else "stopped")
+    if status == "finished" and is_finished(ckpt):
+        return None
+    if status == "stopped" and str((summary or {}).get("reason") or "").startswith("max_steps"):
+        return "max_steps"  # it ended where the user asked it to
     done = f"{ckpt.get('epoch', 0)} of {ckpt['config'].get('epochs')} epochs"
-    why = (f"not finished ({done}, status {ckpt.get('status', 'unknown')})" if not is_finished(ckpt)
-           else f"not finished: its summary says {status_of(folder)}")
+    reason = (summary or {}).get("reason")
+    why = f"not finished ({status}, {done}{': ' + reason if reason else ''})"
     if not allow_unfinished:
         raise ManppError(f"run '{checkpoint}' is {why}: resume it with manpp train --resume, or export it anyway "
                          f"with --allow-unfinished")
     warnings.warn(f"exporting a run that is {why}", stacklevel=3)
+    return None
 
 
 def _paths(text: str, formats: tuple[str, ...]) -> dict[str, Path]:
@@ -166,11 +182,23 @@ def _check_targets(paths: dict[str, Path], folder: Path, source: Path, force: bo
                          f"{'it' if len(existing) == 1 else 'them'} with --force, or choose another --out")
 
 
-def _encode(state: dict, fmt: str) -> bytes:
-    """The file's bytes: ``torch.save``'s, or safetensors' (tensors only)."""
+CLASSES_FILE = "classes.json"  # beside the exported weights
+
+
+def export_meta(cfg, info, num_classes: int, in_channels: int) -> dict:
+    """What an export says of itself: its classes in label order, and how to prepare an image for it."""
+    names = list(cfg.classes) if cfg.classes is not None and len(cfg.classes) == num_classes else \
+        [str(i) for i in range(num_classes)]
+    return {"classes": names, "model": cfg.model, "dataset": cfg.dataset, "image_size": info.image_size,
+            "in_channels": in_channels, "mean": list(info.mean), "std": list(info.std), "task": info.task}
+
+
+def _encode(state: dict, fmt: str, meta: dict | None = None) -> bytes:
+    """The file's bytes: ``torch.save``'s, or safetensors' (tensors only; ``meta`` as its metadata)."""
     if fmt == "safetensors":
         save = require("safetensors.torch", "export as .safetensors").save
-        return save({k: v.detach().contiguous().clone() for k, v in state.items()})
+        return save({k: v.detach().contiguous().clone() for k, v in state.items()},
+                    metadata={"manpp": json.dumps(meta)} if meta else None)
     buffer = io.BytesIO()
     torch.save(state, buffer)
     return buffer.getvalue()

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import shlex
 from pathlib import Path
 from typing import Callable
 
@@ -95,13 +96,14 @@ class Position:
 def ending(cfg: C.TrainConfig, out: Path, epoch: int, step: int, batch_in_epoch: int, signum: int) -> tuple:
     """``(status, reason)`` of a run that left its loop normally."""
     where = f"after epoch {epoch}" if batch_in_epoch == 0 else f"in epoch {epoch + 1}"
+    folder = shlex.quote(str(out))  # a command a shell takes as printed, whatever the folder's name
     if signum:
         return "stopped", (f"{signal_name(signum)} at step {step}, {where} of {cfg.epochs}; the checkpoint holds "
-                           f"step {step}: continue with --resume {out}")
+                           f"step {step}: continue with --resume {folder}")
     if epoch >= cfg.epochs:
         return "finished", None
     return "stopped", (f"max_steps {cfg.max_steps} reached at step {step}, {where} of {cfg.epochs}: continue with "
-                       f"--resume {out}")
+                       f"--resume {folder}")
 
 
 class RunLifecycle:
@@ -191,7 +193,7 @@ class RunLifecycle:
                              else f"{exc}{note}") from None
         except KeyboardInterrupt:
             self.fail("stopped", f"interrupted at step {self.step}; the checkpoint holds the last one saved: resume "
-                                 f"with --resume {self.out}")
+                                 f"with --resume {shlex.quote(str(self.out))}")
             raise
         except ManppError as exc:
             note = self.fail("failed", str(exc))

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from . import config as C
 from . import distributed as D
-from .build import build_model, data_info, epoch_loader, load_data, seed_everything
+from .build import build_model, data_info, epoch_loader, load_data, seed_everything, with_classes
 from .build import steps_per_epoch as steps_per_epoch_of
 from .checkpoint import load_model_state, rng_state, set_rng_state
 from .engine import LocalContext, local_step
@@ -137,8 +137,10 @@ def train_pipelined(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, d
         seed_everything(cfg.seed)
         if main:
             train_set, test_set, info = load_data(cfg)
+            cfg = with_classes(cfg, info, ckpt)  # recorded in config.yaml and the checkpoints
         else:
             train_set, test_set, info = None, None, data_info(cfg)
+        cfg = D.broadcast_object(cfg)
         n_train = D.broadcast_object(len(train_set) if main else None)
         model = build_model(cfg, info, device)  # the same seed: the same initial weights on every stage
         task = task_of(model.backbone)

@@ -66,12 +66,15 @@ def backbone_facts(cfg: C.TrainConfig) -> BackboneFacts:
 def data_info(cfg: C.TrainConfig):
     """The :class:`~manpp.data.DatasetInfo` of a run's dataset, for its model's task, after the data
     switches (reads no data)."""
-    from .data import dataset_info
+    from .data import DATASETS, dataset_info
     from .data.options import adjusted_info
     from .models import model_task
 
     cfg = resolve_switches(cfg)  # a no-op for a resolved config
     info = dataset_info(cfg.dataset, image_size=cfg.image_size, task=model_task(cfg.model))
+    counted = DATASETS.get(info.name).classes_from
+    if counted is not None and cfg.data_dir is not None:  # a folder's classes: its subfolders (names only)
+        info = dataclasses.replace(info, num_classes=counted(cfg.data_dir))
     return adjusted_info(info, cfg.gray_to_rgb, cfg.normalize)
 
 

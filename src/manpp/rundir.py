@@ -30,6 +30,7 @@ import csv
 import io
 import json
 import os
+import shlex
 import shutil
 import warnings
 from dataclasses import dataclass
@@ -199,7 +200,7 @@ class RunFolder:
                 if has_weights(self.folder):  # e.g. a run put back just now from an interrupted --overwrite
                     raise ManppError(f"run folder '{self.folder}' holds a run with weights again (the one an "
                                      f"interrupted --overwrite had moved aside is back): resume it with "
-                                     f"--resume {self.folder}")
+                                     f"--resume {shlex.quote(str(self.folder))}")
                 self.replacing = found
             else:
                 self._check_agrees(ckpt)
@@ -208,7 +209,7 @@ class RunFolder:
             return
         if has_weights(self.folder) and not self.overwrite:
             raise ManppError(f"run folder '{self.folder}' already holds a run ({status_of(self.folder)}) "
-                             f"({', '.join(found)}): continue it with --resume {self.folder}, replace it with "
+                             f"({', '.join(found)}): continue it with --resume {shlex.quote(str(self.folder))}, replace it with "
                              f"--overwrite, or choose another --out")
         self.replacing = found
 

@@ -20,7 +20,8 @@ import torch
 
 from . import config as C
 from . import distributed as D
-from .build import RANK_SEED, build_model, check_options, epoch_loader, load_data, memory_format, seed_everything
+from .build import (RANK_SEED, build_model, check_options, epoch_loader, load_data, memory_format, seed_everything,
+                    with_classes)
 from .build import steps_per_epoch as steps_per_epoch_of
 from .checkpoint import load_model_state, rng_state, set_rng_state
 from .earlystep import StepInBackward
@@ -105,6 +106,7 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
         if not main:
             D.barrier()  # rank 0 builds (and downloads) the datasets first
         train_set, test_set, info = load_data(cfg)
+        cfg = with_classes(cfg, info, ckpt)  # recorded in config.yaml and every checkpoint
         if main:
             D.barrier()
         if len(train_set) < cfg.batch_size:

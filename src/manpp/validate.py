@@ -16,6 +16,7 @@ from typing import Any
 
 from . import config as C
 from . import distributed as D
+from .data.info import check_data_dir
 from .earlystep import check_step_in_backward
 from .errors import ManppError
 from .optim import adamw_betas, check_milestones
@@ -26,6 +27,16 @@ from .settings import check_rule, rule_of
 # field -> rule, collected from the declarations; fields without one are names (checked by their
 # registries or builders), free-form (data_dir, out, pretrained, split, objective_settings) or plain booleans
 RULES = {f.name: rule_of(f) for f in dataclasses.fields(C.TrainConfig) if rule_of(f) is not None}
+
+
+def check_classes(classes) -> None:
+    """``classes``: None (recorded from the data) or the class names, distinct, in label order."""
+    if classes is None:
+        return
+    if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) and c for c in classes) \
+            or len(set(classes)) != len(classes):
+        raise ManppError(f"bad classes {classes!r}: accepted is a list of distinct class names in label order "
+                         f"(or none: a run records the data's)")
 
 
 def check_value(name: str, value: Any) -> None:
@@ -43,6 +54,8 @@ def check_config(cfg: C.TrainConfig) -> None:
         check_rule(name, rule, getattr(cfg, name))
     check_milestones(cfg.lr_milestones)
     check_step_in_backward(cfg)
+    check_data_dir(cfg.dataset, cfg.data_dir)
+    check_classes(cfg.classes)
     if cfg.optimizer == "adamw":
         adamw_betas(cfg)
     if resolve_switches(cfg).drop_last is False:  # an explicit false, or fidelity=release's

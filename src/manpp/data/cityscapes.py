@@ -143,7 +143,7 @@ def build_cityscapes(info: DatasetInfo, data_dir: str | Path | None,
 
 
 # image_size: the training crop
-@register_dataset("cityscapes", channels=3, image_size=768, classes=19, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+@register_dataset("cityscapes", reads_files=True, channels=3, image_size=768, classes=19, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                   task="segmentation", resizable=True)
 def _build(info, *, data_dir, augment: bool, **_):
     return build_cityscapes(info, data_dir, augment)

@@ -109,7 +109,7 @@ def build_coco(info: DatasetInfo, data_dir: str | Path | None, augment: bool) ->
 
 
 # image_size: the shorter side after resizing
-@register_dataset("coco", channels=3, image_size=600, classes=80, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+@register_dataset("coco", reads_files=True, channels=3, image_size=600, classes=80, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                   task="detection", resizable=True)
 def _build(info, *, data_dir, augment: bool, **_):
     return build_coco(info, data_dir, augment)

@@ -105,6 +105,11 @@ def build_fashion(data_dir: str | Path | None, download: bool,
     return TensorImageDataset(*train, transform), TensorImageDataset(*test)
 
 
-@register_dataset("fashion-mnist", channels=1, image_size=32, classes=10, mean=(FASHION_MEAN,), std=(FASHION_STD,))
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")  # the dataset's own names, labels 0 to 9
+
+
+@register_dataset("fashion-mnist", reads_files=True, channels=1, image_size=32, classes=10, mean=(FASHION_MEAN,),
+                  std=(FASHION_STD,), class_names=FASHION_CLASSES)
 def _build(info, *, data_dir, download: bool, augment: bool, **_):
     return build_fashion(data_dir, download, augment)

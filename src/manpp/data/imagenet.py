@@ -71,11 +71,12 @@ def build_image_folders(data_dir: str | Path | None, info: DatasetInfo,
     except (FileNotFoundError, RuntimeError) as exc:  # a class folder without images
         raise ManppError(f"imagenet: cannot read '{root}': {describe_exception(exc)}; every class folder needs "
                          f"images ({', '.join(IMAGE_EXTENSIONS[:4])}, ...)") from None
-    return train, test, dataclasses.replace(info, num_classes=len(splits["train"]))
+    return train, test, dataclasses.replace(info, num_classes=len(splits["train"]), class_names=tuple(splits["train"]))
 
 
 # any ImageNet-style folder; the class count is read from the folder
-@register_dataset("imagenet", channels=3, image_size=224, classes=1000, mean=IMAGENET_MEAN, std=IMAGENET_STD,
+@register_dataset("imagenet", reads_files=True,
+                  classes_from=lambda data_dir: len(_class_folders(data_root(data_dir) / "train")), channels=3, image_size=224, classes=1000, mean=IMAGENET_MEAN, std=IMAGENET_STD,
                   resizable=True)
 def _build(info, *, data_dir, augment: bool, **_):
     return build_image_folders(data_dir, info, augment)

@@ -34,6 +34,13 @@ class DatasetInfo:
     mean: tuple[float, ...]  # per-channel normalisation mean
     std: tuple[float, ...]
     task: str = "classification"  # or 'detection', 'segmentation', 'dense' (both)
+    class_names: tuple[str, ...] | None = None  # in label order, where the dataset names them
+
+    def names(self) -> list[str]:
+        """The class names in label order: the dataset's, else the labels as text."""
+        if self.class_names is not None and len(self.class_names) == self.num_classes:
+            return list(self.class_names)
+        return [str(i) for i in range(self.num_classes)]
 
 
 MIN_IMAGE_SIZE = 16  # pixels; the smallest image side a resizable dataset accepts
@@ -57,20 +64,35 @@ class Dataset:
     build: Callable
     resizable: bool = False  # its image size is a setting (image_size=)
     classes_by_task: dict | None = None
+    reads_files: bool = False  # it reads (or downloads into) data_dir; the others refuse a data_dir
+    classes_from: Callable | None = None  # data_dir -> its class count, read from folder names only
 
 
 DATASETS: Registry = Registry("dataset")
 
 
 def register_dataset(name: str, *, channels: int, image_size: int, classes: int, mean, std,
-                     task: str = "classification", resizable: bool = False, classes_by_task: dict | None = None):
+                     task: str = "classification", resizable: bool = False, classes_by_task: dict | None = None,
+                     reads_files: bool = False, classes_from: Callable | None = None, class_names=None):
     """Decorator registering a dataset's builder with its facts (see :class:`Dataset`)."""
     def decorator(build: Callable) -> Callable:
-        info = DatasetInfo(name, channels, image_size, classes, tuple(mean), tuple(std), task)
-        DATASETS.add(name, Dataset(info, build, resizable, classes_by_task))
+        info = DatasetInfo(name, channels, image_size, classes, tuple(mean), tuple(std), task,
+                           tuple(class_names) if class_names is not None else None)
+        DATASETS.add(name, Dataset(info, build, resizable, classes_by_task, reads_files, classes_from))
         return build
 
     return decorator
+
+
+def check_data_dir(name: str, data_dir) -> None:
+    """A ``data_dir`` given to a dataset that reads no files would be ignored: refused in one line."""
+    if data_dir is None:
+        return
+    key = str(name).strip().lower()
+    if key in DATASETS and not DATASETS.get(key).reads_files:
+        readers = [n for n, d in DATASETS.items() if d.reads_files]
+        raise ManppError(f"dataset {key!r} reads no files, so --data-dir {str(data_dir)!r} would be ignored; for your "
+                         f"own images give --dataset folder (one subfolder per class), or one of {choices(readers)}")
 
 
 def datasets_for(task: str) -> list[str]:

@@ -37,7 +37,7 @@ def register_torchvision_dataset(name: str, spec: TorchvisionSet, **facts) -> No
     def build(info, *, data_dir, download: bool, augment: bool, **_):
         return build_torchvision(info.name, data_dir, download, augment)
 
-    register_dataset(name, **facts)(build)
+    register_dataset(name, reads_files=True, **facts)(build)
 
 
 def torchvision_transforms(name: str, augment: bool = True) -> tuple[Callable, Callable]:
@@ -118,7 +118,9 @@ def _stl10_augmentation() -> list:
 
 register_torchvision_dataset("cifar10", TorchvisionSet(_cifar10, cifar_augmentation, "cifar-10-batches-py/",
                                                        ("cifar-10-python.tar.gz", "cifar-10-batches-py")),
-                             channels=3, image_size=32, classes=10, mean=CIFAR_MEAN, std=CIFAR_STD)
+                             channels=3, image_size=32, classes=10, mean=CIFAR_MEAN, std=CIFAR_STD,
+                             class_names=("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                          "ship", "truck"))
 register_torchvision_dataset("svhn", TorchvisionSet(_svhn, _svhn_augmentation, "train_32x32.mat and test_32x32.mat",
                                                     ("train_32x32.mat", "test_32x32.mat")),
                              channels=3, image_size=32, classes=10, mean=HALF, std=HALF)
