@@ -178,3 +178,24 @@ def test_a_torchvision_keyed_export_predicts_as_its_run(tmp_path, capsys):
         from manpp.predict import load_classifier
 
         load_classifier(tmp_path / "exp" / "backbone.pt", best=True)
+
+
+@pytest.mark.parametrize("model", ["vit_tiny", "timm/deit_tiny_patch16_224", "torchvision/vit_b_16"])
+def test_an_exported_vit_loads_with_the_printed_line_at_its_image_size(tmp_path, capsys, model):
+    """A ViT trained at 32 px holds a position embedding for 32 px: the printed line builds that model."""
+    if model == "torchvision/vit_b_16":
+        pytest.importorskip("torchvision")
+    run = tmp_path / "run"
+    assert main(["train", "--model", model, "--dataset", "synthetic", "--image-size", "32", "--method", "e2e",
+                 "--max-steps", "1", "--epochs", "1", "--batch-size", "4", "--quiet", "--out", str(run),
+                 "train_subset=8", "test_subset=4"]) == 0
+    capsys.readouterr()
+    assert main(["export", str(run), "--out", str(tmp_path / "w.pt")]) == 0
+    line = capsys.readouterr().out
+    call = line.split("loads with strict=True into ")[1].split("; manpp predict")[0]
+    import timm  # noqa: F401 - what the printed calls name
+    import torchvision  # noqa: F401
+
+    net = eval(call)  # noqa: S307 - the line a user copies
+    net.load_state_dict(torch.load(tmp_path / "w.pt", weights_only=True), strict=True)
+    assert "32" in call

@@ -37,6 +37,7 @@ from .checkpoint import load as load_checkpoint
 from .errors import ManppError, choices
 from .extras import available, require
 from .models import build_backbone
+from .models.imagenet import vit_loader
 from .models.library import is_library_name, loads_into
 from .rundir import RUN_FILES, holds_run, read_summary, status_of
 from .runlock import LOCK
@@ -104,9 +105,9 @@ def export_backbone(checkpoint: str | Path, out: str | Path, *, best: bool = Fal
     loader = (f"torchvision.models.{backbone.arch}" if hasattr(backbone, "export_state_dict")
               else f"manpp.build_backbone('{cfg.model}', ...)")
     if is_library_name(cfg.model):
-        loader = loads_into(cfg.model, int(num_classes))
+        loader = loads_into(cfg.model, int(num_classes), info.image_size)
     elif cfg.model.startswith("vit_"):
-        loader = "torchvision.models.vision_transformer.VisionTransformer"
+        loader = vit_loader(cfg.model, int(num_classes), info.image_size)
     elif cfg.model.startswith("retinanet_"):
         loader = "torchvision.models.detection.RetinaNet (ResNet-FPN body, P6 from C5; see the README)"
     elif cfg.model.startswith("deeplabv3_"):

@@ -113,6 +113,14 @@ def build_resnet(name: str, *, num_classes: int = 1000, in_channels: int = 3, im
     return backbone
 
 
+def vit_loader(name: str, num_classes: int, image_size: int) -> str:
+    """The call that builds the plain torchvision ViT an export of ``name`` loads into."""
+    width, heads = VITS[name]
+    return (f"torchvision.models.vision_transformer.VisionTransformer(image_size={image_size}, patch_size={VIT_PATCH}, "
+            f"num_layers={VIT_DEPTH}, num_heads={heads}, hidden_dim={width}, mlp_dim={4 * width}, "
+            f"num_classes={num_classes})")
+
+
 @register_backbone(*VITS, family="vit", units=lambda name: 1 + VIT_DEPTH)
 def build_vit(name: str, *, num_classes: int = 1000, in_channels: int = 3, image_size: int = 224, **_):
     """torchvision's VisionTransformer (patch 16, depth 12) at the Tiny/Small/Base widths, cut as

@@ -18,6 +18,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from ..errors import ManppError
@@ -155,12 +156,29 @@ def load_file(net: nn.Module, path: str | Path, name: str) -> int:
     return len(state) - len(reshaped)
 
 
-def loads_into(name: str, num_classes: int) -> str:
-    """How a user rebuilds the plain model that an export loads into."""
+def loads_into(name: str, num_classes: int, image_size: int = 224) -> str:
+    """How a user rebuilds the plain model that an export loads into: the call, with the image size where the
+    model's weights depend on it (a ViT's position embedding)."""
     library, model = split_name(name)
     if library == "timm":
-        return f"timm.create_model('{model}', num_classes={num_classes})"
-    return f"torchvision.models.get_model('{model}', num_classes={num_classes})"
+        size = f", img_size={image_size}" if _timm_takes_image_size(model, image_size) else ""
+        return f"timm.create_model('{model}', num_classes={num_classes}{size})"
+    extra = f", image_size={image_size}" if model.startswith("vit_") else ""
+    if model in ("googlenet", "inception_v3"):
+        extra += ", aux_logits=False, init_weights=True"
+    return f"torchvision.models.get_model('{model}', num_classes={num_classes}{extra})"
+
+
+def _timm_takes_image_size(model: str, image_size: int) -> bool:
+    """Whether timm's ``model`` is built for an image size (``img_size=``), tried on the meta device (no weights
+    are made)."""
+    timm = require("timm", "timm/<name> models")
+    try:
+        with torch.device("meta"):
+            timm.create_model(model, pretrained=False, img_size=image_size)
+        return True
+    except TypeError:
+        return False
 
 
 @register_backbone("<library>/<name>", family=None, matches=lambda name: "/" in str(name),
