@@ -272,6 +272,7 @@ def test_progress_lines_when_not_on_a_terminal_and_tensorboard(tmp_path, capsys)
     train(cfg, verbose=True)  # pytest's captured stderr is not a terminal
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("step ")]
     assert [line.split()[1] for line in lines] == ["2/4", "4/4"]
+    assert " eta " in lines[0] and " eta " not in lines[1]  # the run's remaining time, until it is done
     events = EventAccumulator(str(out / "tensorboard"))
     events.Reload()
     tags = set(events.Tags()["scalars"])

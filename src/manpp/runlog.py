@@ -10,6 +10,7 @@ each checkpoint, by :mod:`manpp.rundir`, so that the two always agree).
 from __future__ import annotations
 
 import sys
+import time
 from pathlib import Path
 
 LOGGERS = ("tensorboard",)  # logger= choices (log.csv is always written)
@@ -39,6 +40,8 @@ class RunLog:
     def __init__(self, folder: Path, cfg, *, write: bool, verbose: bool, total_steps: int):
         self.every = cfg.log_every
         self.total_steps = total_steps
+        self.started = time.perf_counter()
+        self.first_step: int | None = None  # the step this call started from (a resumed run: not 0)
         self.lines = verbose and self.every > 0 and not _is_terminal()
         self.writer = None
         if write and cfg.logger == "tensorboard":
@@ -58,8 +61,22 @@ class RunLog:
                 self.writer.add_scalar(f"step_loss/module_{j}", value, step)
             self.writer.add_scalar("train/lr", lr, step)
         if self.lines:
-            print(f"step {step}/{self.total_steps} (epoch {epoch + 1}/{epochs})  lr {lr:.4g}  loss {loss_text(losses)}",
-                  flush=True)
+            print(f"step {step}/{self.total_steps} (epoch {epoch + 1}/{epochs})  lr {lr:.4g}  loss {loss_text(losses)}"
+                  f"{self._eta(step)}", flush=True)
+
+    def _eta(self, step: int) -> str:
+        """The run's remaining time at this call's pace so far (evaluations included)."""
+        done = step - (self.first_step or 0)
+        elapsed = time.perf_counter() - self.started
+        if done <= 0 or elapsed <= 0 or step >= self.total_steps:
+            return ""
+        seconds = int(elapsed / done * (self.total_steps - step))
+        return f"  eta {seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else \
+            f"  eta {seconds // 60}m{seconds % 60:02d}s"
+
+    def start(self, step: int) -> None:
+        """The run (re)starts at ``step``: the pace is measured from here."""
+        self.first_step, self.started = step, time.perf_counter()
 
     def epoch(self, row: dict) -> None:
         """One evaluation's row, written as scalars with TensorBoard."""

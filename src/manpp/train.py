@@ -148,6 +148,7 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
         max_steps, fmt = cfg.max_steps, memory_format(cfg)
         total = cfg.epochs * steps_per_epoch if max_steps is None else min(max_steps, cfg.epochs * steps_per_epoch)
         log = stack.enter_context(contextlib.closing(RunLog(out, cfg, write=main, verbose=verbose, total_steps=total)))
+        log.start(step)
 
         def save(row: dict | None, partial: dict | None = None) -> None:
             rngs = D.gather_objects(rng_state(device))  # every process's generators, for an exact resume
@@ -164,6 +165,10 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
                                     "metric": task.metric, "score": row["test_score"]})
 
         signum = 0
+        # one bar for the whole run (its rate, and so its ETA, includes the evaluations); none off a terminal
+        bar = tqdm(total=total, initial=min(step, total), leave=False, disable=None if verbose else True,
+                   dynamic_ncols=True, file=sys.stderr, unit="step")
+        stack.callback(bar.close)
         while epoch < cfg.epochs and (max_steps is None or step < max_steps) and not signum:
             loader = epoch_loader(train_set, cfg, epoch, batch_in_epoch, rank=rank, world=world, **loader_kw)
             model.train()
@@ -172,9 +177,8 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
             sums, n_batches, skipped, elapsed = at.take_partial(model.k + 3)
             asked = False
             started = time.perf_counter()
-            bar = tqdm(loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", leave=False,
-                       disable=None if verbose else True, dynamic_ncols=True, file=sys.stderr)
-            for batch in bar:
+            bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}", refresh=False)
+            for batch in loader:
                 inputs, targets = task.prepare(batch, device, fmt)
                 lr = lr_at(step, cfg, steps_per_epoch)
                 set_lr(optimizer, lr, holds_backbone(step, cfg, steps_per_epoch))
@@ -196,11 +200,11 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
                 n_batches, step, batch_in_epoch = n_batches + 1, step + 1, batch_in_epoch + 1
                 life.step = step
                 bar.set_postfix_str(f"loss {loss_text((sums[:model.k] / n_batches).tolist())}", refresh=False)
+                bar.update(1)
                 log.step(step, epoch, cfg.epochs, losses.tolist(), lr)
                 asked = bool(stats[-1] > 0)  # a stop signal reached some process: all stop after this step
                 if asked or (max_steps is not None and step >= max_steps):
                     break
-            bar.close()
             epoch_time = elapsed + time.perf_counter() - started
             complete = batch_in_epoch >= steps_per_epoch
             if asked and not complete:  # stopped mid-epoch by a signal: no evaluation, the sums are kept
