@@ -175,3 +175,42 @@ def test_paper_configs_load_and_build(path):
     expected = {8: 9, 16: 16, 32: 33, 55: 55}[cfg.k]
     assert model.k == expected and model.partition.nominal_k == cfg.k
     assert len(model.aux) == expected - 1
+
+
+def test_help_is_grouped_and_every_setting_is_described(capsys):
+    """Every config field is in one group of the help and of `manpp settings`, with a meaning; each command's
+    help ends with examples."""
+    import dataclasses
+
+    from manpp.settingslist import GROUPS, all_settings
+
+    fields = [f.name for f in dataclasses.fields(C.TrainConfig)]
+    grouped = [name for names in GROUPS.values() for name in names]
+    assert sorted(grouped) == sorted(fields) and len(grouped) == len(set(grouped))  # each in exactly one
+    listed = all_settings()
+    assert all(item["meaning"] for items in listed.values() for item in items), \
+        [item["key"] for items in listed.values() for item in items if not item["meaning"]]
+    assert "objective_settings.ixx_1" in {item["key"] for items in listed.values() for item in items}
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for group in GROUPS:
+        assert f"\n{group}:\n" in text
+    assert text.index("  --lr LR") > text.index("\noptimisation:\n") > text.index("\nmethod:\n")
+    assert "--checkpointing" in text.split("\nmemory and speed:\n")[1].split("\n\n")[0]
+    assert "manpp settings" in text and "examples:" in text
+    for command in ("compare", "bench", "describe", "plan", "predict", "export", "settings"):
+        with pytest.raises(SystemExit):
+            main([command, "--help"])
+        help_text = capsys.readouterr().out
+        assert "examples:" in help_text and help_text.count("\n  manpp ") >= 2, command
+    assert "--quiet" in text and "no per-epoch lines" in text
+
+    assert main(["settings", "ema_momentum"]) == 0
+    out = capsys.readouterr().out
+    assert "ema_momentum  [default 0.995; a number in [0, 1]]" in out and "EMA copies" in out
+    assert main(["settings", "--json"]) == 0
+    assert set(GROUPS) <= set(__import__("json").loads(capsys.readouterr().out))
+    assert main(["settings", "nosuchthing"]) == 2
+    assert "no setting's key contains 'nosuchthing'" in capsys.readouterr().err

@@ -59,18 +59,26 @@ def _add_field_option(p: argparse.ArgumentParser, field: dataclasses.Field) -> N
     p.add_argument(flag_of(field), **kwargs)
 
 
-def _add_common(p: argparse.ArgumentParser, *, method: bool = True) -> None:
+def _add_common(p: argparse.ArgumentParser, *, method: bool = True) -> dict[str, argparse._ArgumentGroup]:
+    """The options every command that builds a run takes, in the groups of ``manpp settings``; returns
+    the groups (a command adds its own options to them)."""
     from .presets import preset_names
+    from .settingslist import GROUPS, group_of
 
-    p.add_argument("-c", "--config", metavar="FILE",
-                   help="YAML config file, or a preset's bare name (see --preset)")
-    p.add_argument("--preset", metavar="NAME", help=f"a paper config shipped with manpp: {', '.join(preset_names())}")
+    groups = {name: p.add_argument_group(name) for name in GROUPS}
+    config = groups["model and data"]
+    config.add_argument("-c", "--config", metavar="FILE",
+                        help="YAML config file, or a preset's bare name (see --preset)")
+    config.add_argument("--preset", metavar="NAME",
+                        help=f"a paper config shipped with manpp: {', '.join(preset_names())}")
     for field in FLAGGED:
         if field.name != "method" or method:
-            _add_field_option(p, field)
+            _add_field_option(groups[group_of(field.name)], field)
     p.add_argument("overrides", nargs="*", metavar="key=value",
-                   help="any config field, e.g. ema_momentum=0.99 log_every=100 logger=tensorboard, or an "
-                   "objective setting, e.g. objective_settings.ixx_1=5 (or heads.ixx_1=5; docs/cli.md lists them)")
+                   help="any other setting, e.g. ema_momentum=0.99 log_every=100 step_in_backward=true, or an "
+                   "objective's, e.g. objective_settings.ixx_1=5: manpp settings lists every one with its default "
+                   "and meaning")
+    return groups
 
 
 TRAIN_EXAMPLES = """examples:
@@ -82,8 +90,36 @@ TRAIN_EXAMPLES = """examples:
   manpp train --out runs/a --overwrite               # replace the run in runs/a
   manpp train fidelity=release objective_settings.ixx_1=5 logger=tensorboard
   torchrun --nproc_per_node 2 -m manpp train --batch-size 128   # data parallel
+  manpp train --dataset folder --data-dir my_images --image-size 64   # your own images, one folder per class
+every other setting (key=value): manpp settings
 """
 
+
+COMPARE_EXAMPLES = """examples:
+  manpp compare                                        # E2E and MAN++ on the bundled digits (the demo)
+  manpp compare --methods e2e,dgl,manpp --dataset fashion-mnist --epochs 2 --out runs/cmp --json runs/cmp.json
+  manpp compare --methods dgl,manpp --dataset folder --data-dir my_images --image-size 64
+"""
+
+BENCH_EXAMPLES = """examples:
+  manpp bench --model resnet32 --methods e2e,manpp --batch-size 128        # step time and memory, interleaved
+  manpp bench --methods manpp,manpp@saved_activations=bf16 --steps 10      # a setting against the default
+"""
+
+DESCRIBE_EXAMPLES = """examples:
+  manpp describe --model resnet110 --k 55               # the module table, before any data is read
+  manpp describe --model timm/resnet18 --method dgl --k 4 --json
+"""
+
+EXPORT_EXAMPLES = """examples:
+  manpp export runs/mine --out exported/               # backbone.pt, backbone.safetensors, classes.json
+  manpp export runs/mine --out best.pt --best --format pt
+"""
+
+SETTINGS_EXAMPLES = """examples:
+  manpp settings                     # every setting, by group
+  manpp settings lr ema              # the settings whose key holds 'lr' or 'ema'
+"""
 
 PREDICT_EXAMPLES = """examples:
   manpp predict runs/mine photos/cat.jpg photos/dogs/      # files and folders, from a run
@@ -103,26 +139,33 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("train", help="train one method", epilog=TRAIN_EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    _add_common(p)
-    p.add_argument("--resume", metavar="PATH", help="run folder (or its checkpoint) to continue, in that folder")
-    p.add_argument("--overwrite", action="store_true",
-                   help="replace the run already in the run folder (without it, such a folder is refused)")
-    p.add_argument("--quiet", action="store_true", help="no per-epoch lines or progress bar")
-    p = sub.add_parser("compare", help="train several methods with the same recipe and compare them")
+    folder = _add_common(p)["run folder and logging"]
+    folder.add_argument("--resume", metavar="PATH", help="run folder (or its checkpoint) to continue, in that folder")
+    folder.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in the run folder (without it, such a folder is refused)")
+    folder.add_argument("--quiet", action="store_true", help="no per-epoch lines or progress bar")
+    p = sub.add_parser("settings", help="every setting a run takes (key=value), by group: default, accepted "
+                       "values, meaning", epilog=SETTINGS_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("names", nargs="*", metavar="NAME", help="only settings whose key contains one of these")
+    p.add_argument("--json", action="store_true", help="print them as JSON")
+    p = sub.add_parser("compare", help="train several methods with the same recipe and compare them",
+                       epilog=COMPARE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(p, method=False)
     p.add_argument("--methods", default="e2e,manpp",
                    help=f"comma-separated methods from {', '.join(method_names())} (default e2e,manpp)")
     p.add_argument("--json", metavar="PATH", help="also write the records to this file")
     p.add_argument("--overwrite", action="store_true", help="replace runs already in OUT/<method>")
-    p.add_argument("--quiet", action="store_true")
-    p = sub.add_parser("bench", help="time training steps and measure memory on synthetic data")
+    p.add_argument("--quiet", action="store_true", help="no per-epoch lines or progress bars")
+    p = sub.add_parser("bench", help="time training steps and measure memory on synthetic data",
+                       epilog=BENCH_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(p)
     p.add_argument("--methods", help="several methods, interleaved in one process; ratios are to the first; "
                    "method:objective picks the objective of man/manpp (e.g. manpp:dgl)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per method (default 20)")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps first (default 3)")
     p.add_argument("--json", action="store_true", help="write one JSON object to stdout")
-    p = sub.add_parser("describe", help="module table: units, parameters, measured activation memory")
+    p = sub.add_parser("describe", help="module table: units, parameters, measured activation memory",
+                       epilog=DESCRIBE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     _add_common(p)
     p.add_argument("--json", action="store_true", help="print the table as JSON")
     p = sub.add_parser("plan", help="every way to fit a memory budget (E2E, checkpointing, bf16, local K), "
@@ -150,7 +193,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top", type=int, default=3, help="classes shown per image (default 3)")
     p.add_argument("--best", action="store_true", help="the run's best weights (best.pt), not the last")
     p.add_argument("--json", action="store_true", help="one JSON list of {image, top: [{class, label, probability}]}")
-    p = sub.add_parser("export", help="write a trained backbone without its auxiliary networks")
+    p = sub.add_parser("export", help="write a trained backbone without its auxiliary networks",
+                       epilog=EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", metavar="RUN", help="run folder or checkpoint file")
     p.add_argument("--out", metavar="PATH", required=True,
                    help="NAME.pt (NAME.safetensors is written beside it) or a folder (backbone.pt, backbone.safetensors)")
@@ -264,6 +308,21 @@ def cmd_plan(args) -> int:
     return 0 if result["chosen"] is not None else 1
 
 
+def cmd_settings(args) -> int:
+    from .settingslist import all_settings, format_settings
+
+    groups = all_settings()
+    if args.names:
+        groups = {g: [i for i in items if any(n.lower() in i["key"].lower() for n in args.names)]
+                  for g, items in groups.items()}
+        groups = {g: items for g, items in groups.items() if items}
+        if not groups:
+            raise ManppError(f"no setting's key contains {', '.join(repr(n) for n in args.names)}: manpp settings "
+                             f"lists them all")
+    print(json.dumps(groups, indent=2) if args.json else format_settings(groups), end="" if not args.json else "\n")
+    return 0
+
+
 def cmd_predict(args) -> int:
     from .predict import format_predictions, predict
 
@@ -299,7 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.filterwarnings("once", category=UserWarning, module="manpp")
     warnings.formatwarning = lambda message, *_args, **_kw: f"manpp: warning: {message}\n"
     command = {"train": cmd_train, "compare": cmd_compare, "bench": cmd_bench,
-               "describe": cmd_describe, "plan": cmd_plan, "predict": cmd_predict, "export": cmd_export}[args.command]
+               "describe": cmd_describe, "plan": cmd_plan, "predict": cmd_predict, "export": cmd_export,
+               "settings": cmd_settings}[args.command]
     try:
         with held_warnings():  # shown once the checks pass (a run's start), dropped if one fails
             return command(args)

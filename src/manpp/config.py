@@ -49,8 +49,9 @@ def _model_help() -> str:
 def _dataset_help() -> str:
     from .data import DATASETS
 
-    return (f"default digits: {', '.join(DATASETS.names())} (imagenet, coco and cityscapes read a folder given by "
-            f"--data-dir; shapes and synthetic are generated)")
+    return (f"default digits: {', '.join(DATASETS.names())} (folder: your own images, one subfolder per class, "
+            f"given by --data-dir; imagenet, coco and cityscapes read a folder given by --data-dir; shapes and "
+            f"synthetic are generated)")
 
 
 @dataclass
@@ -99,8 +100,8 @@ class TrainConfig(LocalSettings):
     lr: float = setting(0.1, rule=LR_RULE, flag="--lr",
                         help="peak learning rate (warm-up from warmup_lr over warmup_epochs, then cosine)")
     sgd_momentum: float = setting(0.9, rule=SGD_MOMENTUM_RULE)
-    nesterov: bool = setting(True)
-    weight_decay: float = setting(1e-4, rule=WEIGHT_DECAY_RULE)
+    nesterov: bool = setting(True, help="SGD's Nesterov momentum")
+    weight_decay: float = setting(1e-4, rule=WEIGHT_DECAY_RULE, help="L2 weight decay of every trained parameter")
     warmup_epochs: float = setting(1.0, rule=Number(low=0, meaning="epochs of linear warm-up"))
     warmup_lr: float = setting(0.01, rule=Number(low=0, meaning="the learning rate the warm-up starts from"))
     lr_update: str | None = setting(None, rule=OneOf(LR_UPDATES, optional=True),
@@ -129,9 +130,10 @@ class TrainConfig(LocalSettings):
                                       "else 8)")
     optimizer: str = setting("sgd", rule=OneOf(OPTIMIZERS), flag="--optimizer",
                              help="sgd (momentum, nesterov) or adamw (adamw_betas, eps 1e-8)")
-    adamw_betas: Any = setting((0.9, 0.999))
+    adamw_betas: Any = setting((0.9, 0.999), help="AdamW's two moment decays")
     # running
-    seed: int = setting(0, rule=Number(low=0, integer=True), flag="--seed")
+    seed: int = setting(0, rule=Number(low=0, integer=True), flag="--seed", help="seeds the weights, the data order, "
+                        "the subsets and the folder split")
     max_steps: int | None = setting(None, rule=positive_int(True, "optimizer steps before stopping"),
                                     flag="--max-steps", help="stop when the run reaches this many optimizer steps; "
                                     "the run is then 'stopped', and --resume continues it (not kept for the "

@@ -16,6 +16,7 @@ from torch.nn import functional as F
 
 from ..models.cifar_resnet import init_weights
 from ..registry import register_objective
+from ..settings import setting
 from .detection import DetectionHead
 from .segmentation import SegmentationHead
 from .spec import FEATURE_DIM
@@ -24,7 +25,7 @@ from .vit import TokenHead
 
 @dataclass
 class DGLSettings:
-    feature_dim: int = FEATURE_DIM  # F: width of the 1x1 convs (the MLP is 4F wide)
+    feature_dim: int = setting(FEATURE_DIM, help="F, the width of the 1x1 convolutions (the MLP is 4F wide)")
 
 
 def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:

@@ -18,6 +18,7 @@ from ..errors import ManppError, choices
 from ..models.cifar_resnet import init_weights
 from ..recompute import run_checkpointed
 from ..registry import register_objective
+from ..settings import OneOf, setting
 from .spec import FEATURE_DIM
 
 CLASSIFIER_CONFIGS = ("1c2f", "2c2f")
@@ -31,22 +32,29 @@ SUPCON_TEMPERATURE = 0.07
 class InfoProSettings:
     """The paper's CIFAR settings (docs/method.md, InfoPro), except ``ixy_2`` (see below)."""
 
-    aux_config: str = "2c2f"  # classifier: '1c2f' or '2c2f'
-    aux_loss: str = "cross_entropy"  # classifier loss: 'cross_entropy' or 'contrast' (SupCon)
-    feature_dim: int = FEATURE_DIM  # F of the classifier
-    widen: int = 1  # width multiplier of the decoder and classifier
-    ixx_1: float = 5.0  # reconstruction weight at the first module
-    ixy_1: float = 0.5  # classification weight at the first module
-    ixx_2: float = 0.0  # reconstruction weight at module K-2
+    aux_config: str = setting("2c2f", rule=OneOf(CLASSIFIER_CONFIGS), help="the classifier: '1c2f' (one conv, two "
+                              "linear layers) or '2c2f' (two convs)")
+    aux_loss: str = setting("cross_entropy", rule=OneOf(CLASSIFIER_LOSSES), help="the classifier's loss: "
+                            "cross-entropy, or 'contrast' (supervised contrastive, temperature 0.07)")
+    feature_dim: int = setting(FEATURE_DIM, help="F, the classifier's hidden width")
+    widen: int = setting(1, help="width multiplier of the decoder and the classifier")
+    ixx_1: float = setting(5.0, help="the reconstruction weight at the first module")
+    ixy_1: float = setting(0.5, help="the classification weight at the first module")
+    ixx_2: float = setting(0.0, help="the reconstruction weight at module K-2 (linear in between)")
     # classification weight at module K-2: the paper's 0 leaves module K-2 (InfoPro) or, at small K,
     # modules 1 and 2 (MAN/MAN++) without any loss; 0.5 keeps the classification weight constant
-    ixy_2: float = 0.5
-    lambda_schedule: str = "auto"  # 'module' (InfoPro), 'stage' (MAN/MAN++ release), 'constant' or 'auto'
-    first_config: str | None = None  # module 0's classifier (the release: '1c2f'); None: aux_config
-    first_loss: str | None = None  # module 0's classifier loss (the release: 'contrast'); None: aux_loss
+    ixy_2: float = setting(0.5, help="the classification weight at module K-2 (the paper's 0 leaves a module "
+                           "without a loss at small K; 0.5 keeps it constant)")
+    lambda_schedule: str = setting("auto", rule=OneOf(LAMBDA_SCHEDULES), help="how the weights go from the first "
+                                   "module's to module K-2's: by 'module' (InfoPro), by 'stage' (the MAN/MAN++ "
+                                   "release), 'constant', or 'auto' (stage under MAN/MAN++, module else; constant on "
+                                   "ImageNet)")
+    first_config: str | None = setting(None, help="module 0's classifier (the release: '1c2f'); none: aux_config")
+    first_loss: str | None = setting(None, help="module 0's classifier loss (the release: 'contrast'); none: aux_loss")
     # what a grayscale image's decoder reconstructs: 'rgb' the image replicated to 3 channels (the
     # same training signal as storing it as 3 channels), 'gray' its one channel
-    decode_gray: str = "rgb"
+    decode_gray: str = setting("rgb", rule=OneOf(GRAY_DECODES), help="a grayscale image's reconstruction: 'rgb' (the "
+                               "image replicated to three channels) or 'gray' (one)")
 
 
 class Decoder(nn.Module):

@@ -23,12 +23,14 @@ from torch.nn import functional as F
 from ..errors import ManppError
 from ..models.cifar_resnet import init_weights
 from ..registry import register_objective
+from ..settings import setting
 
 
 @dataclass
 class PredSimSettings:
-    beta: float = 0.99  # weight of the similarity loss; 1 - beta goes to the prediction loss
-    pred_features: int = 2048  # the prediction head reads h pooled to at most this many values
+    beta: float = setting(0.99, help="the weight of the similarity loss; 1 - beta goes to the prediction loss")
+    pred_features: int = setting(2048, help="the prediction head reads the features pooled to at most this many "
+                                 "values")
 
 
 def similarity_matrix(x: torch.Tensor) -> torch.Tensor:
