@@ -180,3 +180,11 @@ def test_plan_says_which_figures_are_estimated(capsys):
     assert main(args + ["--measure", "--rounds", "1"]) == 0
     table = [line for line in capsys.readouterr().out.splitlines() if line.startswith(("ok ", "-- "))]
     assert len(table) == 24 and not any("~" in line for line in table)  # measured: no mark
+
+
+def test_no_progress_bar_off_a_terminal(capsys):
+    args = ["plan", "--model", "resnet8", "--dataset", "cifar10", "--method", "dgl", "--batch-size", "8",
+            "--device", "cpu", "--max-k", "2", "--budget", "1GB", "--jobs", "1"]
+    assert main(args) == 0  # pytest's streams are not terminals
+    captured = capsys.readouterr()
+    assert "%|" not in captured.err and "%|" not in captured.out

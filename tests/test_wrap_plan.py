@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import manpp
+from manpp import config as C
 from manpp.cli import main
 from manpp.errors import ManppError
 from manpp.memory import measure_step
@@ -63,11 +64,11 @@ def test_parse_bytes():
 
 
 def test_plan_estimates_every_strategy_ranks_them_and_says_when_checkpointing_alone_wins(capsys, tmp_path):
-    result_file = tmp_path / "accuracy.json"  # an accuracy benchmark's result: E2E and DGL at K=4
+    result_file = tmp_path / "accuracy.json"  # an accuracy benchmark's result: E2E and DGL at K=2 (a CIFAR ResNet)
     result_file.write_text(json.dumps({"setup": {"dataset": "fashion-mnist", "model": "resnet32", "steps": 5000},
                                        "runs": [{"method": "e2e", "k": 1, "fidelity": "ours", "test_accuracy": a}
                                                 for a in (0.90, 0.92)]
-                                       + [{"method": "dgl", "k": 4, "fidelity": "ours", "test_accuracy": a}
+                                       + [{"method": "dgl", "k": 2, "fidelity": "ours", "test_accuracy": a}
                                           for a in (0.88, 0.89)]}))
     common = ["plan", "--model", "resnet8", "--dataset", "cifar10", "--method", "dgl", "--batch-size", "16",
               "--device", "cpu", "--max-k", "2", "--rounds", "1", "--accuracy", str(result_file)]
@@ -90,8 +91,8 @@ def test_plan_estimates_every_strategy_ranks_them_and_says_when_checkpointing_al
             twin = rows[label.removesuffix(" + early step")]
             assert r["peak_activation_bytes"] == twin["peak_activation_bytes"]
             assert r["total_bytes"] <= twin["total_bytes"] and r["settings"].endswith("step_in_backward=true")
-    cost = rows["dgl K=2"]["accuracy_cost"]  # measured at K=4, the nearest K in the result
-    assert cost["k"] == 4 and cost["points"] == pytest.approx(2.5) and cost["seeds"] == 2
+    cost = rows["dgl K=2"]["accuracy_cost"]  # measured at this K on a network of this family (a CIFAR ResNet)
+    assert cost["k"] == 2 and cost["points"] == pytest.approx(2.5) and cost["seeds"] == 2
     assert rows["E2E"]["accuracy_cost"] is None
     assert rows["dgl K=2 + ckpt(sqrt)"]["settings"] == "method=dgl k=2 split=memory checkpointing=sqrt"
 
@@ -115,9 +116,21 @@ def test_plan_estimates_every_strategy_ranks_them_and_says_when_checkpointing_al
     assert "local learning buys nothing" in plan["advice"] and "3.00x" in plan["advice"]
     plan = rank([dict(fast, step_time_s=0.6), slow], 10**12, {})
     assert plan["chosen"]["label"] == "dgl K=2 + ckpt(units)" and "2.00x the speed" in plan["advice"]
-    assert "accuracy -2.50 points vs E2E (fashion-mnist, resnet32, K=4, 2 seed(s), 5000 steps)" in plan["advice"]
+    assert "accuracy -2.50 points vs E2E (fashion-mnist, resnet32, K=2, 2 seed(s), 5000 steps)" in plan["advice"]
     plan = rank([dict(fast, total_bytes=10**13), slow], 10**12, {})
     assert "no strategy with E2E's gradients fits" in plan["advice"]
+    # a time difference smaller than what the measurement can tell apart decides nothing: the smaller one wins
+    a = dict(fast, step_time_s=0.100, times_s=[0.09, 0.11], time_source="measured", total_bytes=900)
+    b = dict(slow, step_time_s=0.105, times_s=[0.10, 0.12], time_source="measured", total_bytes=500)
+    plan = rank([a, b], 10**12, {})
+    assert plan["chosen"]["label"] == b["label"] and a["label"] in plan["tied"]
+    plan = rank([a, dict(b, step_time_s=0.2, times_s=[0.2, 0.2])], 10**12, {})
+    assert plan["chosen"]["label"] == a["label"] and not plan["tied"]  # 0.1 s apart, spreads of 0.02: not a tie
+    # nothing fits: the advice names what dominates
+    huge_state = rank([dict(slow, state_bytes=10**9, total_bytes=2 * 10**9)], 10**8, {})["advice"]
+    assert "parameters and optimizer state alone" in huge_state and "smaller batch cannot help" in huge_state
+    activations = rank([dict(slow, state_bytes=10**6, step_peak_bytes=10**9, total_bytes=10**9 + 10**6)], 10**8, {})
+    assert "mostly activations and gradients" in activations["advice"] and "lower the batch" in activations["advice"]
 
     assert main(common + ["--budget", "1GB"]) == 0  # everything fits: the text table
     out = capsys.readouterr().out
@@ -173,3 +186,20 @@ def test_the_accuracy_cost_of_manpp_is_read_at_its_own_aux_lr_scale():
     assert "K=16, aux_lr_scale=2, 1 seed(s)" in describe_cost(cost)
     assert accuracy_cost(doc, "manpp", "infopro", "infopro", 16, 1.0)["points"] == pytest.approx(6.0)
     assert accuracy_cost(doc, "manpp", "infopro", "infopro", 16, 3.0) is None  # not measured at 3
+
+
+def test_an_accuracy_cost_is_shown_only_for_the_k_and_family_it_was_measured_on():
+    from manpp.accuracycost import accuracy_cost, describe_cost
+    from manpp.plan import measure_command
+
+    doc = {"setup": {"dataset": "fashion-mnist", "model": "resnet32"}, "path": "x.json",
+           "runs": [{"method": m, "k": k, "seed": s, "fidelity": "ours", "test_accuracy": a}
+                    for m, k, a in (("e2e", 1, 0.9), ("dgl", 16, 0.87)) for s in (0, 1)]}
+    assert accuracy_cost(doc, "dgl", None, None, 16, family="cifar")["points"] == pytest.approx(3.0)
+    assert accuracy_cost(doc, "dgl", None, None, 8, family="cifar") is None  # another K: not carried over
+    assert accuracy_cost(doc, "dgl", None, None, 16, family="imagenet") is None  # another kind of network
+    cfg = C.apply(C.TrainConfig(), {"model": "resnet18", "dataset": "folder", "data_dir": "imgs"})
+    how = measure_command(cfg, {"method": "manpp", "objective": "infopro", "k": 4})
+    assert how.startswith("python benchmarks/accuracy.py --model resnet18 --dataset folder --data-dir imgs --ks 4 "
+                          "--methods e2e,manpp:infopro")
+    assert describe_cost(None, how) == f"accuracy cost not measured (measure it: {how})"

@@ -81,11 +81,14 @@ def _paired(e2e: list[dict], ours: list[dict]) -> tuple[list[float], list[float]
 
 
 def accuracy_cost(doc: dict | None, method: str, objective: str | None, default_objective: str | None,
-                  k: int, aux_lr_scale: float = 1.0) -> dict | None:
-    """E2E's mean accuracy minus the method's (points), at ``k`` or the nearest K measured, over the
-    seeds both were measured on; ``None`` when the result holds no run of the method (or of E2E) at
-    ``aux_lr_scale`` (the run's resolved one: MAN++'s default on InfoPro is 2)."""
+                  k: int, aux_lr_scale: float = 1.0, family: str | None = None) -> dict | None:
+    """E2E's mean accuracy minus the method's (points), at ``k``, over the seeds both were measured on;
+    ``None`` when the result holds no run of the method (or of E2E) at that K and ``aux_lr_scale`` (the run's
+    resolved one: MAN++'s default on InfoPro is 2), or (``family`` given: the plan's backbone family) when it
+    was measured on a backbone of another family: a cost carries only to the networks it was measured on."""
     if doc is None or method == "e2e":
+        return None
+    if family is not None and result_family(doc) not in (None, family):
         return None
     names = [f"{method}:{objective}"] if objective and objective != method else []
     if objective in (None, method, default_objective):
@@ -93,8 +96,8 @@ def accuracy_cost(doc: dict | None, method: str, objective: str | None, default_
     e2e = [r for runs in _accuracies(doc["runs"], "e2e").values() for r in runs]
     for name in names:
         by_k = _accuracies(doc["runs"], name, float(aux_lr_scale))
-        if by_k and e2e:
-            near = min(by_k, key=lambda m: (abs(m - k), m))
+        if k in by_k and e2e:
+            near = k
             e2e_acc, ours = _paired(e2e, by_k[near])
             setup = doc.get("setup", {})
             steps = {r.get("steps") for r in by_k[near]}
@@ -107,9 +110,24 @@ def accuracy_cost(doc: dict | None, method: str, objective: str | None, default_
     return None
 
 
-def describe_cost(cost: dict | None) -> str:
+def result_family(doc: dict) -> str | None:
+    """The backbone family of the model an accuracy result was measured on (None: it does not say)."""
+    model = doc.get("setup", {}).get("model")
+    if not model:
+        return None
+    from . import config as C
+    from .resolve import backbone_facts
+
+    try:
+        return backbone_facts(C.TrainConfig(model=model)).family
+    except Exception:  # noqa: BLE001 - a result of a model this version does not know: no family
+        return None
+
+
+def describe_cost(cost: dict | None, how: str | None = None) -> str:
+    """The cost in words; without one, "not measured" and (``how``) the command that would measure it."""
     if cost is None:
-        return "accuracy cost not measured"
+        return "accuracy cost not measured" + (f" (measure it: {how})" if how else "")
     where = ", ".join(str(v) for v in (cost["dataset"], cost["model"]) if v)
     steps = f", {cost['steps']} steps" if cost.get("steps") else ""
     sign = "-" if cost["points"] >= 0 else "+"
@@ -118,4 +136,4 @@ def describe_cost(cost: dict | None) -> str:
             f"{cost['seeds']} seed(s){steps})")
 
 
-__all__ = ["DEFAULT_RESULT", "accuracy_cost", "describe_cost", "load_result"]
+__all__ = ["DEFAULT_RESULT", "accuracy_cost", "describe_cost", "load_result", "result_family"]

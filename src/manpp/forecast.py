@@ -215,8 +215,8 @@ def estimate(cfg: C.TrainConfig, strategies: Sequence[Strategy], *, probe: bool 
     fake_device = device if present or device.type == "cpu" else torch.device("cpu")
     source = ESTIMATED if fake_device == device else f"{ESTIMATED} with the CPU's operators ({device} is not here)"
     work = [(cfg, groups[key], str(fake_device), source) for key in order]
-    bar = tqdm(total=len(strategies), desc="strategies (estimated)", unit="strategy", disable=not progress,
-               leave=False)
+    bar = tqdm(total=len(strategies), desc="strategies (estimated)", unit="strategy", leave=False,
+               disable=None if progress else True)  # None: no bar off a terminal
     results: dict[tuple[str, int], dict] = {}
     if jobs == 1:
         for key, job in zip(order, work):

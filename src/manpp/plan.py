@@ -110,22 +110,33 @@ def plan(cfg: C.TrainConfig, budget: int | None, *, max_k: int | None = None, ro
                   flush=True)
         records, probe = estimate(cfg, strategies, progress=verbose, jobs=jobs)
     default_objective = resolve(dataclasses.replace(cfg, objective=None)).objective
+    family = backbone_facts(cfg).family
     rows = []
     for r in records:
         row = {key: r[key] for key in ("label", "method", "k", "checkpointing", "saved", "offload", "early_step",
                                        "local", "gradients", "objective", "split", "split_name",
                                        "peak_activation_bytes",
                                        "step_peak_bytes", "state_bytes", "total_bytes", "step_time_s", "flops",
-                                       "memory_source", "time_source")}
+                                       "memory_source", "time_source", "times_s")}
         row["accuracy_cost"] = (accuracy_cost(doc, r["method"], r["objective"], default_objective, r["k"],
-                                              cfg.aux_lr_scale if r["method"] == cfg.method else 1.0)
+                                              cfg.aux_lr_scale if r["method"] == cfg.method else 1.0, family)
                                 if r["local"] else None)
+        row["accuracy_how"] = None if not r["local"] or row["accuracy_cost"] else measure_command(cfg, r)
         row["settings"] = settings_of(row)
         rows.append(row)
     return rank(rows, budget, {"model": cfg.model, "method": cfg.method, "objective": cfg.objective,
                                "batch_size": cfg.batch_size, "image_size": info.image_size, "device": str(device),
                                "device_here": present, "units": units, "probe": probe,
                                "accuracy_source": None if doc is None else doc["path"]})
+
+
+def measure_command(cfg: C.TrainConfig, row: dict) -> str:
+    """The accuracy benchmark's command that measures ``row``'s method against E2E on this model and data."""
+    method = row["method"] + (f":{row['objective']}" if row.get("objective") and row["objective"] != row["method"]
+                              else "")
+    data = f" --data-dir {cfg.data_dir}" if cfg.data_dir else ""
+    return (f"python benchmarks/accuracy.py --model {cfg.model} --dataset {cfg.dataset}{data} --ks {row['k']} "
+            f"--methods e2e,{method} --name my_accuracy, then --accuracy benchmarks/results/my_accuracy.json")
 
 
 def device_memory(device, present: bool) -> int:
@@ -148,15 +159,37 @@ def _speed_ratio(slow: dict, fast: dict) -> str:
     return f"{_time(slow) / _time(fast):.2f}x" if _time(fast) else "?"
 
 
+ESTIMATE_TIE = 0.10  # estimated times closer than this (relative) are a tie: the FLOP model is not finer
+
+
+def tolerance(a: dict, b: dict) -> float:
+    """How far apart the times of ``a`` and ``b`` may be and still be a tie: the larger spread of their
+    measured rounds (max - min), or for an estimate ESTIMATE_TIE of the faster one's."""
+    spreads = [max(r["times_s"]) - min(r["times_s"]) for r in (a, b) if r.get("times_s") and len(r["times_s"]) > 1]
+    if spreads and not any(str(r.get("time_source", "")).startswith(ESTIMATED) for r in (a, b)):
+        return max(spreads)
+    return ESTIMATE_TIE * min(_time(a), _time(b))
+
+
 def rank(rows: list[dict], budget: int, facts: dict) -> dict:
-    """The plan of measured strategies for ``budget`` bytes: those that fit, fastest first (the first is
-    ``chosen``), then the others, smallest first; ``fastest_exact`` and the ``advice``."""
+    """The plan of strategies for ``budget`` bytes: those that fit, fastest first, then the others, smallest
+    first. ``chosen`` is the smallest of the fitting ones tied with the fastest (times within
+    :func:`tolerance`: a difference smaller than what measuring or estimating can tell apart decides
+    nothing); ``fastest_exact`` likewise among the exact ones; then the ``advice``."""
     rows = [dict(r, fits=r["total_bytes"] <= budget) for r in rows]
     fitting = sorted((r for r in rows if r["fits"]), key=lambda r: (_time(r), r["total_bytes"]))
     others = sorted((r for r in rows if not r["fits"]), key=lambda r: (r["total_bytes"], _time(r)))
-    result = {**facts, "budget_bytes": budget, "strategies": fitting + others,
-              "chosen": fitting[0] if fitting else None,
-              "fastest_exact": next((r for r in fitting if _exact(r)), None)}
+
+    def best(candidates: list[dict]) -> tuple[dict | None, list[dict]]:
+        if not candidates:
+            return None, []
+        tied = [r for r in candidates if _time(r) - _time(candidates[0]) <= tolerance(candidates[0], r)]
+        return min(tied, key=lambda r: (r["total_bytes"], _time(r))), tied
+
+    chosen, tied = best(fitting)
+    exact, _ = best([r for r in fitting if _exact(r)])
+    result = {**facts, "budget_bytes": budget, "strategies": fitting + others, "chosen": chosen,
+              "tied": [r["label"] for r in tied if r is not chosen], "fastest_exact": exact}
     result["advice"] = advice(result)
     return result
 
@@ -165,26 +198,48 @@ def advice(result: dict) -> str:
     """What the measurements say to do, in one or two sentences."""
     chosen, exact = result["chosen"], result["fastest_exact"]
     if chosen is None:
-        best = result["strategies"][0]
-        return (f"nothing fits {format_bytes(result['budget_bytes'])}: the smallest footprint {_how(best)} is "
-                f"{format_bytes(best['total_bytes'])} ({best['label']}); lower the batch size or the image size")
+        return _nothing_fits(result)
+    tie = (f" ({', '.join(result['tied'][:3])} {'is' if len(result['tied']) == 1 else 'are'} as fast within what can "
+           f"be told apart, and larger)" if result.get("tied") else "")
     if _exact(chosen):
-        text = (f"{chosen['label']} fits and is the fastest strategy that does: use it. Its gradients are "
+        text = (f"{chosen['label']} fits and is the fastest strategy that does{tie}: use it. Its gradients are "
                 f"E2E's, so local learning buys nothing here")
         local = next((r for r in result["strategies"] if r["fits"] and r["local"]), None)
         if local is not None:
             text += (f" (the fastest local one, {local['label']}, takes "
                      f"{_speed_ratio(local, chosen)} its step time{_estimated_time(local, chosen)})")
         return text + "."
-    cost = describe_cost(chosen["accuracy_cost"])
+    cost = describe_cost(chosen["accuracy_cost"], chosen.get("accuracy_how"))
     if exact is None:
         smallest = min((r for r in result["strategies"] if _exact(r)), key=lambda r: r["total_bytes"], default=None)
         need = f" (the smallest, {smallest['label']}, needs {format_bytes(smallest['total_bytes'])})" if smallest else ""
         return (f"no strategy with E2E's gradients fits{need}; {chosen['label']} fits and is the fastest "
-                f"that does. It trains with local gradients: {cost}.")
-    return (f"{chosen['label']} is the fastest that fits, {_speed_ratio(exact, chosen)} the speed of the fastest "
+                f"that does{tie}. It trains with local gradients: {cost}.")
+    if _time(exact) - _time(chosen) <= tolerance(exact, chosen):  # no faster than the exact one, as far as known
+        return (f"{exact['label']} fits and is as fast as the fastest local strategy ({chosen['label']}) within what "
+                f"can be told apart: use it. Its gradients are E2E's, so local learning buys nothing here.")
+    return (f"{chosen['label']} is the fastest that fits{tie}, {_speed_ratio(exact, chosen)} the speed of the fastest "
             f"exact strategy that fits ({exact['label']}){_estimated_time(exact, chosen)}. It trains with local "
             f"gradients: {cost}; {exact['label']} keeps E2E's.")
+
+
+def _nothing_fits(result: dict) -> str:
+    """Nothing fits: the smallest footprint, and what dominates it (what would have to shrink)."""
+    budget = result["budget_bytes"]
+    best = min(result["strategies"], key=lambda r: r["total_bytes"])
+    text = (f"nothing fits {format_bytes(budget)}: the smallest footprint {_how(best)} is "
+            f"{format_bytes(best['total_bytes'])} ({best['label']}), ")
+    if best["state_bytes"] >= budget:
+        return text + (f"and its parameters and optimizer state alone take {format_bytes(best['state_bytes'])}: a "
+                       f"smaller batch cannot help; train a smaller model, fewer or lighter auxiliary networks "
+                       f"(a lower K, DGL's heads), or with SGD rather than AdamW (one state copy, not two)")
+    step = best.get("step_peak_bytes") or best["peak_activation_bytes"]
+    if best["state_bytes"] > step:
+        return text + (f"mostly parameters and optimizer state ({format_bytes(best['state_bytes'])}) against "
+                       f"{format_bytes(step)} of activations and gradients: a smaller model or fewer auxiliary "
+                       f"networks saves more than a smaller batch")
+    return text + (f"mostly activations and gradients ({format_bytes(step)}, against "
+                   f"{format_bytes(best['state_bytes'])} of state): lower the batch size or the image size")
 
 
 def _how(row: dict) -> str:

@@ -173,8 +173,8 @@ def measure(cfg: C.TrainConfig, strategies: Sequence[Strategy], *, rounds: int =
     x = x.contiguous(memory_format=memory_format(cfg))
     auto = cfg.recompute_ema == "auto"
     runs = []
-    bar = tqdm(total=len(strategies) * (1 + rounds), desc="strategies", unit="step", disable=not progress,
-               leave=False)
+    bar = tqdm(total=len(strategies) * (1 + rounds), desc="strategies", unit="step", leave=False,
+               disable=None if progress else True)  # None: no bar off a terminal
     steps: dict[Strategy, tuple] = {}  # one measured step gives a strategy and its early-step twin
     for s in strategies:
         entry = models[(s.method, s.k)]
