@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import difflib
 from typing import Any, Callable, Sequence
 
 from torch import nn
@@ -35,9 +37,11 @@ def local_model(backbone: nn.Module, *, method: str = "manpp", k: int | None = N
     from ``manpp.parameter_groups(model, lr=...)`` to apply it. ``heads=`` and ``image_channels=`` are the
     names of earlier versions, still taken.
     """
+    in_channels = in_channels if in_channels is not None else settings.pop("image_channels", None)
+    check_sizes("local_model", k=k, in_channels=in_channels, image_size=image_size, num_classes=num_classes)
     _check_backbone(backbone, num_classes)
     given = {**(objective_settings or {}), **(settings.pop("heads", None) or {})}
-    in_channels = in_channels or settings.pop("image_channels", None)
+    _check_keywords("local_model", settings)
     local = LocalSettings(method=method, k=k, split=split, objective=objective, ema_momentum=ema_momentum,
                           copy_init=copy_init, recompute_ema=recompute_ema, scale_init=scale_init,
                           objective_settings={**given, **settings}, allow_zero_loss=allow_zero_loss)
@@ -48,6 +52,35 @@ def local_model(backbone: nn.Module, *, method: str = "manpp", k: int | None = N
         image_size=image_size or getattr(backbone, "image_size", None) or 32, denormalize=denormalize,
         task=task or task_of(backbone), aux_lr_scale=aux_lr_scale,
     )
+
+
+def check_sizes(caller: str, **values) -> None:
+    """K, channels, image size, classes: None (the default) or a whole number of at least 1, named when not."""
+    for name, value in values.items():
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ManppError(f"{caller}: {name} must be a whole number of at least 1 (or None for the default), got "
+                             f"{value!r} ({type(value).__name__})")
+
+
+KEYWORDS = ("method", "k", "objective", "split", "in_channels", "image_size", "num_classes", "ema_momentum",
+            "copy_init", "scale_init", "recompute_ema", "objective_settings", "allow_zero_loss", "denormalize", "task",
+            "aux_lr_scale")
+
+
+def _check_keywords(caller: str, settings: dict) -> None:
+    """A keyword that is no objective's setting is a mistyped keyword: named, with what is accepted."""
+    from .registry import OBJECTIVES
+
+    known = {f.name for _, o in OBJECTIVES.items() for f in dataclasses.fields(o.settings)}
+    unknown = [key for key in settings if key not in known]
+    if unknown:
+        close = difflib.get_close_matches(unknown[0], [*KEYWORDS, *known], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ManppError(f"{caller}: unknown keyword {unknown[0]!r}{hint}: accepted are {', '.join(KEYWORDS)}"
+                         f"{', units, head' if caller == 'wrap' else ''}, and the objective's settings (manpp "
+                         f"settings objective_settings lists them)")
 
 
 def _check_backbone(backbone, num_classes: int | None) -> None:
@@ -88,6 +121,9 @@ def wrap(model: nn.Module | Sequence[nn.Module], *, method: str = "manpp", k: in
     """
     from .models.wrap import as_backbone
 
+    check_sizes("wrap", k=k, in_channels=in_channels, image_size=image_size, num_classes=num_classes)
+    _check_keywords("wrap", {key: v for key, v in options.items() if key not in KEYWORDS and key not in
+                             ("heads", "image_channels")})
     backbone = as_backbone(model, units=units, head=head, in_channels=in_channels, image_size=image_size,
                            num_classes=num_classes)
     return local_model(backbone, method=method, k=k, objective=objective, split=split,

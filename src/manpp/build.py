@@ -180,15 +180,30 @@ def check_buildable(cfg: C.TrainConfig) -> None:
 
 
 def load_pretrained(backbone, cfg: C.TrainConfig) -> None:
-    """``pretrained``: a plain torchvision ResNet state dict file, loaded into the backbone's ResNet units
-    (a library model, ``timm/...`` or ``torchvision/...``, loads its own when it is built)."""
+    """``pretrained``: a state dict file of the backbone's own keys (``manpp export`` of a CIFAR ResNet, say), or
+    a plain torchvision ResNet's, loaded into the backbone's ResNet units (a library model, ``timm/...`` or
+    ``torchvision/...``, loads its own when it is built). The classifier may have another number of classes:
+    it then keeps its own initialisation."""
     from .checkpoint import load_weights
     from .models.imagenet import load_resnet_weights
 
+    state = load_weights(cfg.pretrained)
+    own = backbone.state_dict()
+    if set(state) <= set(own):  # the backbone's own keys
+        other = [k for k, v in state.items() if v.shape != own[k].shape]
+        if any(not k.startswith("head.") for k in other):
+            raise ManppError(f"pretrained weights '{cfg.pretrained}' do not fit model '{cfg.model}': '{other[0]}' is "
+                             f"{tuple(state[other[0]].shape)} there but {tuple(own[other[0]].shape)} here")
+        missing = sorted(k for k in set(own) - set(state) if not k.startswith("head."))
+        if missing:
+            raise ManppError(f"pretrained weights '{cfg.pretrained}' lack {missing[:3]} of model '{cfg.model}'")
+        backbone.load_state_dict({**own, **{k: v for k, v in state.items() if k not in other}})
+        return
     arch = str(getattr(backbone, "arch", "")).replace("retinanet_", "").replace("deeplabv3_", "")
     if not hasattr(backbone, "unit_names") or not arch.startswith(("resnet", "resnext", "wide_resnet")):
-        raise ManppError(f"pretrained weights are for torchvision ResNet backbones; model '{cfg.model}' is not one")
-    load_resnet_weights(backbone, load_weights(cfg.pretrained))
+        raise ManppError(f"pretrained weights '{cfg.pretrained}' are neither a state dict of model '{cfg.model}' nor "
+                         f"of a torchvision ResNet")
+    load_resnet_weights(backbone, state)
 
 
 def memory_format(cfg: C.TrainConfig) -> torch.memory_format:

@@ -334,7 +334,7 @@ def cmd_predict(args) -> int:
 def cmd_export(args) -> int:
     from .export import export_backbone
 
-    formats = tuple(f.strip() for f in args.format.split(",")) if args.format else None
+    formats = tuple(f.strip() for f in args.format.split(",")) if args.format is not None else None
     info = export_backbone(args.checkpoint, args.out, best=args.best, allow_unfinished=args.allow_unfinished,
                            allow_nonfinite=args.allow_nonfinite, force=args.force, formats=formats)
     which = ("best" if info["best"] else "last") + " weights" + ("; the run stopped at its max_steps"

@@ -20,6 +20,7 @@ GPU keep a margin for the allocator's workspace and fragmentation (docs/memory.m
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 
 from . import config as C
@@ -43,6 +44,8 @@ def parse_bytes(text: str | int | float) -> int:
             raise ManppError(f"cannot read the memory size {text!r}: give a number with a unit such as 8GB, "
                              f"512MiB or 24G")
         value, unit = float(match.group(1)), match.group(2).lower()
+    if not math.isfinite(value * _UNITS[unit]) or value * _UNITS[unit] >= 2**80:
+        raise ManppError(f"the memory budget {text!r} is not a size a machine has: give one such as 16GB")
     if value <= 0:
         raise ManppError(f"the memory budget must be positive, got {text!r}")
     return int(value * _UNITS[unit])

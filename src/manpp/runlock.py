@@ -24,6 +24,7 @@ except ImportError:  # pragma: no cover - Windows
     fcntl = None
 
 LOCK = ".manpp.lock"
+_HELD: set[Path] = set()  # the lock files this process holds (a second open of one would see itself as the holder)
 
 
 def _owner_text(path: Path) -> str:
@@ -77,6 +78,7 @@ class FolderLock:
             if same:
                 self.fd = fd
                 self._write_owner()
+                _HELD.add(self.path.resolve())
                 return self
             os.close(fd)  # the holder removed the file as we opened it: try again on the new one
         raise ManppError(f"cannot lock run folder '{self.folder}': its lock file keeps changing")
@@ -96,6 +98,7 @@ class FolderLock:
         lock on a file that is about to vanish)."""
         if self.fd is None:
             return
+        _HELD.discard(self.path.resolve())
         try:
             self.path.unlink()
         except OSError:
@@ -115,7 +118,7 @@ class FolderLock:
 def holder(folder: str | Path) -> str | None:
     """Who holds the lock on ``folder`` now (a description), or None when nobody does."""
     path = Path(folder) / LOCK
-    if fcntl is None or not path.exists():
+    if fcntl is None or not path.exists() or path.resolve() in _HELD:  # this process: not "another" holder
         return None
     try:
         fd = os.open(path, os.O_RDONLY)

@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -70,6 +71,10 @@ def train(cfg: C.TrainConfig, *, resume: str | None = None, overwrite: bool = Fa
         # On an exception the group is left alone: other processes may be inside a collective with
         # this one, and torchrun ends them when this process exits with the error.
         if cfg.parallel == "modules":
+            if D.world_size() == 1:  # not silently one stage: a pipeline needs several processes
+                warnings.warn("parallel=modules without torchrun runs every module in this one process (one stage, "
+                              "as without it): start it with torchrun --nproc_per_node N to pipeline N stages",
+                              stacklevel=2)
             from .pipeline import train_pipelined
 
             result = train_pipelined(cfg, ckpt, resume, device, verbose and D.is_main(), overwrite, stop)
@@ -87,8 +92,8 @@ def _check_continuable(cfg: C.TrainConfig, ckpt: dict, resume: str) -> None:
         raise ManppError(f"max_steps {cfg.max_steps} is not beyond the run's step {ckpt['step']}: nothing would be "
                          f"trained; give a larger --max-steps, or none to train to the end")
     if ckpt["epoch"] >= cfg.epochs and (read_summary(folder_of(resume)) or {}).get("status") == "finished":
-        raise ManppError(f"the run in '{folder_of(resume)}' has trained all its {cfg.epochs} epochs: nothing to "
-                         f"resume (give epochs=N with N > {cfg.epochs} to train it further)")
+        raise ManppError(f"the run in '{folder_of(resume)}' has trained {ckpt['epoch']} epoch(s), and epochs is "
+                         f"{cfg.epochs}: nothing to resume (give epochs=N with N > {ckpt['epoch']} to train it further)")
 
 
 def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: torch.device, verbose: bool,

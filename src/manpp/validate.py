@@ -55,6 +55,11 @@ def check_config(cfg: C.TrainConfig) -> None:
     check_milestones(cfg.lr_milestones)
     check_step_in_backward(cfg)
     check_data_dir(cfg.dataset, cfg.data_dir)
+    for name in ("out", "data_dir", "pretrained"):
+        value = getattr(cfg, name)
+        if value is not None and not str(value).strip():
+            flag = "--" + name.replace("_", "-")
+            raise ManppError(f"{flag} '' names no file or folder: give one, or leave {flag} out for the default")
     check_classes(cfg.classes)
     if cfg.optimizer == "adamw":
         adamw_betas(cfg)

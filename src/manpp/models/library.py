@@ -15,7 +15,9 @@ Face cache), downloaded when the machine is online.
 
 from __future__ import annotations
 
+import contextlib
 import difflib
+import socket
 from pathlib import Path
 
 import torch
@@ -79,10 +81,11 @@ def create(name: str, *, num_classes: int, image_size: int, pretrained: str | No
         if library == "timm":
             timm = require("timm", "timm/<name> models")
             kwargs = dict(pretrained=with_library_weights, num_classes=num_classes)
-            try:  # ViTs and other fixed-size models take the size; the others do not know the keyword
-                net = timm.create_model(model, img_size=image_size, **kwargs)
-            except TypeError:
-                net = timm.create_model(model, **kwargs)
+            with hub_offline_unless_reachable(with_library_weights):
+                try:  # ViTs and other fixed-size models take the size; the others do not know the keyword
+                    net = timm.create_model(model, img_size=image_size, **kwargs)
+                except TypeError:
+                    net = timm.create_model(model, **kwargs)
         else:
             net = _torchvision(model, num_classes, image_size, with_library_weights)
     except ManppError:
@@ -97,6 +100,37 @@ def create(name: str, *, num_classes: int, image_size: int, pretrained: str | No
     if pretrained and not with_library_weights:
         load_file(net, pretrained, name)
     return net
+
+
+HUB_HOST = ("huggingface.co", 443)  # where timm's weights come from
+
+
+@contextlib.contextmanager
+def hub_offline_unless_reachable(downloading: bool):
+    """Within the block, the Hugging Face hub reads only its cache when its host cannot be reached (a quick
+    connection attempt), instead of retrying for most of a minute before the same error."""
+    if not downloading:
+        yield
+        return
+    try:
+        socket.create_connection(HUB_HOST, timeout=3).close()
+        reachable = True
+    except OSError:
+        reachable = False
+    constants = None
+    if not reachable:
+        try:
+            from huggingface_hub import constants
+        except ImportError:
+            constants = None
+    before = getattr(constants, "HF_HUB_OFFLINE", None)
+    if constants is not None:
+        constants.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        if constants is not None:
+            constants.HF_HUB_OFFLINE = before
 
 
 def _torchvision(model: str, num_classes: int, image_size: int, with_library_weights: bool) -> nn.Module:
