@@ -80,7 +80,7 @@ def bench(cfg: C.TrainConfig, methods: list[str], *, steps: int = 20, warmup: in
             "modules": model.k, "partition": model.partition.label, "dataset_shape": cfg.dataset,
             "batch_size": cfg.batch_size, "device": str(device), "steps": steps,
             "channels_last": cfg.channels_last, "amp": cfg.amp, "saved_activations": run["saved"], "threads": torch.get_num_threads(),
-            "step_time_s": median, "images_per_s": cfg.batch_size / median,
+            "step_time_s": median, "times_s": list(run["times"]), "images_per_s": cfg.batch_size / median,
             "peak_activation_bytes": mem.peak_activation_bytes, "peak_allocated_bytes": mem.peak_allocated_bytes,
             "params": sum(p.numel() for p in model.backbone.parameters()),
             "aux_params": sum(model.aux_parameter_count()), "torch_version": torch.__version__,
