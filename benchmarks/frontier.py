@@ -62,11 +62,12 @@ MODELS = {
 # (model, batch) points, and what this 2-core CPU measures of each: "all" (memory and time), "memory" (time
 # estimated) or nothing (both estimated). On CUDA every point is measured that its estimate says fits.
 # (measuring took too long here, with other work on the machine, for the CIFAR points at batch 1024 and
-# ResNet-110's 55 modules (over an hour each) and for timing the ImageNet points (2.5 hours each): the 84
-# strategies measured at ResNet-32, batch 128 check the estimate of memory and time)
+# ResNet-110's 55 modules (over an hour each), for timing the ImageNet points (2.5 hours each) and for their
+# memory beyond batch 8 (an hour each): the 84 strategies measured at ResNet-32, batch 128 check the estimate of
+# memory and time, those at batch 8 of ResNet-101 and ViT-S its memory at ImageNet shapes)
 POINTS = [("resnet32_cifar", 128, "all"), ("resnet32_cifar", 1024, None), ("resnet110_cifar", 128, None),
-          ("resnet110_cifar", 1024, None), ("resnet101_224", 8, "memory"), ("resnet101_224", 32, "memory"),
-          ("resnet101_224", 128, None), ("vit_small_224", 8, "memory"), ("vit_small_224", 32, "memory"),
+          ("resnet110_cifar", 1024, None), ("resnet101_224", 8, "memory"), ("resnet101_224", 32, None),
+          ("resnet101_224", 128, None), ("vit_small_224", 8, "memory"), ("vit_small_224", 32, None),
           ("vit_small_224", 128, None)]
 SWEEP = (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048)  # batches of the crossover search (estimated)
 QUICK_MODELS = {"resnet8_quick": ("resnet8", "cifar10", 32, (2,))}
