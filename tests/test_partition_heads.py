@@ -166,3 +166,21 @@ def test_resized_conv_any_kernel_and_the_imagenet_decoder():
     x = torch.randn(2, 512, 7, 7)
     target = torch.rand(2, 3, 112, 112)
     assert torch.allclose(dec(x, target), plain(x, target), rtol=1e-5)
+
+
+def test_the_factored_path_on_channels_last_maps_only_where_it_saves_half(monkeypatch):
+    """Channels-last maps take the factored path only where it does under half the plain multiply-adds
+    (8x8 to 32x32: about a seventh); a 16x16 map (about two thirds) takes the plain NHWC path, NCHW the factored."""
+    from manpp.objectives import infopro
+
+    calls = []
+    original = infopro._shifted_resize_matrices
+    monkeypatch.setattr(infopro, "_shifted_resize_matrices", lambda *a: calls.append(a) or original(*a))
+    for channels, size, nhwc, factored in ((64, 8, True, True), (32, 16, True, False), (32, 16, False, True)):
+        calls.clear()
+        conv = torch.nn.Conv2d(channels, 12, 3, 1, 1)
+        x = torch.randn(2, channels, size, size)
+        x = x.contiguous(memory_format=torch.channels_last) if nhwc else x
+        up = torch.nn.functional.interpolate(x, size=(32, 32), mode="bilinear", align_corners=True)
+        assert torch.allclose(infopro.resized_conv(x, conv, (32, 32)), conv(up), atol=1e-5)
+        assert bool(calls) == factored, (channels, size, nhwc)
