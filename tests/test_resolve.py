@@ -51,7 +51,8 @@ def test_config_yaml_records_the_resolved_config(tmp_path):
                                     "batch_size": 8, "epochs": 1, "max_steps": 1, "device": "cpu",
                                     "out": str(tmp_path / "r"), "recompute_ema": False})
     train(cfg, verbose=False)
-    expected = dataclasses.replace(resolve(cfg), out=str(tmp_path / "r"), max_steps=None)
+    expected = dataclasses.replace(resolve(cfg), out=str(tmp_path / "r"), max_steps=None,
+                                   classes=[str(i) for i in range(10)])  # the synthetic set's class names
     assert (tmp_path / "r" / "config.yaml").read_text() == C.config_text(expected)
 
 
