@@ -136,6 +136,14 @@ def epoch_loader(dataset, cfg: C.TrainConfig, epoch: int, start: int = 0, *, ran
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, generator=worker_seed, **loader_kw)
 
 
+def test_loader(dataset, cfg: C.TrainConfig, **loader_kw) -> torch.utils.data.DataLoader:
+    """The evaluation batches, in order, with a generator of their own: evaluating draws nothing from the
+    global RNG, so a run evaluated between epochs continues exactly as one resumed there (every trainer
+    evaluates through this loader)."""
+    return torch.utils.data.DataLoader(dataset, batch_size=cfg.eval_batch_size,
+                                       generator=torch.Generator().manual_seed(cfg.seed), **loader_kw)
+
+
 # --- model -----------------------------------------------------------------------------------
 
 def build_model(cfg: C.TrainConfig, info, device: torch.device | str = "cpu") -> LocalModel:

@@ -35,7 +35,7 @@ import torch.distributed as dist
 
 from . import config as C
 from . import distributed as D
-from .build import build_model, data_info, epoch_loader, load_data, seed_everything, with_classes
+from .build import build_model, data_info, epoch_loader, load_data, seed_everything, test_loader, with_classes
 from .build import steps_per_epoch as steps_per_epoch_of
 from .checkpoint import load_model_state, rng_state, set_rng_state
 from .engine import LocalContext, local_step
@@ -195,6 +195,8 @@ def train_pipelined(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, d
         while epoch < cfg.epochs and (cfg.max_steps is None or step < cfg.max_steps) and not signum:
             batches = iter(epoch_loader(train_set, cfg, epoch, batch_in_epoch)) if main else None
             sums, n_batches, _, elapsed = at.take_partial(model.k)
+            sums[[j for j in range(model.k) if j not in mine]] = 0  # the partial sums of every stage were saved
+            # together; each stage carries on its own modules' (they are added up across stages below)
             partial, flag = None, 0
             model.train()
             started = time.perf_counter()
@@ -278,7 +280,7 @@ def _evaluate(model, task, test_set, cfg: C.TrainConfig, optimizer, sums, n_batc
               epoch_time: float, steps_per_epoch: int, complete: bool) -> dict:
     """Rank 0: the whole model on the test set, as one ``log.csv`` row."""
     means = [float(s) / max(1, n_batches) for s in sums]
-    metrics = task.evaluate(model, torch.utils.data.DataLoader(test_set, batch_size=cfg.eval_batch_size),
+    metrics = task.evaluate(model, test_loader(test_set, cfg, collate_fn=task.collate),
                             next(model.parameters()).device)
     return {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"], "train_loss": means[-1],
             "train_accuracy": None, **{f"test_{k}": v for k, v in metrics.items()},

@@ -22,7 +22,7 @@ import torch
 from . import config as C
 from . import distributed as D
 from .build import (RANK_SEED, build_model, check_options, epoch_loader, load_data, memory_format, seed_everything,
-                    with_classes)
+                    test_loader, with_classes)
 from .build import steps_per_epoch as steps_per_epoch_of
 from .checkpoint import load_model_state, rng_state, set_rng_state
 from .earlystep import StepInBackward
@@ -137,8 +137,7 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
         n_test = len(test_set)
         if D.is_initialized():  # each process evaluates its own contiguous part of the test set; the sums are reduced
             test_set = torch.utils.data.Subset(test_set, range(*D.shard_bounds(len(test_set))))
-        test_loader = torch.utils.data.DataLoader(test_set, batch_size=cfg.eval_batch_size,
-                                                  generator=torch.Generator().manual_seed(cfg.seed), **loader_kw)
+        tests = test_loader(test_set, cfg, **loader_kw)
         at = _restore(ckpt, model, optimizer, scaler, cfg, rank, device)  # a checkpoint that does not fit fails here
         memory = at.memory if at.memory is not None else _measure(model, train_set, task, cfg, device, world)
         history = at.history
@@ -217,7 +216,7 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
                 save(None, {"sums": sums, "batches": n_batches, "skipped": skipped, "seconds": epoch_time})
                 break
             D.broadcast_buffers(model)  # BatchNorm statistics are per process: evaluate and save rank 0's
-            metrics = task.evaluate(model, test_loader, device, reduce=True)
+            metrics = task.evaluate(model, tests, device, reduce=True)
             row = _epoch_row(model, optimizer, scaler, task, metrics, sums, n_batches, skipped, epoch, step,
                              epoch_time, steps_per_epoch, complete)
             history.append(row)
