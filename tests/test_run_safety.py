@@ -301,6 +301,113 @@ def test_a_checkpoint_of_another_run_dropped_in_is_refused_before_any_work(finis
     assert snapshot(out) == before and time.perf_counter() - started < 5
 
 
+def _flip(path: Path, seed: int, n: int = 20) -> None:
+    """``n`` bytes of ``path``'s tensor data (the zip entries under data/) changed, at distinct places."""
+    import random
+    import struct
+    import zipfile
+
+    data = bytearray(path.read_bytes())
+    with zipfile.ZipFile(path) as archive:
+        spans = []
+        for info in archive.infolist():
+            if "/data/" in info.filename and info.file_size:
+                name_len, extra_len = struct.unpack("<HH", data[info.header_offset + 26:info.header_offset + 30])
+                start = info.header_offset + 30 + name_len + extra_len  # past the entry's local header
+                spans += range(start, start + info.file_size)
+    rng = random.Random(seed)
+    for at in rng.sample(spans, n):
+        data[at] ^= rng.randrange(1, 256)
+    path.write_bytes(bytes(data))
+
+
+def test_a_checkpoint_with_flipped_bits_is_refused(finished, tmp_path, capsys):
+    """20 changed bytes in the tensors of 10 copies: every one is refused by resume, export and predict's
+    loader, in one line that says it is damaged (torch.load alone read 9 of 10 such files)."""
+    from manpp.checkpoint import load
+
+    for seed in range(10):
+        out = copy_of(finished, tmp_path, f"R{seed}")
+        _flip(out / "checkpoint.pt", seed)
+        before = snapshot(out)
+        assert main(["train", "--resume", str(out), "epochs=3", "--quiet"]) == 2
+        assert "it is damaged" in one_line(capsys.readouterr().err)
+        assert main(["export", str(out), "--out", str(tmp_path / f"e{seed}.pt")]) == 2
+        assert "it is damaged" in one_line(capsys.readouterr().err)
+        assert snapshot(out) == before and not (tmp_path / f"e{seed}.pt").exists()
+    _flip(out / "best.pt", 0)
+    with pytest.raises(ManppError, match="damaged"):
+        load(out / "best.pt", purpose="weights")
+
+
+def test_a_checkpoint_of_another_run_with_the_same_config_is_refused(tmp_path, capsys):
+    """Same config and another seed, or the same seed too: the run identity tells them apart."""
+    out = tmp_path / "R"
+    assert train(out, "--max-steps", "4") == 0
+    for name, extra in (("seed1", ["seed=1"]), ("again", [])):
+        other = tmp_path / name
+        assert train(other, "--max-steps", "4", *extra) == 0
+        copy = copy_of(out, tmp_path, f"R-{name}")
+        shutil.copy(other / "checkpoint.pt", copy / "checkpoint.pt")
+        before = snapshot(copy)
+        assert main(["train", "--resume", str(copy), "--quiet"]) == 2
+        line = one_line(capsys.readouterr().err)
+        assert "mixes two runs: its checkpoint.pt was written by run" in line and "summary.json by run" in line
+        assert snapshot(copy) == before
+    # checkpoint.pt and summary.json of one run, best.pt of another
+    copy = copy_of(out, tmp_path, "R-best")
+    shutil.copy(tmp_path / "again" / "best.pt", copy / "best.pt")
+    assert main(["train", "--resume", str(copy), "--quiet"]) == 2
+    assert "its best.pt by run" in one_line(capsys.readouterr().err)
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0  # its own files: it resumes
+    assert summary(out)["run_id"] == ckpt(out)["run"]["id"] == torch.load(out / "best.pt")["run"]["id"]
+
+
+def _failing_save(monkeypatch, fail):
+    """rundir's checkpoint writes, failing as a full disk does where ``fail(kind, n)`` says (n counts writes)."""
+    import errno
+
+    from manpp import rundir
+    from manpp.safeio import io_error
+
+    real, count = rundir.save_checkpoint, {"n": 0}
+
+    def save(payload, path, kind="checkpoint"):
+        count["n"] += 1
+        if fail(kind, count["n"]):
+            raise io_error(OSError(errno.ENOSPC, "No space left on device"), path, "write")
+        return real(payload, path, kind=kind)
+
+    monkeypatch.setattr(rundir, "save_checkpoint", save)
+
+
+def test_records_never_claim_an_epoch_the_checkpoint_lacks(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "R"
+    with monkeypatch.context() as m:
+        _failing_save(m, lambda kind, n: kind == "checkpoint" and n > 2)  # epoch 2's checkpoint: disk full
+        assert train(out) == 2
+    assert "the disk is full" in one_line(capsys.readouterr().err)
+    assert ckpt(out)["epoch"] == 1 and log_epochs(out) == ["1"]
+    assert summary(out)["status"] == "failed" and summary(out)["epochs"] == 1
+
+
+def test_a_best_pt_lost_to_a_full_disk_is_written_again(tmp_path, monkeypatch, capsys):
+    from manpp.checkpoint import checksum
+
+    out = tmp_path / "R"
+    with monkeypatch.context() as m:
+        _failing_save(m, lambda kind, n: kind == "best")
+        assert train(out) == 2
+    capsys.readouterr()
+    assert not (out / "best.pt").exists() and ckpt(out)["epoch"] == 1
+    state = ckpt(out)  # its log records a score no later epoch beats: best.pt must still come back
+    state["history"][0]["test_score"] = 2.0
+    torch.save(dict(state, checksum=checksum(state)), out / "checkpoint.pt")
+    assert main(["train", "--resume", str(out), "--quiet"]) == 0
+    best = torch.load(out / "best.pt")
+    assert best["epoch"] == 2 and best["run"]["id"] == ckpt(out)["run"]["id"]
+
+
 def test_unchanged_files_are_not_rewritten_on_resume(tmp_path):
     out = tmp_path / "R"
     assert train(out, "--max-steps", "2") == 0
@@ -349,7 +456,9 @@ def test_export_refuses_a_diverged_run_and_weights_that_are_not_finite(finished,
     state = ckpt(nan)
     key = next(k for k in state["model"] if k.endswith("conv1.weight"))
     state["model"][key][0, 0, 0, 0] = float("nan")
-    torch.save(state, nan / "checkpoint.pt")
+    from manpp.checkpoint import checksum
+
+    torch.save(dict(state, checksum=checksum(state)), nan / "checkpoint.pt")  # as a run writes it: checksummed
     assert main(["export", str(nan), "--out", str(tmp_path / "n.pt")]) == 2
     assert "are not finite" in one_line(capsys.readouterr().err) and not (tmp_path / "n.pt").exists()
     with pytest.warns(UserWarning, match="not finite"):

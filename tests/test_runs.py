@@ -234,6 +234,7 @@ def test_a_run_from_before_aux_lr_scale_resumes_with_the_lr_it_trained_with(tmp_
     assert run(out, "--epochs", "2", "--max-steps", "2", "aux_lr_scale=1") == 0
     ckpt = torch.load(out / "checkpoint.pt", weights_only=True)
     del ckpt["config"]["aux_lr_scale"]
+    del ckpt["checksum"], ckpt["run"]  # as that version wrote it: no checksum, no run identity
     torch.save(ckpt, out / "checkpoint.pt")
     written = yaml.safe_load((out / "config.yaml").read_text())
     del written["aux_lr_scale"]
@@ -255,7 +256,9 @@ def test_a_checkpoint_that_does_not_fit_names_the_keys(tmp_path, capsys):
     del ckpt["model"][dropped]
     bent = next(k for k in ckpt["model"] if k.endswith("conv1.weight"))
     ckpt["model"][bent] = torch.zeros(3, 3)
-    torch.save(ckpt, out / "checkpoint.pt")
+    from manpp.checkpoint import checksum
+
+    torch.save(dict(ckpt, checksum=checksum(ckpt)), out / "checkpoint.pt")  # intact, but for another model
     assert main(["train", "--resume", str(out), "--quiet"]) == 2
     err = capsys.readouterr().err
     assert dropped in err and "size mismatch" in err and bent in err and len(err.strip().splitlines()) == 1

@@ -4,16 +4,22 @@ A run's ``checkpoint.pt`` (``kind: checkpoint``) holds everything needed to cont
 (backbone, auxiliary networks, EMA copies), the optimizer(s), the loss scale, the position (epoch,
 step, batch in the epoch), the running sums of an epoch cut short, every process's random
 generators and the history. ``best.pt`` (``kind: best``) holds only the weights of the best
-evaluation. Both are written atomically (:mod:`manpp.safeio`) and read with ``weights_only=True``,
-so a checkpoint from someone else cannot run code here. Reading names what is wrong with a bad
-file: missing, empty, corrupt, unsafe, or not a manpp checkpoint.
+evaluation. Both carry the identity of the run that wrote them (``run``: a random id drawn at the
+run's start, its seed and the hash of its starting config) and a checksum of everything in them
+(``checksum``: SHA-256 over every tensor's bytes and every value, in order), checked on every read, so a
+file damaged on disk or in a copy is refused instead of resumed. Both are written atomically
+(:mod:`manpp.safeio`) and read with ``weights_only=True``, so a checkpoint from someone else cannot run
+code here. Reading names what is wrong with a bad file: missing, empty, corrupt, damaged (checksum),
+unsafe, or not a manpp checkpoint.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import pickle
 import random
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +31,8 @@ from .safeio import first_line, io_error, save_torch
 
 CHECKPOINT = "checkpoint.pt"
 BEST = "best.pt"
-CHECKPOINT_VERSION = 3  # 2: RNG states as tensors (weights_only loads); 3: kind, partial epoch sums, stage optimizers
+CHECKPOINT_VERSION = 4  # 2: RNG states as tensors (weights_only loads); 3: kind, partial epoch sums, stage
+# optimizers; 4: run identity and checksum
 KINDS = ("checkpoint", "best")
 _ZIP, _PICKLE = b"PK\x03\x04", b"\x80"
 
@@ -54,11 +61,55 @@ def set_rng_state(state: dict, device: torch.device | None = None) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def run_identity(seed: int, config_text: str) -> dict:
+    """The identity a run keeps for its whole life: a random id (from the OS, so drawing it moves no
+    generator of the run), its seed and the SHA-256 of the config it started with."""
+    return {"id": uuid.uuid4().hex, "seed": int(seed),
+            "config_sha256": hashlib.sha256(config_text.encode()).hexdigest()}
+
+
+def checksum(payload: dict) -> str:
+    """SHA-256 over ``payload`` without its ``checksum`` entry: every tensor's dtype, shape and bytes and
+    every other value's ``repr``, in the payload's order (which saving and loading keep)."""
+    digest = hashlib.sha256()
+    _feed(digest, {k: v for k, v in payload.items() if k != "checksum"})
+    return "sha256:" + digest.hexdigest()
+
+
+def _feed(digest, value) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"T{tensor.dtype}{tuple(tensor.shape)}".encode())
+        if tensor.numel():
+            digest.update(tensor.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(value, dict):
+        digest.update(f"{{{len(value)}".encode())
+        for key, item in value.items():
+            digest.update(repr(key).encode())
+            _feed(digest, item)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__[0]}{len(value)}".encode())
+        for item in value:
+            _feed(digest, item)
+    else:
+        digest.update(repr(value).encode())
+
+
 def save(payload: dict, path: str | Path, kind: str = "checkpoint") -> Path:
-    """Write a checkpoint (``kind`` one of :data:`KINDS`) atomically."""
+    """Write a checkpoint (``kind`` one of :data:`KINDS`) atomically, with its checksum."""
     if kind not in KINDS:
         raise ValueError(f"unknown checkpoint kind {kind!r}: one of {KINDS}")
-    return save_torch({**payload, "kind": kind, "version": CHECKPOINT_VERSION}, path)
+    payload = {**payload, "kind": kind, "version": CHECKPOINT_VERSION}
+    return save_torch({**payload, "checksum": checksum(payload)}, path)
+
+
+def _verified(ckpt, path: Path):
+    """``ckpt`` when its checksum matches (or it has none: written before version 4), else one line."""
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("checksum"), str) and checksum(ckpt) != ckpt["checksum"]:
+        raise ManppError(f"cannot read checkpoint '{path}': it is damaged (its contents do not match the checksum "
+                         f"written with them: bytes changed on disk or in a copy); use another copy of it, or "
+                         f"start the run again")
+    return ckpt
 
 
 def _read(path: Path):
@@ -75,7 +126,7 @@ def _read(path: Path):
         raise ManppError(f"cannot read checkpoint '{path}': it is not a PyTorch file, so it is corrupt or another kind "
                          f"of file")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)  # tensors and plain values only
     except pickle.UnpicklingError as exc:
         if "Unsupported global" not in str(exc):
             raise ManppError(f"cannot read checkpoint '{path}': it is corrupt ({_inner(exc)})") from None
@@ -90,6 +141,7 @@ def _read(path: Path):
     except (EOFError, RuntimeError, ValueError, KeyError, IndexError, AttributeError, TypeError) as exc:
         raise ManppError(f"cannot read checkpoint '{path}': it is corrupt or cut short ({type(exc).__name__}: "
                          f"{first_line(exc)[:120]})") from None
+    return _verified(ckpt, path)
 
 
 def _inner(exc: BaseException) -> str:
@@ -201,6 +253,6 @@ def load_model_state(model: torch.nn.Module, ckpt: dict) -> None:
         raise ManppError(f"checkpoint does not fit this model: {state_dict_mismatch(exc)}") from None
 
 
-__all__ = ["BEST", "CHECKPOINT", "CHECKPOINT_VERSION", "KINDS", "is_finished", "load",
-           "load_model_state", "load_weights",
+__all__ = ["BEST", "CHECKPOINT", "CHECKPOINT_VERSION", "KINDS", "checksum", "is_finished", "load",
+           "load_model_state", "load_weights", "run_identity",
            "nonfinite", "rng_state", "save", "set_rng_state", "state_dict_mismatch"]

@@ -26,7 +26,7 @@ import torch
 from . import config as C
 from . import distributed as D
 from .errors import ManppError
-from .checkpoint import CHECKPOINT
+from .checkpoint import CHECKPOINT, run_identity
 from .console import release_warnings
 from .rundir import RunFolder
 from .safeio import first_line
@@ -120,6 +120,8 @@ class RunLifecycle:
         self.step = ckpt["step"] if ckpt else 0  # the trainer keeps this current, for the messages
         self.summarize: Callable[..., dict] | None = None  # (status, reason, **extra) -> summary; set once built
         self.history: list[dict] | None = None  # the evaluations so far (the trainer's list)
+        self.saved_rows = len(ckpt["history"]) if ckpt else 0  # the evaluations the checkpoint on disk holds
+        self.run: dict | None = (ckpt or {}).get("run")  # drawn at begin for a new run (or a checkpoint without)
         self.ended = False
 
     def claim(self) -> None:
@@ -131,20 +133,27 @@ class RunLifecycle:
             self._release()
             raise ManppError(f"{signal_name(signum)} received before training started: nothing was trained or "
                              f"written", exit_code=exit_code(signum))
-        on_main(lambda: self.folder.begin(cfg, history))
+        if self.run is None:
+            self.run = D.broadcast_object(run_identity(cfg.seed, C.config_text(C.run_config(cfg))) if self.main
+                                          else None)
+        on_main(lambda: self.folder.begin(cfg, history, self.run["id"]))
         release_warnings()  # the checks passed: what they warned about matters now
-        self.best = max((h["test_score"] for h in history if h.get("test_score") is not None), default=None)
+        # the score to beat is best.pt's: a best.pt lost (or left older than the best evaluation, by a full
+        # disk) is written again at the next evaluation that beats what it holds
+        saved = self.folder.best_saved if self.main else None
+        self.best = saved["score"] if saved and saved.get("score") is not None else None
 
     def save(self, checkpoint: dict, history: list[dict], score: float | None = None,
              best: Callable[[], dict] | None = None) -> None:
         """Rank 0: the checkpoint, the log, and ``best.pt`` when ``score`` beats the best so far."""
         keep_best = score is not None and best is not None and (self.best is None or score > self.best)
+        self.folder.save({**checkpoint, "run": self.run}, history, {**best(), "run": self.run} if keep_best else None)
+        self.saved_rows = len(history)
         if keep_best:
             self.best = score
-        self.folder.save(checkpoint, history, best() if keep_best else None)
 
     def end(self, status: str, reason: str | None, **extra) -> dict:
-        result = self.summarize(status, reason, **extra)
+        result = self._summary(status, reason, **extra)
         if self.main:
             try:
                 self.folder.end(result)
@@ -152,6 +161,9 @@ class RunLifecycle:
                 self._release()
         self.ended = True
         return result
+
+    def _summary(self, status: str, reason: str | None, **extra) -> dict:
+        return {**self.summarize(status, reason, **extra), "run_id": (self.run or {}).get("id")}
 
     def _release(self) -> None:
         if self.main:
@@ -171,9 +183,11 @@ class RunLifecycle:
                     note = f"; the run that was in '{self.out}' before --overwrite is back in place"
                 elif self.summarize is not None:
                     try:
-                        if self.history is not None:  # the last row too (a diverged one shows where)
-                            self.folder.write_log(self.history)
-                        self.folder.end(self.summarize(status, reason))
+                        if self.history is not None:
+                            if status != "diverged":  # the records claim no evaluation the checkpoint lacks
+                                del self.history[self.saved_rows:]
+                            self.folder.write_log(self.history)  # (a diverged row stays: it shows where)
+                        self.folder.end(self._summary(status, reason))
                     except ManppError:
                         pass  # the disk that failed the run may fail this too: the error says why
         finally:

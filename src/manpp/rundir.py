@@ -164,6 +164,7 @@ class RunFolder:
         self.moved = False  # they are in .replaced/
         self.committed = False  # the new run wrote its first checkpoint
         self.began = False
+        self.best_saved: dict | None = None  # best.pt's score and epoch, when a resumed run's folder holds its own
 
     # --- 1. before anything is built ---------------------------------------------------------
     def claim(self, ckpt: dict | None = None) -> None:
@@ -226,6 +227,23 @@ class RunFolder:
                     raise ManppError(f"'{self.folder}' mixes two runs: {name} is {getattr(saved, name)!r} in "
                                      f"{CHECKPOINT} but {getattr(written, name)!r} in {CONFIG}; resume a folder "
                                      f"whose files come from one run")
+        run = (ckpt.get("run") or {}).get("id")
+        summary = read_summary(self.folder) or {}
+        if run and summary.get("run_id") and summary["run_id"] != run:
+            raise ManppError(f"'{self.folder}' mixes two runs: its {CHECKPOINT} was written by run {run[:8]} (seed "
+                             f"{ckpt['run'].get('seed')}), its {SUMMARY} by run {summary['run_id'][:8]}; resume a "
+                             f"folder whose files come from one run")
+        if (self.folder / BEST).is_file():
+            try:
+                best = load_checkpoint(self.folder / BEST, purpose="weights")
+            except ManppError as exc:
+                raise ManppError(f"{exc} (to resume without it, move {BEST} away: the next evaluation writes a new "
+                                 f"one)") from None
+            other = (best.get("run") or {}).get("id")
+            if run and other and other != run:
+                raise ManppError(f"'{self.folder}' mixes two runs: its {CHECKPOINT} was written by run {run[:8]}, its "
+                                 f"{BEST} by run {other[:8]}; resume a folder whose files come from one run")
+            self.best_saved = {"score": best.get("score"), "epoch": best.get("epoch")}
         history = ckpt.get("history") or []
         header = log_header(self.folder / LOG) if (self.folder / LOG).exists() else None
         if history and header is not None:
@@ -270,7 +288,7 @@ class RunFolder:
                       f"was replacing is back in place", stacklevel=3)
 
     # --- 3. once everything has been checked ---------------------------------------------------
-    def begin(self, cfg: C.TrainConfig, history: list[dict]) -> None:
+    def begin(self, cfg: C.TrainConfig, history: list[dict], run_id: str | None = None) -> None:
         """Move the replaced run aside, write ``config.yaml`` (if changed), ``log.csv`` and a ``running`` summary."""
         if self.replacing:
             aside = self.folder / REPLACED
@@ -283,7 +301,7 @@ class RunFolder:
         if history or (self.folder / LOG).exists():
             self.write_log(history)
         write_text(self.folder / SUMMARY, json.dumps({"status": "running", "reason": None, "pid": os.getpid(),
-                                                      "resumed": self.resume}, indent=2))
+                                                      "resumed": self.resume, "run_id": run_id}, indent=2))
 
     def write_log(self, history: list[dict]) -> None:
         if history:

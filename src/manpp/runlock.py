@@ -27,17 +27,23 @@ LOCK = ".manpp.lock"
 _HELD: set[Path] = set()  # the lock files this process holds (a second open of one would see itself as the holder)
 
 
-def _owner_text(path: Path) -> str:
-    try:
-        owner = json.loads(path.read_text())
-        text = f"process {owner['pid']}"
-        if owner.get("host") and owner["host"] != socket.gethostname():
-            text += f" on {owner['host']}"
-        if owner.get("command"):
-            text += f" ({owner['command']}, since {owner.get('since', '?')})"
-        return text
-    except (OSError, ValueError, KeyError, TypeError):
-        return "another process"
+def _owner_text(path: Path, wait: float = 1.0) -> str:
+    """Who holds the lock, in words; its holder writes that just after locking, so an empty file is
+    read again for up to ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        try:
+            owner = json.loads(path.read_text())
+            text = f"process {owner['pid']}"
+            if owner.get("host") and owner["host"] != socket.gethostname():
+                text += f" on {owner['host']}"
+            if owner.get("command"):
+                text += f" ({owner['command']}, since {owner.get('since', '?')})"
+            return text
+        except (OSError, ValueError, KeyError, TypeError):
+            if time.monotonic() >= deadline:
+                return "another process"
+            time.sleep(0.02)
 
 
 class FolderLock:
