@@ -331,3 +331,36 @@ def test_aux_warmup_trains_only_the_auxiliary_networks_first(tmp_path):
     with pytest.raises(ManppError, match="aux_warmup_epochs=1.0 trains only the auxiliary networks first, and "
                                          "method 'e2e' has none"):
         train(C.apply(cfg, {"method": "e2e", "k": None, "objective": None, "out": str(tmp_path / "e")}), verbose=False)
+
+
+@pytest.mark.parametrize("model,method,extra", [("resnet32", "manpp", {}), ("resnet32", "dgl", {}),
+                                                ("resnet8", "man", {"k": 3}), ("resnet8", "e2e", {}),
+                                                ("vit_tiny", "manpp", {}), ("resnet18", "infopro", {})])
+def test_python_resolves_every_open_choice_as_the_command_line(model, method, extra):
+    """Nothing left open by local_model is chosen otherwise than by manpp train's resolution: K, split,
+    objective and its full settings, copy_init, aux_lr_scale (one rule: resolve.resolve_local)."""
+    dataset = "synthetic"
+    cfg = resolve(C.apply(C.TrainConfig(), {"model": model, "dataset": dataset, "method": method, "image_size": 32,
+                                            **extra}))
+    info = load_data(dataclasses.replace(cfg, train_subset=8, test_subset=8))[2]
+    cli = build_model(cfg, info)
+    net = build_backbone(model, num_classes=info.num_classes, in_channels=info.in_channels, image_size=32)
+    py = manpp.local_model(net, method=method, image_size=32, **extra)
+    assert py.partition.bounds == cli.partition.bounds and py.aux_lr_scale == cli.aux_lr_scale
+    assert getattr(py, "objective", None) == getattr(cli, "objective", None)
+    assert getattr(py, "objective_settings", None) == getattr(cli, "objective_settings", None)
+    assert [type(a).__name__ for a in py.aux] == [type(a).__name__ for a in cli.aux]
+
+
+def test_the_model_builder_refuses_open_choices():
+    from manpp.methods import LocalSettings, build_local_model
+
+    net = build_backbone("resnet8", num_classes=10)
+    with pytest.raises(ManppError, match=r"k, split, copy_init, allow_zero_loss, aux_lr_scale are open .*"
+                                         r"manpp.local_model"):
+        build_local_model(net, LocalSettings(method="manpp", objective="dgl"), num_classes=10, in_channels=3,
+                          image_size=32, aux_lr_scale=None)
+    with pytest.raises(ManppError, match="objective is open"):
+        build_local_model(net, LocalSettings(method="manpp", k=2, split="even", copy_init="copy",
+                                             allow_zero_loss=False), num_classes=10, in_channels=3, image_size=32,
+                          aux_lr_scale=1.0)

@@ -11,25 +11,31 @@ from torch import nn
 from .engine import LocalModel
 from .errors import ManppError
 from .methods import LocalSettings, build_local_model
-from .momentum import EMA_MOMENTUM, SCALE_INIT
+from .resolve import facts_of, resolve_local
 from .tasks import task_of
 
 
-def local_model(backbone: nn.Module, *, method: str = "manpp", k: int | None = None, objective: str | None = None,
-                split="even", in_channels: int | None = None, image_size: int | None = None,
-                num_classes: int | None = None, ema_momentum: float = EMA_MOMENTUM, copy_init: str = "copy",
-                scale_init: float = SCALE_INIT, recompute_ema: bool | str = "auto",
-                objective_settings: dict[str, Any] | None = None, allow_zero_loss: bool = False,
+_DEFAULT = LocalSettings()  # the one declaration of the local settings' defaults (the command line's too)
+
+
+def local_model(backbone: nn.Module, *, method: str = _DEFAULT.method, k: int | None = _DEFAULT.k,
+                objective: str | None = _DEFAULT.objective, split=_DEFAULT.split, in_channels: int | None = None,
+                image_size: int | None = None, num_classes: int | None = None,
+                ema_momentum: float = _DEFAULT.ema_momentum, copy_init: str | None = _DEFAULT.copy_init,
+                scale_init: float = _DEFAULT.scale_init, recompute_ema: bool | str = _DEFAULT.recompute_ema,
+                objective_settings: dict[str, Any] | None = None, allow_zero_loss: bool | None = _DEFAULT.allow_zero_loss,
                 denormalize: Callable | None = None, task=None, aux_lr_scale: float | None = None,
                 **settings) -> LocalModel:
     """Cut ``backbone`` (a manpp backbone: ``manpp.build_backbone``) into ``k`` modules and attach the
     local objectives of ``method``. Every argument after the backbone is a keyword, in the order
     ``wrap`` takes them too.
 
-    ``k=None`` and ``objective=None`` take the backbone's defaults (``partition.default_k``; the
-    objective registered as the default for its feature family). ``objective_settings`` (or any other
-    keyword, e.g. ``ixx_1=5`` for InfoPro) are the objective's own settings. ``split`` is ``"even"``,
-    ``"paper"``, ``"memory"`` (balanced activation memory) or a list of module end units.
+    Every setting left at None is chosen as ``manpp train`` chooses it (:func:`manpp.resolve.resolve_local`,
+    ``fidelity=ours``): ``k`` the backbone's default (``partition.default_k``), ``objective`` the one
+    registered as the default for its feature family, ``split`` ``"even"``, ``copy_init`` ``"copy"``.
+    ``objective_settings`` (or any other keyword, e.g. ``ixx_1=5`` for InfoPro) are the objective's own
+    settings. ``split`` is ``"even"``, ``"paper"``, ``"memory"`` (balanced activation memory) or a list of
+    module end units.
     ``in_channels`` and ``image_size`` are the input's (default: the backbone's own, else 3 and 32).
     Settings that leave a module without any local loss are refused unless ``allow_zero_loss=True``.
     ``aux_lr_scale``: the auxiliary networks' lr over the backbone's (default: the method's own on its
@@ -45,6 +51,7 @@ def local_model(backbone: nn.Module, *, method: str = "manpp", k: int | None = N
     local = LocalSettings(method=method, k=k, split=split, objective=objective, ema_momentum=ema_momentum,
                           copy_init=copy_init, recompute_ema=recompute_ema, scale_init=scale_init,
                           objective_settings={**given, **settings}, allow_zero_loss=allow_zero_loss)
+    local, aux_lr_scale = resolve_local(local, lambda: facts_of(backbone), release=False, aux_lr_scale=aux_lr_scale)
     return build_local_model(
         backbone, local,
         num_classes=num_classes or backbone.num_classes,
@@ -97,8 +104,9 @@ def _check_backbone(backbone, num_classes: int | None) -> None:
         raise ManppError(f"local_model needs num_classes: the {name} backbone does not say how many classes it has")
 
 
-def wrap(model: nn.Module | Sequence[nn.Module], *, method: str = "manpp", k: int | None = None,
-         objective: str | None = None, split="even", in_channels: int | None = None, image_size: int | None = None,
+def wrap(model: nn.Module | Sequence[nn.Module], *, method: str = _DEFAULT.method, k: int | None = _DEFAULT.k,
+         objective: str | None = _DEFAULT.objective, split=_DEFAULT.split, in_channels: int | None = None,
+         image_size: int | None = None,
          num_classes: int | None = None, units: Sequence[str | nn.Module] | None = None,
          head: nn.Module | str | None = None, **options) -> LocalModel:
     """A :class:`~manpp.engine.LocalModel` that trains ``model`` itself (its own modules, not copies).

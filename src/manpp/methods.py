@@ -20,8 +20,8 @@ from .errors import ManppError
 from .momentum import (EMA_MOMENTUM, EMA_MOMENTUM_RULE, INIT_RULE, RECOMPUTE_RULE, SCALE_INIT, SCALE_INIT_RULE,
                        MomentumAux, check_settings, settle_recompute)
 from .objectives.spec import AuxSpec
-from .partition import default_k, make_partition, memory_balanced_ends
-from .registry import METHODS, OBJECTIVES, Method, aux_lr_scale_of, default_objective, register_method
+from .partition import make_partition, memory_balanced_ends
+from .registry import METHODS, OBJECTIVES, Method, register_method
 from .settings import positive_int, setting
 
 register_method(Method("e2e", None, local=False, summary="end-to-end backpropagation (K = 1)"))
@@ -75,13 +75,6 @@ def family_of(backbone: nn.Module) -> str:
     return getattr(backbone, "aux_family", "cifar")
 
 
-def resolve_objective(method: Method, objective: str | None, backbone: nn.Module) -> str:
-    """The objective local ``method`` uses on ``backbone``: its own, the one asked for, or the family's default."""
-    if method.objective is not None:  # a plain local method always uses its own objective
-        return method.objective
-    return objective or default_objective(family_of(backbone))
-
-
 def check_loss(head: nn.Module, index: int, objective: str, allow_zero_loss: bool) -> None:
     """Refuse a head whose loss weights are all 0 (module ``index`` would never train), unless allowed."""
     weights = head.loss_weights() if hasattr(head, "loss_weights") else None
@@ -114,34 +107,34 @@ def unit_output_shapes(backbone: nn.Module, in_channels: int, image_size: int) -
 
 def build_local_model(backbone: nn.Module, settings: LocalSettings, *, num_classes: int, in_channels: int,
                       image_size: int, denormalize: Callable | None = None, task=None,
-                      aux_lr_scale: float | None = None, release: bool = False) -> LocalModel:
-    """Compose a :class:`LocalModel` from a backbone and the method settings.
+                      aux_lr_scale: float) -> LocalModel:
+    """Compose a :class:`LocalModel` from a backbone and resolved method settings (every choice made by
+    :func:`manpp.resolve.resolve_local`, as :func:`manpp.local_model` and a run's config do; an open one is
+    refused here, not chosen).
 
     ``task`` (a :class:`manpp.tasks.Task`) gives the final loss and what dense auxiliary heads need;
     None: classification with cross-entropy. ``aux_lr_scale``: the auxiliary networks' lr over the
     backbone's, recorded on the model (``model.aux_lr_scale``, which :func:`manpp.optim.parameter_groups`
-    reads); None: the method's own on its objective (:func:`manpp.registry.aux_lr_scale_of`, as a run's
-    config resolves it; ``release``: 1).
+    reads).
     """
     method = METHODS.get(settings.method)
+    _check_resolved(settings, method, aux_lr_scale)
     final_loss = task.loss if task is not None else None
     if not method.local:
         if settings.k not in (None, 1):
             raise ManppError(f"method 'e2e' trains the network as one module: K must be 1, got K={settings.k}")
         model = LocalModel(backbone, make_partition(backbone, 1, "even"), [], denormalize, method=method.name,
                            final_loss=final_loss)
-        model.aux_lr_scale = 1.0 if aux_lr_scale is None else float(aux_lr_scale)
+        model.aux_lr_scale = float(aux_lr_scale)
         return model
     family = family_of(backbone)
-    name = resolve_objective(method, settings.objective, backbone)
+    name = method.objective or settings.objective
     objective = OBJECTIVES.get(name)
     objective.check_family(family)
     heads = objective.make_settings(settings.objective_settings)
-    copy_init = settings.copy_init or "copy"  # None (a config not resolved): ours
+    copy_init = settings.copy_init
     check_settings(settings.ema_momentum, copy_init, settings.recompute_ema, settings.scale_init)
-    k, split = settings.k, settings.split if settings.split is not None else "even"
-    if k is None and isinstance(split, str) and "," not in split:
-        k = default_k(backbone)
+    k, split = settings.k, settings.split
     if isinstance(split, str) and split == "memory":
         split = memory_balanced_ends(backbone, k, in_channels, image_size) if k and k > 1 else "even"
     partition = make_partition(backbone, k, split)
@@ -174,6 +167,21 @@ def build_local_model(backbone: nn.Module, settings: LocalSettings, *, num_class
     model = LocalModel(backbone, partition, aux, denormalize, method=method.name, final_loss=final_loss,
                        first_step_hooks=hooks)
     model.objective, model.objective_settings = name, heads  # what was chosen, for configs and tables
-    model.aux_lr_scale = (aux_lr_scale_of(method.name, name, release=release) if aux_lr_scale is None
-                          else float(aux_lr_scale))
+    model.aux_lr_scale = float(aux_lr_scale)
     return model
+
+
+def _check_resolved(settings: LocalSettings, method: Method, aux_lr_scale) -> None:
+    """Refuse settings with a choice left open (None), naming each."""
+    open_ = [name for name, value in (("split", settings.split), ("copy_init", settings.copy_init),
+                                      ("allow_zero_loss", settings.allow_zero_loss), ("aux_lr_scale", aux_lr_scale))
+             if value is None]
+    explicit = settings.split is not None and (not isinstance(settings.split, str) or "," in settings.split)
+    if method.local and settings.k is None and not explicit:  # (a list of module ends gives K)
+        open_.insert(0, "k")
+    if method.local and method.objective is None and settings.objective is None:
+        open_.append("objective")
+    if open_:
+        raise ManppError(f"build_local_model takes resolved settings, and {', '.join(open_)} "
+                         f"{'is' if len(open_) == 1 else 'are'} open (None): build with manpp.local_model or "
+                         f"manpp.wrap, or resolve a run's config with manpp.resolve.resolve, which choose them")

@@ -163,9 +163,14 @@ def _resolve_unit(backbone, ref, n_units: int) -> int:
     return idx
 
 
+def capped_k(k: int, units: int) -> int:
+    """A default K, at most the backbone's unit count (the one place the cap is written)."""
+    return max(1, min(int(k), int(units)))
+
+
 def default_k(backbone) -> int:
     """K when none is given: the backbone's ``default_k`` (else :data:`DEFAULT_K`), at most its unit count."""
-    return max(1, min(int(getattr(backbone, "default_k", DEFAULT_K)), len(backbone.units)))
+    return capped_k(getattr(backbone, "default_k", DEFAULT_K), len(backbone.units))
 
 
 def make_partition(backbone, k: int | None = None, split: str | Sequence = "even") -> Partition:

@@ -19,12 +19,17 @@ What is known of a backbone before it is built (its family, units, default K, pa
 from its registration by name (:mod:`manpp.models.registry`, :data:`manpp.partition.PAPER_PRESETS`);
 only a library model, whose cut is found by cutting it, is built once to learn it. Resolving a
 resolved config changes nothing.
+
+The local part of the rule is :func:`resolve_local`, which Python's :func:`manpp.local_model` and
+:func:`manpp.wrap` apply to the backbone they are given: the command line and Python train the same
+defaults. :func:`manpp.methods.build_local_model` takes only resolved settings and refuses others.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from typing import Callable
 
 from . import config as C
 from . import fidelity as F
@@ -45,22 +50,27 @@ class BackboneFacts:
 def backbone_facts(cfg: C.TrainConfig) -> BackboneFacts:
     """The facts of ``cfg.model``: from its registration, or (a library model) from cutting it once."""
     from .models import BACKBONES
-    from .partition import PAPER_PRESETS
+    from .partition import PAPER_PRESETS, capped_k
 
     entry = BACKBONES.find(cfg.model)
     if entry.units is not None and entry.family is not None:
         name = entry.name if entry.matches is None else str(cfg.model).strip().lower()
         units = entry.units(name)
         presets = tuple(sorted(PAPER_PRESETS.get(name, {})))
-        return BackboneFacts(entry.family, units, max(1, min(entry.default_k, units)), presets)
+        return BackboneFacts(entry.family, units, capped_k(entry.default_k, units), presets)
     from .models import build_backbone
 
     info = data_info(cfg)
-    backbone = build_backbone(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
-                              image_size=info.image_size, anchor_base=cfg.anchor_base)
-    units = len(backbone.units)
-    return BackboneFacts(getattr(backbone, "aux_family", "imagenet"), units,
-                         max(1, min(getattr(backbone, "default_k", entry.default_k), units)), ())
+    return facts_of(build_backbone(cfg.model, num_classes=info.num_classes, in_channels=info.in_channels,
+                                   image_size=info.image_size, anchor_base=cfg.anchor_base))
+
+
+def facts_of(backbone) -> BackboneFacts:
+    """The facts of a built backbone (a library model, or one given to ``local_model`` or ``wrap``)."""
+    from .methods import family_of
+    from .partition import default_k
+
+    return BackboneFacts(family_of(backbone), len(backbone.units), default_k(backbone), ())
 
 
 def data_info(cfg: C.TrainConfig):
@@ -98,31 +108,44 @@ def resolve_switches(cfg: C.TrainConfig) -> C.TrainConfig:
 def resolve(cfg: C.TrainConfig) -> C.TrainConfig:
     """``cfg`` with every open choice made (see the module docstring); checks what the choices need."""
     cfg = resolve_switches(cfg)
-    release = cfg.fidelity == "release"
-    method = METHODS.get(cfg.method)
+    local, aux_lr_scale = resolve_local(cfg.local_settings(), lambda: backbone_facts(cfg),
+                                        release=cfg.fidelity == "release", aux_lr_scale=cfg.aux_lr_scale)
+    return dataclasses.replace(cfg, k=local.k, split=local.split, objective=local.objective,
+                               objective_settings=local.objective_settings, aux_lr_scale=aux_lr_scale)
+
+
+def resolve_local(settings, facts: Callable[[], BackboneFacts], *, release: bool,
+                  aux_lr_scale: float | None) -> tuple:
+    """The local settings (:class:`manpp.methods.LocalSettings`) with every open choice made, and the
+    auxiliary networks' lr scale: K, the split, the objective and its full settings, the fidelity switches
+    of the model (``copy_init``, ``allow_zero_loss``). ``facts`` is called only when a choice needs the
+    backbone. The rule of :func:`resolve`, and of ``manpp.local_model`` and ``manpp.wrap``."""
+    switches = {name: F.SWITCHES[name][release] for name in ("copy_init", "allow_zero_loss")
+                if getattr(settings, name) is None}
+    settings = dataclasses.replace(settings, **switches) if switches else settings
+    method = METHODS.get(settings.method)
     if not method.local:  # end-to-end: one module, no objective
-        if cfg.k not in (None, 1):
-            raise ManppError(f"method 'e2e' trains the network as one module: K must be 1, got K={cfg.k}")
-        return dataclasses.replace(cfg, split=cfg.split or "even", objective=None, objective_settings={},
-                                   aux_lr_scale=1.0 if cfg.aux_lr_scale is None else cfg.aux_lr_scale)
-    chosen = method.objective or cfg.objective
-    open_k = cfg.k is None and not _explicit_split(cfg.split)
-    facts = backbone_facts(cfg) if chosen is None or open_k or cfg.split is None else None  # only what is open
-    name = chosen or default_objective(facts.family)
+        if settings.k not in (None, 1):
+            raise ManppError(f"method 'e2e' trains the network as one module: K must be 1, got K={settings.k}")
+        return (dataclasses.replace(settings, split=settings.split or "even", objective=None, objective_settings={}),
+                1.0 if aux_lr_scale is None else aux_lr_scale)
+    chosen = method.objective or settings.objective
+    open_k = settings.k is None and not _explicit_split(settings.split)
+    known = facts() if chosen is None or open_k or settings.split is None else None  # only what is open
+    name = chosen or default_objective(known.family)
     objective = OBJECTIVES.get(name)
-    if facts is not None:
-        objective.check_family(facts.family)
-    k = facts.default_k if open_k else cfg.k
-    split = cfg.split
+    if known is not None:
+        objective.check_family(known.family)
+    k = known.default_k if open_k else settings.k
+    split = settings.split
     if split is None:
-        split = F.SPLIT_RELEASE if release and k in facts.presets else "even"
-    given = {**(objective.release if release else {}), **cfg.objective_settings}  # the run's own settings win
-    settings = dataclasses.asdict(objective.make_settings(given))
-    aux_lr_scale = cfg.aux_lr_scale
+        split = F.SPLIT_RELEASE if release and k in known.presets else "even"
+    given = {**(objective.release if release else {}), **settings.objective_settings}  # the run's own win
+    full = dataclasses.asdict(objective.make_settings(given))
     if aux_lr_scale is None:
         aux_lr_scale = aux_lr_scale_of(method.name, name, release=release)
-    return dataclasses.replace(cfg, k=k, split=split, objective=name if method.takes_objective else None,
-                               objective_settings=settings, aux_lr_scale=aux_lr_scale)
+    return (dataclasses.replace(settings, k=k, split=split, objective=name if method.takes_objective else None,
+                                objective_settings=full), aux_lr_scale)
 
 
-__all__ = ["BackboneFacts", "backbone_facts", "data_info", "resolve", "resolve_switches"]
+__all__ = ["BackboneFacts", "backbone_facts", "data_info", "facts_of", "resolve", "resolve_local", "resolve_switches"]
