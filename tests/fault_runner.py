@@ -57,9 +57,9 @@ def install(fault: str, patch=setattr) -> None:
         return
     if where == "step":  # the N-th optimizer step of a run (the memory measurement's step is not one)
         import manpp.pipeline as pipeline
-        import manpp.train as train
+        from manpp.replica import ReplicaSteps
 
-        _counting(train, "_optimizer_step", what, n, patch=patch)
+        _counting(ReplicaSteps, "_optimizer_step", what, n, patch=patch)
         _counting(pipeline, "local_step", what, n, patch=patch)
     elif where in ("save", "saved"):
         _counting(torch, "save", what, n, after=where == "saved", patch=patch)

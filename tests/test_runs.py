@@ -101,10 +101,10 @@ def test_nan_weights_are_a_divergence_not_a_success(tmp_path, capsys):
 
 
 def test_an_interrupted_run_says_stopped(tmp_path, monkeypatch):
-    import manpp.train as T
+    from manpp.replica import ReplicaSteps
 
     calls = {"n": 0}
-    real = T._step_stats
+    real = ReplicaSteps.step
 
     def interrupted(*args, **kw):  # Ctrl-C during the sixth step (five steps done)
         calls["n"] += 1
@@ -112,7 +112,7 @@ def test_an_interrupted_run_says_stopped(tmp_path, monkeypatch):
             raise KeyboardInterrupt
         return real(*args, **kw)
 
-    monkeypatch.setattr(T, "_step_stats", interrupted)
+    monkeypatch.setattr(ReplicaSteps, "step", interrupted)
     out = tmp_path / "run"
     assert run(out, "--epochs", "2") == 130
     s = summary(out)

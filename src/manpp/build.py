@@ -1,6 +1,6 @@
 """Building a run from its config: the data, the model, the optimizer, the batch order, the lr.
 
-``manpp train``, ``compare``, ``bench``, ``describe``, ``plan`` and the pipelined trainer all
+``manpp train`` (either step strategy), ``compare``, ``bench``, ``describe`` and ``plan`` all
 build through these functions, so a config means the same thing everywhere.
 """
 

@@ -18,7 +18,7 @@ modules' backward passes would step on half of them: that is detected and refuse
 
 What it cannot do, and refuses: an fp16 loss scaler (its step is skipped for every parameter when any
 gradient overflows, which a module stepping early cannot know yet), a global gradient-norm clip (it
-needs every gradient at once), and the pipelined trainer (``parallel=modules``).
+needs every gradient at once), and pipelined stages (``parallel=modules``).
 """
 
 from __future__ import annotations
@@ -44,7 +44,7 @@ def check_step_in_backward(cfg) -> None:
         raise ManppError(f"step_in_backward cannot clip the global gradient norm (grad_clip={cfg.grad_clip}): the "
                          f"norm needs every gradient at once; drop grad_clip or step_in_backward")
     if cfg.parallel == "modules":
-        raise ManppError("step_in_backward is not available with parallel=modules: the pipelined trainer steps each "
+        raise ManppError("step_in_backward is not available with parallel=modules: the pipelined stages step each "
                          "stage itself; drop one of them")
 
 

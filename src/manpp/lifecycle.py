@@ -1,5 +1,5 @@
-"""The life of one training call, shared by both trainers (data parallel in :mod:`manpp.train`,
-pipelined in :mod:`manpp.pipeline`).
+"""The life of one training call (:func:`manpp.train._train`, whatever its step strategy: data parallel
+or pipelined).
 
 1. :meth:`RunLifecycle.claim`: rank 0 locks and checks the run folder; its refusal reaches every
    process as the same one line.

@@ -15,40 +15,31 @@ with them. With ``ema_sync_every: 1`` every stage computes exactly what sequenti
 computes, step for step (tested); larger values save communication and use a copy at most that
 many steps old.
 
-At the end of each epoch the stages send their modules, optimizer states, random generators and
-loss sums to rank 0, which evaluates the whole backbone and writes the checkpoint, ``best.pt``, the
-log and the summary through the same run lifecycle as data-parallel training
-(:mod:`manpp.lifecycle`): the folder is locked, checked before it is written, and a run resumes
-exactly on as many processes. A stop signal received by rank 0 travels down the pipeline with the
-batch, so every stage stops after the same step and the checkpoint is consistent; one that reaches
-only a later stage takes effect at the end of the epoch. Only classification backbones are
-supported.
+This is not a second training loop: :class:`StageSteps` is a step strategy of the one loop,
+:func:`manpp.train._train` (the other is :class:`manpp.replica.ReplicaSteps`). It says which parameters
+a stage owns, how a step runs with send and receive, and how the stages are gathered on rank 0 for
+evaluation and saving: at the end of each epoch the stages send their modules and loss sums to rank 0,
+which evaluates the whole backbone; at each save, their optimizer states and random generators. The
+run folder, the log, the checkpoint and a resume are the loop's, the same as for data-parallel
+training, and a run resumes exactly on as many processes. A stop signal received by rank 0 travels
+down the pipeline with the batch, so every stage stops after the same step and the checkpoint is
+consistent; one that reaches only a later stage takes effect at the end of the epoch. Only
+classification backbones are supported.
 """
 
 from __future__ import annotations
-
-import dataclasses
-import time
 
 import torch
 import torch.distributed as dist
 
 from . import config as C
 from . import distributed as D
-from .build import build_model, data_info, epoch_loader, load_data, seed_everything, test_loader, with_classes
-from .build import steps_per_epoch as steps_per_epoch_of
-from .checkpoint import load_model_state, rng_state, set_rng_state
+from .build import memory_format
+from .checkpoint import rng_state, set_rng_state
 from .engine import LocalContext, local_step
 from .errors import ManppError
-from .lifecycle import Diverged, Position, RunLifecycle, agreed_signal, ending
 from .memory import format_bytes, measure_step
 from .models import model_task
-from .optim import build_optimizer, holds_backbone, lr_at, parameter_groups, set_lr
-from .rundir import RunResult, run_folder
-from .runlog import loss_text
-from .runsummary import divergence, summary
-from .stopsignals import StopSignals
-from .tasks import task_of
 
 _DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.int64, torch.float64]
 
@@ -100,6 +91,26 @@ def _wait(pending: list) -> None:
     pending.clear()
 
 
+def check_pipelined(cfg: C.TrainConfig, ckpt: dict | None) -> None:
+    """Before any work: what a pipelined run cannot do, and a checkpoint it cannot continue."""
+    if model_task(cfg.model) != "classification":
+        raise ManppError(f"parallel modules supports classification backbones; '{cfg.model}' is a "
+                         f"{model_task(cfg.model)} model")
+    if cfg.method == "e2e":
+        raise ManppError("parallel modules needs a local method (dgl, infopro, man, manpp): e2e is one module")
+    if cfg.amp == "fp16":
+        raise ManppError("parallel modules does not support amp fp16 (one loss scale per stage); use bf16 or none")
+    if cfg.grad_clip is not None:
+        raise ManppError(f"parallel modules cannot clip the global gradient norm (grad_clip={cfg.grad_clip}): each "
+                         f"stage steps with its own gradients only; drop grad_clip")
+    stages = D.world_size()
+    if ckpt is not None and ckpt.get("parallel_stages") != stages:
+        was = (f"{ckpt['parallel_stages']} pipelined stages" if ckpt.get("parallel_stages")
+               else "data-parallel training (not pipelined)")
+        raise ManppError(f"the checkpoint was written by {was}, and {stages} stages cannot continue it exactly: "
+                         f"resume it as it was started")
+
+
 def _owned_keys(model, modules: range) -> set[str]:
     keys = set()
     units = {i for j in modules for i in model.partition.units_of(j)}
@@ -114,193 +125,149 @@ def _owned_keys(model, modules: range) -> set[str]:
     return keys
 
 
-def train_pipelined(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: torch.device, verbose: bool,
-                    overwrite: bool, stop: StopSignals) -> RunResult:
-    """One stage of the pipeline (see the module docstring); returns the run's result on every rank."""
-    if model_task(cfg.model) != "classification":
-        raise ManppError(f"parallel modules supports classification backbones; '{cfg.model}' is a "
-                         f"{model_task(cfg.model)} model")
-    if cfg.method == "e2e":
-        raise ManppError("parallel modules needs a local method (dgl, infopro, man, manpp): e2e is one module")
-    if cfg.amp == "fp16":
-        raise ManppError("parallel modules does not support amp fp16 (one loss scale per stage); use bf16 or none")
-    rank, stages, main = D.rank(), D.world_size(), D.is_main()
-    if ckpt is not None and ckpt.get("parallel_stages") != stages:
-        was = (f"{ckpt['parallel_stages']} pipelined stages" if ckpt.get("parallel_stages")
-               else "data-parallel training (not pipelined)")
-        raise ManppError(f"the checkpoint was written by {was}, and {stages} stages cannot continue it exactly: "
-                         f"resume it as it was started")
-    out = run_folder(cfg, resume)
-    life = RunLifecycle(out, resume=resume is not None, overwrite=overwrite, ckpt=ckpt, stop=stop)
-    life.claim()  # locked and checked; nothing of the run is written before life.begin
-    with life.guard():
-        seed_everything(cfg.seed)
-        if main:
-            train_set, test_set, info = load_data(cfg)
-            cfg = with_classes(cfg, info, ckpt)  # recorded in config.yaml and the checkpoints
-        else:
-            train_set, test_set, info = None, None, data_info(cfg)
-        cfg = D.broadcast_object(cfg)
-        n_train = D.broadcast_object(len(train_set) if main else None)
-        model = build_model(cfg, info, device)  # the same seed: the same initial weights on every stage
-        task = task_of(model.backbone)
-        layout = stage_modules(model.k, stages)
-        mine = layout[rank]
-        owned = _owned_keys(model, mine)
-        params = [p for n, p in model.named_parameters() if n in owned and p.requires_grad]
-        optimizer = build_optimizer(cfg, parameter_groups(model, cfg, params))
-        cfg = dataclasses.replace(cfg, out=str(out))
-        steps_per_epoch = steps_per_epoch_of(n_train, cfg.batch_size, cfg.drop_last)
-        if steps_per_epoch < 1:
-            raise ManppError(f"batch_size {cfg.batch_size} is larger than the training set ({n_train} images)")
-        # the EMA copy of my last module follows the first unit of the next stage's first module
-        first_unit_next = model.partition.bounds[mine[-1] + 1][0] if rank < stages - 1 else None
-        ema_source = None
-        if first_unit_next is not None and hasattr(model.aux[mine[-1]], "after_backward"):
-            ema_source = list(model.aux[mine[-1]].source.parameters())
-        i_feed = rank > 0 and hasattr(model.aux[mine[0] - 1], "after_backward")
-        my_unit = model.backbone.units[model.partition.bounds[mine[0]][0]] if i_feed else None
-        at = _restore(ckpt, model, optimizer, rank, device)  # a checkpoint that does not fit fails here
+class StageSteps:
+    """The step strategy of one pipelined stage (see the module docstring): this process trains the
+    modules of its stage, fed by the previous stage and feeding the next."""
 
-        memory = at.memory
-        if memory is None and main:
-            x, y = next(iter(torch.utils.data.DataLoader(train_set, batch_size=cfg.batch_size)))
-            report = measure_step(model, x.to(device), y.to(device))
-            memory = dict(report.__dict__, stage_peak_bytes=[max(report.module_peak_bytes[j] for j in r)
-                                                             for r in layout])
-        history = at.history
-        life.history = history
-        life.summarize = lambda status, reason, **extra: summary(
-            cfg, model, history, memory, device, task.metric, status, reason, world_size=stages, parallel="modules",
-            stage_modules=[[r.start, r.stop - 1] for r in layout], **extra)
-        life.begin(cfg, history)  # everything checked: only now is the folder written
-        if verbose:
-            print(f"{cfg.method}: {cfg.model} on {cfg.dataset}, {model.k} modules in {stages} pipelined stages "
-                  f"({', '.join(f'{r.start}-{r.stop - 1}' for r in layout)}), peak activation per stage "
-                  f"{', '.join(format_bytes(b) for b in memory['stage_peak_bytes'])} at batch {cfg.batch_size}, "
-                  f"EMA sync every {cfg.ema_sync_every} step(s), run folder {out}", flush=True)
-        epoch, step, batch_in_epoch = at.epoch, at.step, at.batch_in_epoch
-        if ema_source is not None:  # the next stage's first unit, as it is at this step, just before the EMA update
-            def receive_source() -> list[torch.Tensor]:
-                if step % cfg.ema_sync_every == 0:
+    shards_tests = False  # rank 0 evaluates the whole model on the whole test set
+    seed_offset = 0  # every stage draws from seed + 1 (only stage 0 draws: its batches' augmentation)
+
+    def __init__(self, cfg: C.TrainConfig, model, task, device: torch.device):
+        self.cfg, self.model, self.task, self.device = cfg, model, task, device
+        self.rank, self.stages = D.rank(), D.world_size()
+        self.reads_data = self.rank == 0
+        self.layout = stage_modules(model.k, self.stages)
+        self.mine = self.layout[self.rank]
+        self.owned = _owned_keys(model, self.mine)
+        self.params = [p for n, p in model.named_parameters() if n in self.owned and p.requires_grad]
+        self.where = f" in stage {self.rank} (modules {self.mine.start}-{self.mine.stop - 1})"
+        self.scaler, self.optimizer, self.step_index = None, None, 0
+        self.fmt = memory_format(cfg)
+        self.pending: list = []
+        # MAN/MAN++: the EMA copy of my last module follows the first unit of the next stage's first module
+        last = model.aux[self.mine[-1]] if self.mine[-1] < len(model.aux) else None
+        if self.rank < self.stages - 1 and hasattr(last, "after_backward"):
+            source = list(last.source.parameters())
+
+            def receive_source() -> list[torch.Tensor]:  # the next stage's unit as it is now, before the EMA update
+                if self.step_index % cfg.ema_sync_every == 0:
                     with torch.no_grad():
-                        torch._foreach_copy_([p.data for p in ema_source], _recv(rank + 1, device))
-                return [p.detach() for p in ema_source]
+                        torch._foreach_copy_([p.data for p in source], _recv(self.rank + 1, device))
+                return [p.detach() for p in source]
 
-            model.aux[mine[-1]].source_callback = receive_source  # read by the EMA update after the module's backward
-        if ckpt is None:
-            seed_everything(cfg.seed + 1)
-        pending: list = []
-        signum = 0
-        while epoch < cfg.epochs and (cfg.max_steps is None or step < cfg.max_steps) and not signum:
-            batches = iter(epoch_loader(train_set, cfg, epoch, batch_in_epoch)) if main else None
-            sums, n_batches, _, elapsed = at.take_partial(model.k)
-            sums[[j for j in range(model.k) if j not in mine]] = 0  # the partial sums of every stage were saved
-            # together; each stage carries on its own modules' (they are added up across stages below)
-            partial, flag = None, 0
-            model.train()
-            started = time.perf_counter()
-            while batch_in_epoch < steps_per_epoch:
-                if my_unit is not None and step % cfg.ema_sync_every == 0:  # my first unit, for the previous stage
-                    _wait(pending)
-                    pending += _send([p.detach() for p in my_unit.parameters()], rank - 1)
-                if rank == 0:
-                    x, y = next(batches)
-                    x, y = x.to(device), y.to(device)
-                    image = x
-                else:
-                    x, y, image, told = _recv(rank - 1, device)
-                    flag = int(told)  # rank 0's stop decision travels with the batch
-                set_lr(optimizer, lr_at(step, cfg, steps_per_epoch), holds_backbone(step, cfg, steps_per_epoch))
-                optimizer.zero_grad(set_to_none=True)
-                result = local_step(model, x, y, modules=mine, ctx=LocalContext(image, y, model.denormalize))
-                losses = torch.stack(result.losses).double().cpu()
-                if not torch.isfinite(losses).all():
-                    raise Diverged(f"training diverged at step {step} in stage {rank} (modules {mine.start}-"
-                                   f"{mine.stop - 1}): a local loss is not finite ({losses.tolist()}); lower the "
-                                   f"learning rate (lr={cfg.lr})")
-                sums[list(mine)] += losses
-                optimizer.step()  # update-unlocked: this stage steps as soon as its own losses are known
-                if rank == 0:
-                    flag = stop.signum
-                if rank < stages - 1:
-                    _wait(pending)
-                    pending += _send([result.logits, y, image, torch.tensor([flag], device=device)], rank + 1)
-                n_batches, step, batch_in_epoch = n_batches + 1, step + 1, batch_in_epoch + 1
-                life.step = step
-                if flag or (cfg.max_steps is not None and step >= cfg.max_steps):
-                    break
-            _wait(pending)
-            epoch_time = elapsed + time.perf_counter() - started
-            complete = batch_in_epoch >= steps_per_epoch
-            # every stage's modules, optimizer state, generators and loss sums, on rank 0
-            parts = D.gather_objects(_to_cpu(({k: v for k, v in model.state_dict().items() if k in owned},
-                                              optimizer.state_dict(), rng_state(device), sums)))
-            total = sum(p[3] for p in parts)  # each stage filled only its own modules' sums
-            row = None
-            if main:
-                model.load_state_dict({k: v for part in parts for k, v in part[0].items()}, strict=False)
-            if flag and not complete:  # stopped mid-epoch by a signal: no evaluation, the sums are kept
-                signum = flag
-                partial = {"sums": total, "batches": n_batches, "seconds": epoch_time}
-            else:
-                bad = None
-                if main:
-                    row = _evaluate(model, task, test_set, cfg, optimizer, total, n_batches, epoch, step, epoch_time,
-                                    steps_per_epoch, complete)
-                    history.append(row)
-                    bad = divergence(model, row)
-                    if verbose:
-                        means = [row[f"loss_{j}"] for j in range(model.k)]
-                        print(f"epoch {epoch + 1}/{cfg.epochs}  loss {loss_text(means)}  test acc "
-                              f"{row['test_accuracy']:.2%}  ({epoch_time:.1f} s, {row['images_per_s']:.0f} img/s)",
-                              flush=True)
-                bad = D.broadcast_object(bad)  # every stage ends together
-                if bad is not None:
-                    raise Diverged(f"training diverged by step {step}: {bad}; lower the learning rate (lr={cfg.lr})")
-                if complete:
-                    epoch, batch_in_epoch = epoch + 1, 0
-            if main:
-                state = model.state_dict()
-                life.save({"model": state, "optimizers": [p[1] for p in parts], "config": cfg.to_dict(),
-                           "epoch": epoch, "step": step, "batch_in_epoch": batch_in_epoch, "history": history,
-                           "memory": memory, "rng_ranks": [p[2] for p in parts], "parallel_stages": stages,
-                           "world_size": stages, "partial": partial,
-                           "status": "finished" if epoch >= cfg.epochs else "unfinished"},
-                          history, score=row["test_score"] if row else None,
-                          best=lambda: {"model": state, "config": cfg.to_dict(), "epoch": epoch, "step": step,
-                                        "metric": task.metric, "score": row["test_score"]})
-            if not signum:  # one that came during the evaluation or the save counts too
-                signum = agreed_signal(stop.signum)
-        result = life.end(*ending(cfg, out, epoch, step, batch_in_epoch, signum), signal=signum, step=step)
-    return RunResult(result, model, out)
+            last.source_callback = receive_source  # read by the EMA update after the module's backward
+        feeds = self.rank > 0 and hasattr(model.aux[self.mine[0] - 1], "after_backward")
+        self.my_unit = model.backbone.units[model.partition.bounds[self.mine[0]][0]] if feeds else None
 
+    def attach(self, optimizer, stack) -> None:
+        self.optimizer = optimizer
+        stack.callback(_wait, self.pending)
 
-def _evaluate(model, task, test_set, cfg: C.TrainConfig, optimizer, sums, n_batches: int, epoch: int, step: int,
-              epoch_time: float, steps_per_epoch: int, complete: bool) -> dict:
-    """Rank 0: the whole model on the test set, as one ``log.csv`` row."""
-    means = [float(s) / max(1, n_batches) for s in sums]
-    metrics = task.evaluate(model, test_loader(test_set, cfg, collate_fn=task.collate),
-                            next(model.parameters()).device)
-    return {"epoch": epoch + 1, "step": step, "lr": optimizer.param_groups[0]["lr"], "train_loss": means[-1],
-            "train_accuracy": None, **{f"test_{k}": v for k, v in metrics.items()},
-            "test_score": metrics[task.metric], "epoch_time_s": epoch_time,
-            "images_per_s": n_batches * cfg.batch_size / max(epoch_time, 1e-9), "steps": n_batches,
-            "steps_per_epoch": steps_per_epoch, "complete": int(complete),
-            **{f"loss_{j}": m for j, m in enumerate(means)}}
+    def restore(self, ckpt: dict) -> None:
+        """This stage's optimizer and generators (the model is loaded by the loop)."""
+        try:
+            self.optimizer.load_state_dict(ckpt["optimizers"][self.rank])
+        except (ValueError, KeyError, IndexError) as exc:
+            raise ManppError(f"the checkpoint's optimizer state of stage {self.rank} does not fit: {exc}") from None
+        set_rng_state(ckpt["rng_ranks"][self.rank], self.device)
 
+    def measure(self, train_set) -> dict:
+        """Rank 0 measures a step of the whole model (its EMA copies following their own units: no stage is
+        sending), and each stage's peak."""
+        memory = None
+        if D.is_main():
+            batch = next(iter(torch.utils.data.DataLoader(train_set, batch_size=self.cfg.batch_size,
+                                                          collate_fn=self.task.collate)))
+            callbacks = [(aux, aux.source_callback) for aux in self.model.aux if hasattr(aux, "source_callback")]
+            for aux, _ in callbacks:
+                aux.source_callback = None
+            try:
+                report = measure_step(self.model, *self.task.prepare(batch, self.device, self.fmt))
+            finally:
+                for aux, callback in callbacks:
+                    aux.source_callback = callback
+            memory = dict(report.__dict__, stage_peak_bytes=[max(report.module_peak_bytes[j] for j in r)
+                                                             for r in self.layout])
+        return D.broadcast_object(memory)
 
-def _restore(ckpt: dict | None, model, optimizer, rank: int, device) -> Position:
-    """The whole model, this stage's optimizer and generators from a checkpoint, else the start."""
-    if ckpt is None:
-        return Position()
-    load_model_state(model, ckpt)
-    try:
-        optimizer.load_state_dict(ckpt["optimizers"][rank])
-    except (ValueError, KeyError, IndexError) as exc:
-        raise ManppError(f"the checkpoint's optimizer state of stage {rank} does not fit: {exc}") from None
-    set_rng_state(ckpt["rng_ranks"][rank], device)
-    return Position.of(ckpt)
+    def step(self, batch, step: int, stop) -> tuple[torch.Tensor, int]:
+        """One step of this stage; the stats of :meth:`manpp.replica.ReplicaSteps.step`, this stage's part
+        of them: its modules' losses, the training hits (last stage), the images (stage 0), the stop flag."""
+        cfg, device, k = self.cfg, self.device, self.model.k
+        self.step_index = step
+        if self.my_unit is not None and step % cfg.ema_sync_every == 0:  # my first unit, for the previous stage
+            _wait(self.pending)
+            self.pending += _send([p.detach() for p in self.my_unit.parameters()], self.rank - 1)
+        if self.rank == 0:
+            x, y = self.task.prepare(batch, device, self.fmt)
+            image = x
+        else:
+            x, y, image, told = _recv(self.rank - 1, device)
+            flag = int(told)  # rank 0's stop decision travels with the batch
+        self.optimizer.zero_grad(set_to_none=True)
+        result = local_step(self.model, x, y, modules=self.mine, ctx=LocalContext(image, y, self.model.denormalize))
+        self.optimizer.step()  # update-unlocked: this stage steps as soon as its own losses are known
+        if self.rank == 0:
+            flag = int(stop.signum)  # read after the step, as the replicas read it
+        if self.rank < self.stages - 1:
+            _wait(self.pending)
+            self.pending += _send([result.logits, y, image, torch.tensor([flag], device=device)], self.rank + 1)
+        stats = torch.zeros(k + 4, dtype=torch.float64)
+        stats[list(self.mine)] = torch.stack([v.float() for v in result.losses]).double().cpu()
+        hits = self.task.train_hits(result.logits, y) if self.rank == self.stages - 1 else None
+        if hits is not None:
+            stats[k:k + 2] = hits.double().cpu()
+        stats[k + 2] = x.shape[0] if self.rank == 0 else 0
+        stats[k + 3] = float(flag > 0)
+        return stats, 0
+
+    def shown(self, losses: list[float]) -> list[float]:
+        """The losses a progress line shows: this stage's modules' (rank 0 prints)."""
+        return [losses[j] for j in self.mine]
+
+    def own_partial(self, sums: torch.Tensor) -> torch.Tensor:
+        """A stopped epoch's sums (of every stage, as saved), reduced to what this stage adds itself."""
+        k, keep = self.model.k, torch.zeros_like(sums)
+        keep[list(self.mine)] = sums[list(self.mine)]
+        if self.rank == self.stages - 1:
+            keep[k:k + 2] = sums[k:k + 2]
+        if self.rank == 0:
+            keep[k + 2:] = sums[k + 2:]
+        return keep
+
+    def end_epoch(self, sums: torch.Tensor) -> torch.Tensor:
+        """Every stage's modules and loss sums on rank 0 (which then holds the whole model); the total sums."""
+        _wait(self.pending)
+        parts = D.gather_objects(_to_cpu(({k: v for k, v in self.model.state_dict().items() if k in self.owned},
+                                          sums)))
+        if not D.is_main():
+            return sums
+        self.model.load_state_dict({k: v for part in parts for k, v in part[0].items()}, strict=False)
+        return sum(part[1] for part in parts)
+
+    def before_evaluation(self) -> None:
+        pass
+
+    def evaluate(self, tests) -> dict | None:
+        return self.task.evaluate(self.model, tests, self.device) if D.is_main() else None
+
+    def checkpoint_parts(self) -> dict | None:
+        """Every stage's optimizer state and generators, on rank 0."""
+        parts = D.gather_objects(_to_cpu((self.optimizer.state_dict(), rng_state(self.device))))
+        if not D.is_main():
+            return None
+        return {"optimizers": [p[0] for p in parts], "rng_ranks": [p[1] for p in parts],
+                "parallel_stages": self.stages, "world_size": self.stages}
+
+    def summary_extra(self) -> dict:
+        return {"world_size": self.stages, "parallel": "modules",
+                "stage_modules": [[r.start, r.stop - 1] for r in self.layout]}
+
+    def announce(self, cfg: C.TrainConfig, memory: dict, n_train: int, n_test: int, out) -> None:
+        print(f"{cfg.method}: {cfg.model} on {cfg.dataset} ({n_train} train / {n_test} test), {self.model.k} modules "
+              f"in {self.stages} pipelined stages ({', '.join(f'{r.start}-{r.stop - 1}' for r in self.layout)}), "
+              f"peak activation per stage {', '.join(format_bytes(b) for b in memory['stage_peak_bytes'])} at batch "
+              f"{cfg.batch_size}, EMA sync every {cfg.ema_sync_every} step(s), run folder {out}", flush=True)
 
 
 def _to_cpu(obj):
