@@ -146,6 +146,8 @@ def test_parallel_mode_bad_input():
 
     with pytest.raises(ManppError, match="needs a local method"):
         train(C.TrainConfig(parallel="modules", method="e2e", device="cpu", dataset="synthetic", model="resnet8"))
+    with pytest.raises(ManppError, match=r"cannot clip the global gradient norm \(grad_clip=1.0\)"):
+        train(C.TrainConfig(parallel="modules", grad_clip=1.0, device="cpu", dataset="synthetic", model="resnet8"))
     with pytest.raises(ManppError, match="ema_sync_every"):
         train(C.TrainConfig(parallel="modules", ema_sync_every=0, device="cpu", dataset="synthetic", model="resnet8"))
 
