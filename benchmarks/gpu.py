@@ -48,8 +48,6 @@ import argparse
 import contextlib
 import dataclasses
 import json
-import platform
-import re
 import statistics
 import sys
 import tempfile
@@ -65,6 +63,8 @@ from manpp.build import build_model, data_info, resolve_device
 from manpp.memory import format_bytes, measure_step
 from manpp.tasks import task_of
 from manpp.safeio import write_text  # atomic: a run cut short never leaves a half-written result
+
+from devices import device_name, slug  # benchmarks/devices.py, beside this script
 
 HERE = Path(__file__).resolve().parent
 
@@ -177,16 +177,6 @@ def sanity_run(device: torch.device, quick: bool, out: Path) -> dict:
     return {"settings": settings, "seconds": time.perf_counter() - started, "status": s["status"],
             "test_accuracy": s["test_accuracy"], "best_test_accuracy": s["best_test_accuracy"],
             "first_train_loss": s["history"][0]["train_loss"], "last_train_loss": s["history"][-1]["train_loss"]}
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.machine()}, {torch.get_num_threads()} threads"
-
-
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "_", text.lower()).strip("_")
 
 
 def markdown(doc: dict) -> str:

@@ -236,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     sys.path.insert(0, str(ROOT / "src"))
     import torch
 
-    from gpu import device_name, slug  # benchmarks/gpu.py: one naming of devices and result files
+    from devices import device_name, slug  # benchmarks/devices.py: one naming of devices and result files
     from manpp.safeio import write_text  # atomic: a part cut short never leaves a half-written result
 
     started = time.perf_counter()

@@ -107,6 +107,19 @@ def test_no_import_cycles_in_the_package():
     assert _cycles(graph) == []
 
 
+def test_no_import_cycles_among_the_benchmark_scripts():
+    """The scripts import each other by file name, from beside themselves (gpu.py runs gpu_accuracy.py's main)."""
+    folder = SRC.parents[1] / "benchmarks"
+    scripts = {p.stem: p for p in folder.glob("*.py")}
+    graph = {name: set() for name in scripts}
+    for name, path in scripts.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            targets = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                       else [node.module] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            graph[name] |= {t for t in targets if t in scripts and t != name}
+    assert graph["gpu"] and _cycles(graph) == []  # (gpu.py imports devices and gpu_accuracy)
+
+
 def test_no_module_imports_another_modules_private_names():
     modules = _modules()
     offences = []
