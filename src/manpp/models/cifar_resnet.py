@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from ..errors import ManppError
+from .chain import UnitChain
 from .imagenet import RESNETS
 from .registry import register_backbone
 
@@ -73,7 +74,7 @@ def init_weights(module: nn.Module) -> None:
             m.reset_parameters()
 
 
-class CifarResNet(nn.Module):
+class CifarResNet(UnitChain):
     """ResNet-(6n+2) for 32x32 inputs, exposed as ``units`` = [stem, layer1.0, ..., layer3.(n-1)]."""
 
     widths = (16, 16, 32, 64)
@@ -109,12 +110,6 @@ class CifarResNet(nn.Module):
     def reinit_(self, module: nn.Module) -> None:
         """Re-draw a module's weights with this backbone's initialisation (for random copies)."""
         init_weights(module)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for unit in self.units:
-            x = unit(x)
-        return self.head(x)
-
 
 def is_cifar_name(name: str) -> bool:
     """``resnet<6n+2>`` (the torchvision names, registered exactly, win) or ``cifar_resnet<6n+2>``."""

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from .chain import UnitChain
 from .imagenet import PlainStateDict, resnet_reinit, resnet_units, resnet_units_count, torchvision_resnet
 from .registry import register_backbone
 
@@ -104,7 +105,7 @@ def _width(block: nn.Module) -> int:
     return last.num_features
 
 
-class RetinaNetBackbone(PlainStateDict, nn.Module):
+class RetinaNetBackbone(PlainStateDict, UnitChain):
     """RetinaNet with a ResNet + FPN backbone, cut into units (see the module docstring)."""
 
     aux_family = "detection"
@@ -129,11 +130,6 @@ class RetinaNetBackbone(PlainStateDict, nn.Module):
     def reinit_(self, module: nn.Module) -> None:
         resnet_reinit(module)
 
-    def forward(self, x: torch.Tensor) -> dict:
-        for unit in self.units:
-            x = unit(x)
-        return self.head(x)
-
     def _plain_prefixes(self) -> list[tuple[str, str]]:
         # torchvision's RetinaNet(backbone=resnet_fpn_backbone(...)) names
         pairs = [("units.0.block.0.", "backbone.body.conv1."), ("units.0.block.1.", "backbone.body.bn1."),
@@ -157,7 +153,7 @@ class RetinaNetBackbone(PlainStateDict, nn.Module):
             anchor_generator=det.anchor_generator, head=retinanet_subnets(self.num_classes))
 
 
-class DeepLabV3Backbone(PlainStateDict, nn.Module):
+class DeepLabV3Backbone(PlainStateDict, UnitChain):
     """DeepLabV3 on a dilated ResNet (strides of layer3 and layer4 replaced by dilation)."""
 
     aux_family = "segmentation"
@@ -180,10 +176,7 @@ class DeepLabV3Backbone(PlainStateDict, nn.Module):
         resnet_reinit(module)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        size = x.shape[-2:]
-        for unit in self.units:
-            x = unit(x)
-        return F.interpolate(self.head(x), size=size, mode="bilinear", align_corners=False)
+        return F.interpolate(self.head(self.run_units(x)), size=x.shape[-2:], mode="bilinear", align_corners=False)
 
     def _plain_prefixes(self) -> list[tuple[str, str]]:
         pairs = [("units.0.0.", "backbone.conv1."), ("units.0.1.", "backbone.bn1."), ("head.", "classifier.")]

@@ -18,6 +18,7 @@ from ..models.cifar_resnet import init_weights
 from ..registry import register_objective
 from ..settings import setting
 from .detection import DetectionHead
+from .layers import conv_bn_relu
 from .segmentation import SegmentationHead
 from .spec import FEATURE_DIM
 from .vit import TokenHead
@@ -26,10 +27,6 @@ from .vit import TokenHead
 @dataclass
 class DGLSettings:
     feature_dim: int = setting(FEATURE_DIM, help="F, the width of the 1x1 convolutions (the MLP is 4F wide)")
-
-
-def _conv_bn_relu(cin: int, cout: int) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
 
 
 def _fc_bn_relu(cin: int, cout: int) -> list[nn.Module]:
@@ -42,7 +39,7 @@ class DGLHead(nn.Module):
     def __init__(self, channels: int, num_classes: int, feature_dim: int = FEATURE_DIM):
         super().__init__()
         f = feature_dim
-        self.convs = nn.Sequential(*_conv_bn_relu(channels, f), *_conv_bn_relu(f, f), *_conv_bn_relu(f, f))
+        self.convs = nn.Sequential(*conv_bn_relu(channels, f), *conv_bn_relu(f, f), *conv_bn_relu(f, f))
         self.mlp = nn.Sequential(*_fc_bn_relu(f, 4 * f), *_fc_bn_relu(4 * f, 4 * f), *_fc_bn_relu(4 * f, 4 * f))
         self.fc = nn.Linear(4 * f, num_classes)
         init_weights(self.convs)

@@ -19,6 +19,7 @@ from ..models.cifar_resnet import init_weights
 from ..recompute import run_checkpointed
 from ..registry import register_objective
 from ..settings import OneOf, setting
+from .layers import conv_bn_relu
 from .spec import FEATURE_DIM
 
 CLASSIFIER_CONFIGS = ("1c2f", "2c2f")
@@ -157,10 +158,6 @@ def resized_conv(x: torch.Tensor, conv: nn.Conv2d, size: tuple[int, int], factor
     return out
 
 
-def _conv_bn_relu(cin: int, cout: int, kernel: int, stride: int = 1) -> list[nn.Module]:
-    return [nn.Conv2d(cin, cout, kernel, stride, kernel // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True)]
-
-
 class ImageNetDecoder(nn.Module):
     """The release's ImageNet decoder, for any width, feature size and image size.
 
@@ -176,13 +173,13 @@ class ImageNetDecoder(nn.Module):
         steps = min(6, max(1, round(math.log2(image_size / size))))
         widths = ([256, 128, 64, 32, 12][-(steps - 1):] if steps > 1 else []) + [image_channels]
         cin = 128 if channels <= 512 else 192
-        self.reduce = nn.Sequential(*_conv_bn_relu(channels, cin, 1))
+        self.reduce = nn.Sequential(*conv_bn_relu(channels, cin, 1))
         self.sizes = [size * 2 ** (i + 1) for i in range(steps - 1)] + [image_size]
         convs = []
         for i, cout in enumerate(widths):
             kernel = 1 if cin >= 192 else 3
             last = i == len(widths) - 1
-            convs.append(nn.Conv2d(cin, cout, kernel, 1, kernel // 2) if last else nn.Sequential(*_conv_bn_relu(cin, cout, kernel)))
+            convs.append(nn.Conv2d(cin, cout, kernel, 1, kernel // 2) if last else nn.Sequential(*conv_bn_relu(cin, cout, kernel)))
             cin = cout
         self.convs = nn.ModuleList(convs)
         self.factored = True  # False: the straightforward resize-then-conv (for comparison)
@@ -215,11 +212,9 @@ class AuxClassifier(nn.Module):
             raise ManppError(f"unknown aux_loss '{loss}': accepted are {choices(CLASSIFIER_LOSSES)}")
         width, stride = (2 * channels, 2) if channels < 64 else (channels, 1)
         width *= widen
-        layers: list[nn.Module] = [
-            nn.Conv2d(channels, width, 3, stride, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)
-        ]
+        layers = conv_bn_relu(channels, width, 3, stride)
         if config == "2c2f":
-            layers += [nn.Conv2d(width, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True)]
+            layers += conv_bn_relu(width, width, 3)
         self.convs = nn.Sequential(*layers)
         out = feature_dim if loss == "contrast" else num_classes
         self.fc = nn.Sequential(nn.Linear(width, feature_dim * widen), nn.ReLU(inplace=True),
@@ -245,8 +240,8 @@ class ImageNetAuxClassifier(AuxClassifier):
         if loss not in CLASSIFIER_LOSSES:
             raise ManppError(f"unknown aux_loss '{loss}': accepted are {choices(CLASSIFIER_LOSSES)}")
         first = 128 if channels <= 512 else 256
-        self.convs = nn.Sequential(*_conv_bn_relu(channels, first, 1), *_conv_bn_relu(first, 256, 3, 2),
-                                   *_conv_bn_relu(256, 512, 3, 2), *_conv_bn_relu(512, 2048, 1))
+        self.convs = nn.Sequential(*conv_bn_relu(channels, first, 1), *conv_bn_relu(first, 256, 3, 2),
+                                   *conv_bn_relu(256, 512, 3, 2), *conv_bn_relu(512, 2048, 1))
         self.fc = nn.Linear(2048, feature_dim if loss == "contrast" else num_classes)
         self.loss = loss
 

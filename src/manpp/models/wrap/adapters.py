@@ -10,10 +10,12 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..chain import UnitChain
+
 TO_NHWC, TO_NCHW = (0, 2, 3, 1), (0, 3, 1, 2)
 
 
-class WrappedBackbone(nn.Module):
+class WrappedBackbone(UnitChain):
     """A wrapped model as manpp units: ``forward(x) = head(units(x))``.
 
     ``units`` hold the model's own modules, ``unit_names`` and ``unit_stages`` (0 for the stem or
@@ -30,11 +32,6 @@ class WrappedBackbone(nn.Module):
         self.arch, self.aux_family = arch, aux_family
         self.num_classes, self.in_channels, self.image_size = num_classes, in_channels, image_size
         self.export_keys = export_keys  # the model's state-dict key -> ours (None: our own keys)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for unit in self.units:
-            x = unit(x)
-        return self.head(x)
 
     def export_state_dict(self) -> dict[str, torch.Tensor]:
         """The trained weights under the wrapped model's own keys (``strict=True`` loads them into a
