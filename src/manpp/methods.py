@@ -29,7 +29,7 @@ register_method(Method("man", None, momentum=True, summary="MAN: EMA + learnable
 # MAN++ on InfoPro's heads: its auxiliary networks at twice the backbone's lr under fidelity=ours, +0.97
 # points over 1 in the accuracy protocol (docs/results.md, ablations); DGL's heads at 2 lost 2 points,
 # so every other pairing keeps 1
-register_method(Method("manpp", None, momentum=True, learnable_scale=True, aux_lr_scales=(("infopro", 2.0),),
+register_method(Method("manpp", None, momentum=True, learnable_scale=True,
                        summary="MAN++: EMA + learnable copy mixed by a learnable scale"))
 
 

@@ -85,6 +85,9 @@ class Objective:
     default_for: tuple[str, ...] = ()  # families for which it is the default objective
     summary: str = ""
     release: dict = dataclasses.field(default_factory=dict)  # settings of the authors' release (fidelity=release)
+    # its heads' lr over the backbone's under fidelity=ours, whichever local method trains them (plain, MAN,
+    # MAN++), when the run leaves aux_lr_scale unset; 1 under the release. Measured (docs/results.md, ablations)
+    aux_lr_scale: float = 1.0
 
     def make_settings(self, values: dict[str, Any] | None = None):
         """The settings dataclass from ``values`` (checked and typed).
@@ -129,10 +132,6 @@ class Method:
     learnable_scale: bool = False  # MAN++'s s_j (else s = 1, i.e. MAN)
     local: bool = True  # False: one module, end-to-end
     summary: str = ""
-    # (objective, scale): its auxiliary networks' lr over the backbone's on that objective's heads under
-    # fidelity=ours, when the run leaves aux_lr_scale unset; 1 elsewhere and under the release. Each pair
-    # is measured (docs/results.md, ablations)
-    aux_lr_scales: tuple[tuple[str, float], ...] = ()
 
     @property
     def takes_objective(self) -> bool:
@@ -140,13 +139,14 @@ class Method:
 
 
 def aux_lr_scale_of(method: str, objective: str | None, *, release: bool = False) -> float:
-    """The auxiliary networks' lr over the backbone's when a run leaves ``aux_lr_scale`` unset: the
-    method's own on ``objective``'s heads (``Method.aux_lr_scales``) under fidelity=ours, 1 under the
-    release. The one rule: :func:`manpp.resolve.resolve` (the command line) and
-    :func:`manpp.methods.build_local_model` (``local_model``, ``wrap``) both apply it."""
-    if release:
+    """The auxiliary networks' lr over the backbone's when a run leaves ``aux_lr_scale`` unset: that of
+    ``objective``'s heads (``Objective.aux_lr_scale``) under fidelity=ours, the same under every local
+    method that trains them, so a method and its MAN/MAN++ variant compare at the same head settings; 1
+    for end-to-end and under the release. Applied by :func:`manpp.resolve.resolve_local` (the command
+    line, ``local_model`` and ``wrap``)."""
+    if release or not METHODS.get(method).local or objective is None:
         return 1.0
-    return float(dict(METHODS.get(method).aux_lr_scales).get(objective, 1.0))
+    return float(OBJECTIVES.get(objective).aux_lr_scale)
 
 
 OBJECTIVES: Registry[Objective] = Registry("objective")
@@ -155,11 +155,13 @@ METHODS: Registry[Method] = Registry("method", order=lambda m: 0 if not m.local 
 
 
 def register_objective(name: str, *, settings: type, families: tuple[str, ...], default_for: tuple[str, ...] = (),
-                       summary: str = "", method: bool = True, release: dict | None = None):
+                       summary: str = "", method: bool = True, release: dict | None = None,
+                       aux_lr_scale: float = 1.0):
     """Decorator registering ``build`` as objective ``name`` (and, with ``method``, method ``name``).
 
     ``release``: the settings where the authors' release differs from ``settings``' defaults,
-    applied by ``fidelity=release`` (:mod:`manpp.fidelity`).
+    applied by ``fidelity=release`` (:mod:`manpp.fidelity`). ``aux_lr_scale``: its heads' lr over the
+    backbone's under ``fidelity=ours`` (see :func:`aux_lr_scale_of`).
     """
     unknown = [f for f in (*families, *default_for) if f not in FAMILIES]
     if unknown:
@@ -167,7 +169,7 @@ def register_objective(name: str, *, settings: type, families: tuple[str, ...], 
 
     def decorator(build: Callable[..., Any]) -> Callable[..., Any]:
         OBJECTIVES.add(name, Objective(name, build, settings, tuple(families), tuple(default_for), summary,
-                                       dict(release or {})))
+                                       dict(release or {}), float(aux_lr_scale)))
         if method:
             METHODS.add(name, Method(name, name, summary=summary))
         return build
