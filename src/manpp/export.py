@@ -36,9 +36,7 @@ from .checkpoint import BEST, is_finished, nonfinite, state_dict_mismatch
 from .checkpoint import load as load_checkpoint
 from .errors import ManppError, choices
 from .extras import available, require
-from .models import build_backbone
-from .models.imagenet import vit_loader
-from .models.library import is_library_name, loads_into
+from .models import BACKBONES, build_backbone
 from .rundir import RUN_FILES, holds_run, read_summary, status_of
 from .runlock import LOCK
 from .safeio import make_folder, write_bytes
@@ -102,16 +100,9 @@ def export_backbone(checkpoint: str | Path, out: str | Path, *, best: bool = Fal
     make_folder(next(iter(paths.values())).parent)
     written = [str(write_bytes(path, data)) for path, data in encoded.items()]
     written.append(str(write_bytes(classes_path, (json.dumps(meta, indent=1) + "\n").encode())))
-    loader = (f"torchvision.models.{backbone.arch}" if hasattr(backbone, "export_state_dict")
+    target = BACKBONES.find(cfg.model).export  # the registration says what an export loads into
+    loader = (target(cfg.model, int(num_classes), info.image_size) if target is not None
               else f"manpp.build_backbone('{cfg.model}', ...)")
-    if is_library_name(cfg.model):
-        loader = loads_into(cfg.model, int(num_classes), info.image_size)
-    elif cfg.model.startswith("vit_"):
-        loader = vit_loader(cfg.model, int(num_classes), info.image_size)
-    elif cfg.model.startswith("retinanet_"):
-        loader = "torchvision.models.detection.RetinaNet (ResNet-FPN body, P6 from C5; see the README)"
-    elif cfg.model.startswith("deeplabv3_"):
-        loader = f"torchvision.models.segmentation.{cfg.model}(aux_loss=False)"
     return {"path": written[0], "paths": written, "best": best, "classes": meta["classes"], "stopped_by": stopped_by, "model": cfg.model, "num_classes": int(num_classes),
             "tensors": len(plain), "params": sum(v.numel() for k, v in plain.items() if "running_" not in k and "num_batches" not in k),
             "loads_into": loader}

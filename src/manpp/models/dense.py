@@ -193,7 +193,9 @@ class DeepLabV3Backbone(PlainStateDict, UnitChain):
         return net
 
 
-@register_backbone(*DETECTORS, family="detection", task="detection", units=resnet_units_count)
+@register_backbone(*DETECTORS, family="detection", task="detection", units=resnet_units_count,
+                   export=lambda *_: "torchvision.models.detection.RetinaNet (ResNet-FPN body, P6 from C5; see the "
+                                     "README)")
 def build_retinanet(name: str, *, num_classes: int = 80, in_channels: int = 3, image_size: int = 600,
                     anchor_base: int | None = None, **_) -> RetinaNetBackbone:
     """Anchors 32..512 (the paper) at image sizes of 300 px and more; 8..128 below."""
@@ -202,6 +204,7 @@ def build_retinanet(name: str, *, num_classes: int = 80, in_channels: int = 3, i
                              anchor_base=base)
 
 
-@register_backbone(*SEGMENTERS, family="segmentation", task="segmentation", units=resnet_units_count)
+@register_backbone(*SEGMENTERS, family="segmentation", task="segmentation", units=resnet_units_count,
+                   export=lambda name, *_: f"torchvision.models.segmentation.{name}(aux_loss=False)")
 def build_deeplabv3(name: str, *, num_classes: int = 19, in_channels: int = 3, **_) -> DeepLabV3Backbone:
     return DeepLabV3Backbone(name, num_classes=num_classes, in_channels=in_channels)

@@ -101,7 +101,8 @@ def resnet_units_count(name: str) -> int:
     return 1 + sum(RESNET_BLOCKS[name.split("_", 1)[1] if name.startswith(("retinanet_", "deeplabv3_")) else name])
 
 
-@register_backbone(*RESNETS, family="imagenet", units=resnet_units_count)
+@register_backbone(*RESNETS, family="imagenet", units=resnet_units_count,
+                   export=lambda name, num_classes, image_size: f"torchvision.models.{name}")
 def build_resnet(name: str, *, num_classes: int = 1000, in_channels: int = 3, image_size: int = 224, **_):
     """A torchvision ResNet/ResNeXt cut by the same cutter as ``manpp.wrap``: the stem (conv1, bn1, relu,
     maxpool), then every residual block; the head pools and applies ``fc``."""
@@ -121,7 +122,7 @@ def vit_loader(name: str, num_classes: int, image_size: int) -> str:
             f"num_classes={num_classes})")
 
 
-@register_backbone(*VITS, family="vit", units=lambda name: 1 + VIT_DEPTH)
+@register_backbone(*VITS, family="vit", units=lambda name: 1 + VIT_DEPTH, export=vit_loader)
 def build_vit(name: str, *, num_classes: int = 1000, in_channels: int = 3, image_size: int = 224, **_):
     """torchvision's VisionTransformer (patch 16, depth 12) at the Tiny/Small/Base widths, cut as
     ``manpp.wrap`` cuts it: the embedding, then every encoder block (named ``blocks.i``)."""

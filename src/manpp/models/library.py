@@ -215,7 +215,7 @@ def _timm_takes_image_size(model: str, image_size: int) -> bool:
         return False
 
 
-@register_backbone("<library>/<name>", family=None, matches=lambda name: "/" in str(name),
+@register_backbone("<library>/<name>", family=None, matches=lambda name: "/" in str(name), export=loads_into,
                    summary="any classifier of timm or torchvision: timm/<name>, torchvision/<name>")
 def build_library_backbone(name: str, *, num_classes: int, in_channels: int, image_size: int,
                            pretrained: str | None = None, **_):

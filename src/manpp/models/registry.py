@@ -38,6 +38,9 @@ class Backbone:
     summary: str = ""
     units: Callable[[str], int] | None = None  # the number of units, known from the name (None: build it)
     default_k: int = DEFAULT_K  # K when none is given (capped at the units)
+    # export(name, num_classes, image_size): the call that builds the plain model an export loads into
+    # (None: manpp's own backbone, manpp.build_backbone(name, ...))
+    export: Callable[[str, int, int], str] | None = None
 
 
 class BackboneRegistry(Registry[Backbone]):
@@ -64,11 +67,13 @@ BACKBONES = BackboneRegistry("model")
 
 def register_backbone(*names: str, family: str | None, task: str = "classification",
                       matches: Callable[[str], bool] | None = None, summary: str = "",
-                      units: Callable[[str], int] | None = None, default_k: int = DEFAULT_K):
+                      units: Callable[[str], int] | None = None, default_k: int = DEFAULT_K,
+                      export: Callable[[str, int, int], str] | None = None):
     """Decorator registering ``build`` under every name of ``names`` (with ``matches``: one pattern).
 
     ``units(name)`` gives the number of units without building the model (what resolving a config
-    needs: :mod:`manpp.resolve`); ``default_k`` is K when none is given."""
+    needs: :mod:`manpp.resolve`); ``default_k`` is K when none is given; ``export(name, num_classes,
+    image_size)`` the call that builds the plain model ``manpp export``'s file loads into."""
     if family is not None and family not in FAMILIES:
         raise ValueError(f"backbone {names}: unknown family {family!r}; known are {FAMILIES}")
     if task not in TASK_NAMES:
@@ -78,7 +83,7 @@ def register_backbone(*names: str, family: str | None, task: str = "classificati
 
     def decorator(build: Callable) -> Callable:
         for name in names:
-            BACKBONES.add(name, Backbone(name, build, family, task, matches, summary, units, default_k))
+            BACKBONES.add(name, Backbone(name, build, family, task, matches, summary, units, default_k, export))
         return build
 
     return decorator
