@@ -101,43 +101,27 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
     process, or data-parallel replicas) or :class:`manpp.pipeline.StageSteps` (``parallel=modules``)."""
     from tqdm.auto import tqdm
 
-    rank, world, main = D.rank(), D.world_size(), D.is_main()
     pipelined = cfg.parallel == "modules"
     if not pipelined:
-        D.check_batch_size(cfg.batch_size, world)
-    verbose = verbose and main
+        D.check_batch_size(cfg.batch_size, D.world_size())
+    verbose = verbose and D.is_main()
     out = run_folder(cfg, resume)
     life = RunLifecycle(out, resume=resume is not None, overwrite=overwrite, ckpt=ckpt, stop=stop)
     life.claim()  # locked and checked; nothing of the run is written before life.begin
     with life.guard(), contextlib.ExitStack() as stack:
         seed_everything(cfg.seed)
-        if pipelined and not main:  # stage 0 reads the data; the other stages receive what they train on
-            train_set, test_set, info = None, None, data_info(cfg)
-        else:
-            if not main:
-                D.barrier()  # rank 0 builds (and downloads) the datasets first
-            train_set, test_set, info = load_data(cfg)
-            cfg = with_classes(cfg, info, ckpt)  # recorded in config.yaml and every checkpoint
-            if main and not pipelined:
-                D.barrier()
-        if pipelined:
-            cfg = D.broadcast_object(cfg)
-        n_train = D.broadcast_object(len(train_set) if main else None) if pipelined else len(train_set)
-        if n_train < cfg.batch_size:
-            raise ManppError(f"batch_size {cfg.batch_size} is larger than the training set ({n_train} images)")
+        cfg, train_set, test_set, info, n_train = _data(cfg, ckpt, pipelined)
         model = build_model(cfg, info, device)  # the same seed: the same initial weights on every process
         task = task_of(model.backbone)
         steps = StageSteps(cfg, model, task, device) if pipelined else ReplicaSteps(cfg, model, task, device)
         optimizer = build_optimizer(cfg, parameter_groups(model, cfg, steps.params))
         steps.attach(optimizer, stack)
         cfg = dataclasses.replace(cfg, out=str(out))
-        steps_per_epoch = steps_per_epoch_of(n_train, cfg.batch_size, cfg.drop_last)
         loader_kw = dict(num_workers=cfg.workers, pin_memory=device.type == "cuda", persistent_workers=False,
                          collate_fn=task.collate, worker_init_fn=ignore_in_workers if cfg.workers else None)
         n_test = len(test_set) if test_set is not None else 0
         if D.is_initialized() and steps.shards_tests:  # each process evaluates its own part; the sums are reduced
             test_set = torch.utils.data.Subset(test_set, range(*D.shard_bounds(len(test_set))))
-        tests = test_loader(test_set, cfg, **loader_kw) if test_set is not None else None
         at = Position.of(ckpt)
         if ckpt is not None:  # a checkpoint that does not fit fails here
             load_model_state(model, ckpt)
@@ -153,94 +137,157 @@ def _train(cfg: C.TrainConfig, ckpt: dict | None, resume: str | None, device: to
         life.begin(cfg, history)  # everything checked: only now is the folder written
         if verbose:
             steps.announce(cfg, memory, n_train, n_test, out)
-
-        epoch, step, batch_in_epoch = at.epoch, at.step, at.batch_in_epoch
-        max_steps = cfg.max_steps
-        total = cfg.epochs * steps_per_epoch if max_steps is None else min(max_steps, cfg.epochs * steps_per_epoch)
-        log = stack.enter_context(contextlib.closing(RunLog(out, cfg, write=main, verbose=verbose, total_steps=total)))
-        log.start(step)
-
-        def save(row: dict | None, partial: dict | None = None) -> None:
-            parts = steps.checkpoint_parts()  # every process takes part; rank 0 gets the whole
-            if not main:
-                return
-            state = model.state_dict()
-            life.save({"model": state, **parts, "config": cfg.to_dict(), "epoch": epoch, "step": step,
-                       "batch_in_epoch": batch_in_epoch, "history": history, "memory": memory, "partial": partial,
-                       "status": "finished" if epoch >= cfg.epochs else "unfinished"},
-                      history, score=row["test_score"] if row else None,
-                      best=lambda: {"model": state, "config": cfg.to_dict(), "epoch": epoch, "step": step,
-                                    "metric": task.metric, "score": row["test_score"]})
-
-        signum = 0
+        per_epoch = steps_per_epoch_of(n_train, cfg.batch_size, cfg.drop_last)
+        total = cfg.epochs * per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * per_epoch)
+        log = stack.enter_context(contextlib.closing(RunLog(out, cfg, write=D.is_main(), verbose=verbose,
+                                                            total_steps=total)))
+        log.start(at.step)
         # one bar for the whole run (its rate, and so its ETA, includes the evaluations); none off a terminal
-        bar = tqdm(total=total, initial=min(step, total), leave=False, disable=None if verbose else True,
+        bar = tqdm(total=total, initial=min(at.step, total), leave=False, disable=None if verbose else True,
                    dynamic_ncols=True, file=sys.stderr, unit="step")
         stack.callback(bar.close)
-        while epoch < cfg.epochs and (max_steps is None or step < max_steps) and not signum:
-            loader = (epoch_loader(train_set, cfg, epoch, batch_in_epoch, rank=0 if pipelined else rank,
-                                   world=1 if pipelined else world, **loader_kw) if steps.reads_data
-                      else itertools.repeat(None, steps_per_epoch - batch_in_epoch))
-            model.train()
-            # per module: summed mean losses; then training hits, what they were counted on, and images
-            # (all processes: the global batch); carried over when a stop signal cut the epoch short
-            sums, n_batches, skipped, elapsed = at.take_partial(model.k + 3)
-            sums = steps.own_partial(sums)
-            asked = False
-            started = time.perf_counter()
-            bar.set_description(f"epoch {epoch + 1}/{cfg.epochs}", refresh=False)
-            for batch in loader:
-                lr = lr_at(step, cfg, steps_per_epoch)
-                set_lr(optimizer, lr, holds_backbone(step, cfg, steps_per_epoch))
-                stats, was_skipped = steps.step(batch, step, stop)
-                skipped += was_skipped
-                losses = stats[:model.k]
-                if not torch.isfinite(losses).all():
-                    raise Diverged(f"training diverged at step {step}{steps.where}: a local loss is not finite "
-                                   f"({losses.tolist()}); lower the learning rate (lr={cfg.lr})")
-                sums += stats[:-1]
-                n_batches, step, batch_in_epoch = n_batches + 1, step + 1, batch_in_epoch + 1
-                life.step = step
-                shown = steps.shown(losses.tolist())
-                bar.set_postfix_str(f"loss {loss_text([float(v) / n_batches for v in steps.shown(sums[:model.k].tolist())])}",
-                                    refresh=False)
-                bar.update(1)
-                log.step(step, epoch, cfg.epochs, shown, lr)
-                asked = bool(stats[-1] > 0)  # a stop signal reached some process: all stop after this step
-                if asked or (max_steps is not None and step >= max_steps):
-                    break
-            epoch_time = elapsed + time.perf_counter() - started
-            complete = batch_in_epoch >= steps_per_epoch
-            sums = steps.end_epoch(sums)  # rank 0 holds the whole model and every module's sums
+        loop = _Loop(cfg, model, task, optimizer, steps, life, log, bar, stop, history, memory, per_epoch, train_set,
+                     test_loader(test_set, cfg, **loader_kw) if test_set is not None else None, loader_kw, verbose,
+                     at.epoch, at.step, at.batch_in_epoch)
+        signum = 0
+        while loop.epoch < cfg.epochs and (cfg.max_steps is None or loop.step < cfg.max_steps) and not signum:
+            sums, n_batches, skipped, seconds, asked = loop.train_one_epoch(*at.take_partial(model.k + 3))
+            complete = loop.batch_in_epoch >= per_epoch
             if asked and not complete:  # stopped mid-epoch by a signal: no evaluation, the sums are kept
                 signum = agreed_signal(stop.signum)
-                save(None, {"sums": sums, "batches": n_batches, "skipped": skipped, "seconds": epoch_time})
+                loop.save(None, {"sums": sums, "batches": n_batches, "skipped": skipped, "seconds": seconds})
                 break
-            steps.before_evaluation()
-            metrics = steps.evaluate(tests)
-            row = None
-            if metrics is not None:
-                row = _epoch_row(model, optimizer, steps.scaler, task, metrics, sums, n_batches, skipped, epoch, step,
-                                 epoch_time, steps_per_epoch, complete)
-                history.append(row)
-                log.epoch(row)
-            bad = divergence(model, row) if row is not None else None
-            if pipelined:
-                bad = D.broadcast_object(bad)  # every stage ends together
-            if bad is not None:
-                raise Diverged(f"training diverged by step {step}: {bad}; lower the learning rate (lr={cfg.lr})")
-            if verbose:
-                means = [row[f"loss_{j}"] for j in range(model.k)]
-                train_acc = "" if row["train_accuracy"] is None else f"  train acc {row['train_accuracy']:.2%}"
-                print(f"epoch {epoch + 1}/{cfg.epochs}  loss {loss_text(means)}{train_acc}  test "
-                      f"{metric_text(task.metric, metrics[task.metric])}  ({epoch_time:.1f} s, "
-                      f"{row['images_per_s']:.0f} img/s)", flush=True)
+            row = loop.evaluate(sums, n_batches, skipped, seconds, complete)
             if complete:
-                epoch, batch_in_epoch = epoch + 1, 0
-            save(row)
+                loop.epoch, loop.batch_in_epoch = loop.epoch + 1, 0
+            loop.save(row)
             signum = agreed_signal(stop.signum)  # one that came during the evaluation or the save counts too
-        result = life.end(*ending(cfg, out, epoch, step, batch_in_epoch, signum), signal=signum, step=step)
+        result = life.end(*ending(cfg, out, loop.epoch, loop.step, loop.batch_in_epoch, signum), signal=signum,
+                          step=loop.step)
     return RunResult(result, model, out)
+
+
+def _data(cfg: C.TrainConfig, ckpt: dict | None, pipelined: bool) -> tuple:
+    """``(cfg with its classes, train set, test set, dataset info, training images)``. Rank 0 builds (and
+    downloads) the data first; under ``parallel=modules`` only stage 0 reads it, the others get its config."""
+    main = D.is_main()
+    if pipelined and not main:  # the other stages receive what they train on
+        train_set, test_set, info = None, None, data_info(cfg)
+    else:
+        if not main:
+            D.barrier()
+        train_set, test_set, info = load_data(cfg)
+        cfg = with_classes(cfg, info, ckpt)  # recorded in config.yaml and every checkpoint
+        if main and not pipelined:
+            D.barrier()
+    if pipelined:
+        cfg = D.broadcast_object(cfg)
+    n_train = D.broadcast_object(len(train_set) if main else None) if pipelined else len(train_set)
+    if n_train < cfg.batch_size:
+        raise ManppError(f"batch_size {cfg.batch_size} is larger than the training set ({n_train} images)")
+    return cfg, train_set, test_set, info, n_train
+
+
+@dataclasses.dataclass
+class _Loop:
+    """One run's loop: its parts, and where it stands (epoch, step, batch in the epoch)."""
+
+    cfg: C.TrainConfig
+    model: object
+    task: object
+    optimizer: torch.optim.Optimizer
+    steps: object  # ReplicaSteps or StageSteps
+    life: RunLifecycle
+    log: RunLog
+    bar: object
+    stop: StopSignals
+    history: list
+    memory: dict
+    per_epoch: int
+    train_set: object
+    tests: object
+    loader_kw: dict
+    verbose: bool
+    epoch: int
+    step: int
+    batch_in_epoch: int
+
+    def train_one_epoch(self, sums, n_batches: int, skipped: int, elapsed: float) -> tuple:
+        """The rest of the epoch (from where a stop left it, with its sums), until its end, ``max_steps``
+        or a stop signal: ``(sums, batches, skipped, seconds, asked to stop)``; rank 0's sums are every
+        process's (every stage's) after it."""
+        cfg, model, steps = self.cfg, self.model, self.steps
+        pipelined = cfg.parallel == "modules"
+        loader = (epoch_loader(self.train_set, cfg, self.epoch, self.batch_in_epoch, rank=0 if pipelined else D.rank(),
+                               world=1 if pipelined else D.world_size(), **self.loader_kw) if steps.reads_data
+                  else itertools.repeat(None, self.per_epoch - self.batch_in_epoch))
+        model.train()
+        # per module: summed mean losses; then training hits, what they were counted on, and images
+        # (all processes: the global batch); carried over when a stop signal cut the epoch short
+        sums = steps.own_partial(sums)
+        asked = False
+        started = time.perf_counter()
+        self.bar.set_description(f"epoch {self.epoch + 1}/{cfg.epochs}", refresh=False)
+        for batch in loader:
+            lr = lr_at(self.step, cfg, self.per_epoch)
+            set_lr(self.optimizer, lr, holds_backbone(self.step, cfg, self.per_epoch))
+            stats, was_skipped = steps.step(batch, self.step, self.stop)
+            skipped += was_skipped
+            losses = stats[:model.k]
+            if not torch.isfinite(losses).all():
+                raise Diverged(f"training diverged at step {self.step}{steps.where}: a local loss is not finite "
+                               f"({losses.tolist()}); lower the learning rate (lr={cfg.lr})")
+            sums += stats[:-1]
+            n_batches, self.step, self.batch_in_epoch = n_batches + 1, self.step + 1, self.batch_in_epoch + 1
+            self.life.step = self.step
+            means = [float(v) / n_batches for v in steps.shown(sums[:model.k].tolist())]
+            self.bar.set_postfix_str(f"loss {loss_text(means)}", refresh=False)
+            self.bar.update(1)
+            self.log.step(self.step, self.epoch, cfg.epochs, steps.shown(losses.tolist()), lr)
+            asked = bool(stats[-1] > 0)  # a stop signal reached some process: all stop after this step
+            if asked or (cfg.max_steps is not None and self.step >= cfg.max_steps):
+                break
+        seconds = elapsed + time.perf_counter() - started
+        return steps.end_epoch(sums), n_batches, skipped, seconds, asked  # (rank 0 then holds the whole model)
+
+    def evaluate(self, sums, n_batches: int, skipped: int, seconds: float, complete: bool) -> dict | None:
+        """The model on the test set as one ``log.csv`` row (where this process has one: every replica, or
+        pipelined rank 0); a divergence ends every process."""
+        cfg, model, steps = self.cfg, self.model, self.steps
+        steps.before_evaluation()
+        metrics = steps.evaluate(self.tests)
+        row = None
+        if metrics is not None:
+            row = _epoch_row(model, self.optimizer, steps.scaler, self.task, metrics, sums, n_batches, skipped,
+                             self.epoch, self.step, seconds, self.per_epoch, complete)
+            self.history.append(row)
+            self.log.epoch(row)
+        bad = divergence(model, row) if row is not None else None
+        if cfg.parallel == "modules":
+            bad = D.broadcast_object(bad)  # every stage ends together
+        if bad is not None:
+            raise Diverged(f"training diverged by step {self.step}: {bad}; lower the learning rate (lr={cfg.lr})")
+        if self.verbose:
+            means = [row[f"loss_{j}"] for j in range(model.k)]
+            train_acc = "" if row["train_accuracy"] is None else f"  train acc {row['train_accuracy']:.2%}"
+            print(f"epoch {self.epoch + 1}/{cfg.epochs}  loss {loss_text(means)}{train_acc}  test "
+                  f"{metric_text(self.task.metric, metrics[self.task.metric])}  ({seconds:.1f} s, "
+                  f"{row['images_per_s']:.0f} img/s)", flush=True)
+        return row
+
+    def save(self, row: dict | None, partial: dict | None = None) -> None:
+        """The checkpoint (every process takes part; rank 0 writes), the log and ``best.pt``."""
+        parts = self.steps.checkpoint_parts()
+        if not D.is_main():
+            return
+        cfg, state = self.cfg, self.model.state_dict()
+        epoch, step = self.epoch, self.step
+        self.life.save({"model": state, **parts, "config": cfg.to_dict(), "epoch": epoch, "step": step,
+                        "batch_in_epoch": self.batch_in_epoch, "history": self.history, "memory": self.memory,
+                        "partial": partial, "status": "finished" if epoch >= cfg.epochs else "unfinished"},
+                       self.history, score=row["test_score"] if row else None,
+                       best=lambda: {"model": state, "config": cfg.to_dict(), "epoch": epoch, "step": step,
+                                     "metric": self.task.metric, "score": row["test_score"]})
 
 
 def _epoch_row(model, optimizer, scaler, task, metrics: dict, sums, n_batches: int, skipped: int, epoch: int,
