@@ -347,7 +347,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-sweep", action="store_true", help="skip the crossover sweep")
     p.add_argument("--rounds", type=int, help="timed rounds of a measured point (default 3; quick 1)")
     p.add_argument("--jobs", type=int, help="processes estimating side by side (default: one per core)")
-    p.add_argument("--redo", action="store_true", help="run again the points already in the results")
+    p.add_argument("--redo", action="store_true", help="run again the chosen points (--points, default all) and "
+                   "their models' sweeps; the other results are kept")
     p.add_argument("--out", default=str(HERE / "results"))
     p.add_argument("--name", help="results file stem (default frontier_<device>)")
     args = p.parse_args(argv)
@@ -368,9 +369,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{stem}.json"
-    doc = json.loads(path.read_text()) if path.exists() and not args.redo else {}
+    doc = json.loads(path.read_text()) if path.exists() else {}
     if doc.get("version") != 2:
         doc = {}  # a result of the earlier frontier (batch 8 only, gradients counted at the peak): made anew
+    if args.redo:  # only what is asked for is dropped: every other point and sweep stays
+        chosen = {(pt[0], pt[1]) for pt in points}
+        doc["points"] = [pt for pt in doc.get("points", []) if (pt["name"], pt["batch_size"]) not in chosen]
+        if not args.no_sweep:
+            for model_name in {pt[0] for pt in points}:
+                doc.get("sweeps", {}).pop(model_name, None)
     command = "python benchmarks/frontier.py " + " ".join(argv if argv is not None else sys.argv[1:])
     doc.update({"version": 2, "command": command, "device": str(device), "device_name": name,
                 "date": datetime.date.today().isoformat(), "machine": f"{platform.machine()}, "

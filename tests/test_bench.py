@@ -137,3 +137,10 @@ def test_the_frontier_benchmark_maps_the_regimes(tmp_path):
     assert (tmp_path / "frontier_cpu_quick.png").stat().st_size > 0
     again = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
     assert again.returncode == 0 and "strategies, 4 units; estimating" not in again.stdout  # nothing redone
+    # --redo of one point, without the sweep: that point is made again, the other point and the sweep stay
+    redo = subprocess.run(command + ["--redo", "--points", "resnet8_quick@16", "--no-sweep"], capture_output=True,
+                          text=True, timeout=300, env=env)
+    assert redo.returncode == 0, redo.stderr[-3000:]
+    kept = json.loads((tmp_path / "frontier_cpu_quick.json").read_text())
+    assert [p["batch_size"] for p in kept["points"]] == [4, 16] and kept["points"][0] == measured
+    assert kept["sweeps"] == doc["sweeps"]
