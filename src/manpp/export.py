@@ -37,7 +37,7 @@ from .checkpoint import load as load_checkpoint
 from .errors import ManppError, choices
 from .extras import available, require
 from .models import BACKBONES, build_backbone
-from .rundir import RUN_FILES, holds_run, read_summary, status_of
+from .rundir import RUN_FILES, holds_run, read_summary
 from .runlock import LOCK
 from .safeio import make_folder, write_bytes
 

@@ -140,8 +140,7 @@ class RunLifecycle:
         release_warnings()  # the checks passed: what they warned about matters now
         # the score to beat is best.pt's: a best.pt lost (or left older than the best evaluation, by a full
         # disk) is written again at the next evaluation that beats what it holds
-        saved = self.folder.best_saved if self.main else None
-        self.best = saved["score"] if saved and saved.get("score") is not None else None
+        self.best = self.folder.best_score if self.main else None
 
     def save(self, checkpoint: dict, history: list[dict], score: float | None = None,
              best: Callable[[], dict] | None = None) -> None:

@@ -136,6 +136,7 @@ class StageSteps:
         self.cfg, self.model, self.task, self.device = cfg, model, task, device
         self.rank, self.stages = D.rank(), D.world_size()
         self.reads_data = self.rank == 0
+        self.shard = (0, 1)  # stage 0 reads the whole of each batch
         self.layout = stage_modules(model.k, self.stages)
         self.mine = self.layout[self.rank]
         self.owned = _owned_keys(model, self.mine)

@@ -35,6 +35,7 @@ class ReplicaSteps:
         self.cfg, self.model, self.task, self.device = cfg, model, task, device
         self.world = D.world_size()
         self.seed_offset = D.rank() * RANK_SEED
+        self.shard = (D.rank(), self.world)  # this process's share of each global batch (rank, processes)
         D.broadcast_state(model)  # every process starts from rank 0's parameters, EMA copies and buffers
         self.params = model.parameters_to_optimize()
         self.fmt = memory_format(cfg)

@@ -164,7 +164,7 @@ class RunFolder:
         self.moved = False  # they are in .replaced/
         self.committed = False  # the new run wrote its first checkpoint
         self.began = False
-        self.best_saved: dict | None = None  # best.pt's score and epoch, when a resumed run's folder holds its own
+        self.best_score: float | None = None  # the score in best.pt, when a resumed run's folder holds its own
 
     # --- 1. before anything is built ---------------------------------------------------------
     def claim(self, ckpt: dict | None = None) -> None:
@@ -243,7 +243,7 @@ class RunFolder:
             if run and other and other != run:
                 raise ManppError(f"'{self.folder}' mixes two runs: its {CHECKPOINT} was written by run {run[:8]}, its "
                                  f"{BEST} by run {other[:8]}; resume a folder whose files come from one run")
-            self.best_saved = {"score": best.get("score"), "epoch": best.get("epoch")}
+            self.best_score = best.get("score")
         history = ckpt.get("history") or []
         header = log_header(self.folder / LOG) if (self.folder / LOG).exists() else None
         if history and header is not None:

@@ -217,9 +217,9 @@ class _Loop:
         or a stop signal: ``(sums, batches, skipped, seconds, asked to stop)``; rank 0's sums are every
         process's (every stage's) after it."""
         cfg, model, steps = self.cfg, self.model, self.steps
-        pipelined = cfg.parallel == "modules"
-        loader = (epoch_loader(self.train_set, cfg, self.epoch, self.batch_in_epoch, rank=0 if pipelined else D.rank(),
-                               world=1 if pipelined else D.world_size(), **self.loader_kw) if steps.reads_data
+        rank, world = steps.shard
+        loader = (epoch_loader(self.train_set, cfg, self.epoch, self.batch_in_epoch, rank=rank, world=world,
+                               **self.loader_kw) if steps.reads_data
                   else itertools.repeat(None, self.per_epoch - self.batch_in_epoch))
         model.train()
         # per module: summed mean losses; then training hits, what they were counted on, and images
@@ -262,9 +262,7 @@ class _Loop:
                              self.epoch, self.step, seconds, self.per_epoch, complete)
             self.history.append(row)
             self.log.epoch(row)
-        bad = divergence(model, row) if row is not None else None
-        if cfg.parallel == "modules":
-            bad = D.broadcast_object(bad)  # every stage ends together
+        bad = D.broadcast_object(divergence(model, row) if row is not None else None)  # every process ends together
         if bad is not None:
             raise Diverged(f"training diverged by step {self.step}: {bad}; lower the learning rate (lr={cfg.lr})")
         if self.verbose:
