@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import fcntl
 import json
 import multiprocessing
 import platform
@@ -222,13 +223,30 @@ def main(argv=None) -> int:
             if "failed" in record:
                 print(f"== {record['failed']}", flush=True)
                 continue
-            doc["runs"].append(record)
-            write_text(json_path, json.dumps(doc, indent=2))
+            doc = _add_record(json_path, doc, record)
             report(doc, out, args.name, quiet=True)  # the table and plot as each run lands
             print(f"== {record['fidelity']} {record['method']} K={record['k']} seed {record['seed']}: test accuracy "
                   f"{record['test_accuracy']:.2%} ({record['epoch_time_s']:.0f} s/epoch)", flush=True)
-    write_text(json_path, json.dumps(doc, indent=2))
+    doc = _add_record(json_path, doc)
     return report(doc, out, args.name)
+
+
+def _add_record(json_path: Path, doc: dict, record: dict | None = None) -> dict:
+    """Add one run's record to the results file, merged with what other writers added since this one
+    started (under a lock, reading the file again), so two benchmarks training disjoint runs may share
+    one results name; a run already recorded keeps its first record."""
+    with open(json_path.with_name(json_path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        on_disk = json.loads(json_path.read_text())["runs"] if json_path.exists() else []
+        runs = list(on_disk)
+        keys = {run_key(r) for r in runs}
+        for r in doc["runs"] + ([record] if record else []):
+            if run_key(r) not in keys:
+                runs.append(r)
+                keys.add(run_key(r))
+        doc = {**doc, "runs": runs}
+        write_text(json_path, json.dumps(doc, indent=2))
+    return doc
 
 
 def report(doc: dict, out: Path, name: str, quiet: bool = False) -> int:

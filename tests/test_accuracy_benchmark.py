@@ -39,6 +39,17 @@ def test_man_and_manpp_are_paired_with_their_base_method_seed_by_seed():
     assert accuracy.cpu_hours({"runs": [{"seed": 0}]}) is None  # records without timing: no claim
 
 
+def test_two_writers_of_one_results_file_keep_each_others_runs(tmp_path):
+    path = tmp_path / "r.json"
+    run = lambda m, s: {"fidelity": "ours", "method": m, "k": 16, "seed": s, "test_accuracy": 0.5}  # noqa: E731
+    first = accuracy._add_record(path, {"setup": {"by": "a"}, "runs": []}, run("dgl", 0))
+    second = accuracy._add_record(path, {"setup": {"by": "b"}, "runs": []}, run("manpp:dgl", 0))  # started before
+    assert [r["method"] for r in second["runs"]] == ["dgl", "manpp:dgl"]
+    again = accuracy._add_record(path, first, {**run("manpp:dgl", 0), "test_accuracy": 0.9})  # a duplicate
+    on_disk = json.loads(path.read_text())
+    assert on_disk == again and [r["test_accuracy"] for r in on_disk["runs"]] == [0.5, 0.5]
+
+
 @pytest.mark.slow
 def test_the_accuracy_benchmark_trains_real_runs_and_resumes(tmp_path):
     pytest.importorskip("matplotlib")
