@@ -42,9 +42,9 @@ from pathlib import Path
 
 import torch
 
-from manpp import config as C
-from manpp.train import train
-from manpp.safeio import write_text  # atomic: a run cut short never leaves a half-written result
+from manpp.config import trainconfig as C
+from manpp.train.loop import train
+from manpp.base.safeio import write_text  # atomic: a run cut short never leaves a half-written result
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_METHODS = "e2e,dgl,infopro,man:dgl,manpp:dgl,man:infopro,manpp:infopro"
@@ -148,7 +148,7 @@ def run_one(job: tuple) -> dict:
 
 
 def _run_one(job: tuple) -> dict:
-    from manpp.build import load_data
+    from manpp.train.build import load_data
     from manpp.tasks import task_of
 
     base, (fidelity, method, k, seed), out, test_subset = job

@@ -13,7 +13,7 @@ one process, steps interleaved, so ratios come from the same machine conditions)
 
 Each variant: median step time over ``--steps`` interleaved steps, its spread (max - min of the steps), and
 the MAN++/E2E ratio at the same settings. The FLOP floor of that ratio (the arithmetic alone, from
-``manpp.forecast``'s FLOP count of both steps) says how much of MAN++'s step is beyond its arithmetic.
+``manpp.commands.forecast``'s FLOP count of both steps) says how much of MAN++'s step is beyond its arithmetic.
 Writes ``results/cpu_path.{json,md}``.
 
     python benchmarks/cpu_path.py               # about 15 minutes on 2 quiet cores
@@ -32,8 +32,8 @@ from pathlib import Path
 
 import torch
 
-from manpp import config as C
-from manpp.safeio import write_text
+from manpp.config import trainconfig as C
+from manpp.base.safeio import write_text
 
 HERE = Path(__file__).resolve().parent
 BASE = {"model": "resnet32", "dataset": "cifar10", "batch_size": 128, "k": 16, "channels_last": True,
@@ -52,7 +52,7 @@ def run_threads(job: tuple) -> list[dict]:
     """Every variant at ``threads`` threads, in one process (``manpp bench``), interleaved."""
     threads, steps, variants = job
     torch.set_num_threads(threads)
-    from manpp.bench import bench
+    from manpp.commands.bench import bench
 
     labels = []
     for _, overrides in variants:
@@ -69,9 +69,9 @@ def run_threads(job: tuple) -> list[dict]:
 
 def flop_floor() -> dict:
     """MAN++/E2E in FLOPs (the arithmetic alone), from the forecast's count of both steps."""
-    from manpp.forecast import estimate
-    from manpp.resolve import resolve
-    from manpp.strategies import Strategy
+    from manpp.commands.forecast import estimate
+    from manpp.config.resolve import resolve
+    from manpp.commands.strategies import Strategy
 
     cfg = resolve(C.apply(C.TrainConfig(), {**BASE, "method": "manpp"}))
     (e2e, manpp), _ = estimate(cfg, [Strategy("e2e"), Strategy("manpp", 16)], probe=False, progress=False, jobs=1)
@@ -85,7 +85,7 @@ def markdown(doc: dict) -> str:
              f"interleaved steps per variant (all variants of one thread count in one process); spread = max - min "
              f"of those steps. Command: `{doc['command']}`.", "",
              f"The arithmetic floor of MAN++/E2E: {floor['ratio']:.2f}x ({floor['manpp_flops'] / 1e9:.1f} against "
-             f"{floor['e2e_flops'] / 1e9:.1f} GFLOP per step, counted by `manpp.forecast`).", "",
+             f"{floor['e2e_flops'] / 1e9:.1f} GFLOP per step, counted by `manpp.commands.forecast`).", "",
              "| threads | variant | E2E | spread | MAN++ K=16 | spread | MAN++ / E2E |",
              "|---:|---|---:|---:|---:|---:|---:|"]
     for r in doc["rows"]:

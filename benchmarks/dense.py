@@ -19,11 +19,11 @@ from pathlib import Path
 
 import torch
 
-from manpp import config as C
-from manpp.bench import bench
-from manpp.memory import format_bytes
-from manpp.train import train
-from manpp.safeio import write_text  # atomic: a run cut short never leaves a half-written result
+from manpp.config import trainconfig as C
+from manpp.commands.bench import bench
+from manpp.memory.measure import format_bytes
+from manpp.train.loop import train
+from manpp.base.safeio import write_text  # atomic: a run cut short never leaves a half-written result
 
 HERE = Path(__file__).resolve().parent
 
@@ -86,7 +86,7 @@ def main(argv=None) -> int:
                                   "history": [{"epoch": h["epoch"], "test_score": h["test_score"]} for h in s["history"]],
                                   "step_time_s": s["step_time_s"], "peak_activation_bytes": s["peak_activation_bytes"]})
         if task == "segmentation":
-            from manpp.build import load_data
+            from manpp.train.build import load_data
 
             entry["chance"] = background_miou(load_data(base)[1])
         else:

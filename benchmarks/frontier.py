@@ -2,7 +2,7 @@
 
 For each model (ResNet-32 K up to 16 and ResNet-110 K up to 55 at CIFAR shape, ResNet-101 and ViT-S/16 at
 224 px) and each batch size people train at (ImageNet: 8, 32 and 128 per GPU, the paper's 128; CIFAR: 128
-and the paper's 1024), every strategy of ``manpp.strategies``, with one set of weights per (method, K):
+and the paper's 1024), every strategy of ``manpp.commands.strategies``, with one set of weights per (method, K):
 
 - E2E, plain, with activation checkpointing (each unit a segment, or sqrt(n) segments), with bf16 saved
   activations, and with both;
@@ -14,9 +14,9 @@ and the paper's 1024), every strategy of ``manpp.strategies``, with one set of w
 
 Each strategy: the activation peak, the step's peak of activations and gradients, the state (parameters,
 buffers, SGD momentum of the parameters that train), the total (the two), the step time, and whether the
-gradients are exact (E2E's) or local. Every figure is estimated (``manpp.forecast``: the step on fake
+gradients are exact (E2E's) or local. Every figure is estimated (``manpp.commands.forecast``: the step on fake
 tensors; time from FLOPs at a probe's rate) and, where this machine runs it in reasonable time, measured
-too (``manpp.strategies.measure``; the table then shows the measured figure, and the JSON keeps both).
+too (``manpp.commands.strategies.measure``; the table then shows the measured figure, and the JSON keeps both).
 Then the crossover: sweeping the batch (estimated: the estimate costs the same at any batch), the batch at
 which the smallest local strategy's total drops below the smallest exact strategy's, for each model.
 
@@ -43,12 +43,12 @@ from pathlib import Path
 
 import torch
 
-from manpp import config as C
-from manpp.forecast import estimate, target_device
-from manpp.memory import format_bytes
-from manpp.resolve import backbone_facts, resolve
-from manpp.safeio import write_text  # atomic: a run cut short never leaves a half-written result
-from manpp.strategies import CHECKPOINTING_VARIANTS, Strategy, default_strategies, measure, pareto
+from manpp.config import trainconfig as C
+from manpp.commands.forecast import estimate, target_device
+from manpp.memory.measure import format_bytes
+from manpp.config.resolve import backbone_facts, resolve
+from manpp.base.safeio import write_text  # atomic: a run cut short never leaves a half-written result
+from manpp.commands.strategies import CHECKPOINTING_VARIANTS, Strategy, default_strategies, measure, pareto
 
 HERE = Path(__file__).resolve().parent
 

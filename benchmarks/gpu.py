@@ -58,11 +58,11 @@ from pathlib import Path
 
 import torch
 
-from manpp import config as C
-from manpp.build import build_model, data_info, resolve_device
-from manpp.memory import format_bytes, measure_step
+from manpp.config import trainconfig as C
+from manpp.train.build import build_model, data_info, resolve_device
+from manpp.memory.measure import format_bytes, measure_step
 from manpp.tasks import task_of
-from manpp.safeio import write_text  # atomic: a run cut short never leaves a half-written result
+from manpp.base.safeio import write_text  # atomic: a run cut short never leaves a half-written result
 
 from devices import device_name, slug  # benchmarks/devices.py, beside this script
 
@@ -165,7 +165,7 @@ def compare_with_eager(model, options: dict, x, y) -> dict:
 
 def sanity_run(device: torch.device, quick: bool, out: Path) -> dict:
     """MAN++ (K=16, ResNet-32) on the bundled digits for a short budget: the loss must fall."""
-    from manpp.train import train
+    from manpp.train.loop import train
 
     settings = {"model": "resnet32", "dataset": "digits", "method": "manpp", "k": 16, "device": str(device),
                 "epochs": 1 if quick else 12, "batch_size": 64, "log_every": 0}

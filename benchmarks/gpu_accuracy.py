@@ -159,7 +159,7 @@ def _pct(v) -> str:
 
 
 def markdown(doc: dict) -> str:
-    from manpp.memory import format_bytes
+    from manpp.memory.measure import format_bytes
 
     fmt = (lambda v: "–" if v is None else format_bytes(v))
     lines = [f"# Fashion-MNIST on {doc['device_name']}, {doc['date']}", "",
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
 
     from devices import device_name, slug  # benchmarks/devices.py: one naming of devices and result files
-    from manpp.safeio import write_text  # atomic: a part cut short never leaves a half-written result
+    from manpp.base.safeio import write_text  # atomic: a part cut short never leaves a half-written result
 
     started = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="gpu_accuracy_") as tmp:

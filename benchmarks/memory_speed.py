@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from manpp import config as C
-from manpp.bench import bench
-from manpp.memory import format_bytes
-from manpp.safeio import write_text  # atomic: a run cut short never leaves a half-written result
+from manpp.config import trainconfig as C
+from manpp.commands.bench import bench
+from manpp.memory.measure import format_bytes
+from manpp.base.safeio import write_text  # atomic: a run cut short never leaves a half-written result
 
 HERE = Path(__file__).resolve().parent
 

@@ -21,11 +21,11 @@ from pathlib import Path
 
 import torch
 
-from manpp import config as C
-from manpp import distributed as D
-from manpp.build import build_model, data_info
-from manpp.optim import build_optimizer, parameter_groups
-from manpp.safeio import write_text  # atomic: a run cut short never leaves a half-written result
+from manpp.config import trainconfig as C
+from manpp.base import distributed as D
+from manpp.train.build import build_model, data_info
+from manpp.core.optim import build_optimizer, parameter_groups
+from manpp.base.safeio import write_text  # atomic: a run cut short never leaves a half-written result
 
 HERE = Path(__file__).resolve().parent
 

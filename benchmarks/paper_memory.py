@@ -4,7 +4,7 @@ The MAN/MAN++ papers report GPU memory at batch 128 per GPU on ImageNet (seconda
 docs/method.md): ResNet-101 E2E 19.71 GB against 10.37 GB for InfoPro K=4 (a 47.3 % saving) and about
 46.9 % for InfoPro+MAN; ResNet-152 E2E 26.29 GB, InfoPro+MAN about 13.6 GB, a saving of about 48.7 %.
 This script gives ours for the same models, batch and modules (the paper's K=4 split, InfoPro's ImageNet
-heads), estimated on fake tensors (``manpp.forecast``; tests hold the estimate within 2 % of a measured
+heads), estimated on fake tensors (``manpp.commands.forecast``; tests hold the estimate within 2 % of a measured
 step): E2E, InfoPro, InfoPro+MAN and InfoPro+MAN++, each also with checkpointing and with
 ``step_in_backward``, and what each saves against E2E.
 
@@ -29,12 +29,12 @@ from pathlib import Path
 
 import torch
 
-from manpp import config as C
-from manpp.forecast import estimate
-from manpp.memory import format_bytes
-from manpp.resolve import resolve
-from manpp.safeio import write_text
-from manpp.strategies import Strategy
+from manpp.config import trainconfig as C
+from manpp.commands.forecast import estimate
+from manpp.memory.measure import format_bytes
+from manpp.config.resolve import resolve
+from manpp.base.safeio import write_text
+from manpp.commands.strategies import Strategy
 
 HERE = Path(__file__).resolve().parent
 GB = 1e9  # the papers' GB: taken as 10^9 bytes

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from manpp.safeio import write_text  # atomic: a run cut short never leaves a half-written result
+from manpp.base.safeio import write_text  # atomic: a run cut short never leaves a half-written result
 
 HERE = Path(__file__).resolve().parent
 CORES = os.cpu_count() or 1

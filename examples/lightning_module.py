@@ -26,7 +26,7 @@ Notes:
   gradient scaler and ``opt.step()`` unscales once (and skips the step on overflow).
 * This example is single-device. Lightning's DDP strategy expects one backward per forward of the
   wrapped module; for multi-process training use manpp's own launcher
-  (``torchrun ... -m manpp train``, see ``manpp.distributed``), which all-reduces the gradients of
+  (``torchrun ... -m manpp train``, see ``manpp.base.distributed``), which all-reduces the gradients of
   all K modules after the local step.
 """
 

@@ -56,8 +56,8 @@ def install(fault: str, patch=setattr) -> None:
     if only is not None and os.environ.get("RANK", "0") != only:
         return
     if where == "step":  # the N-th optimizer step of a run (the memory measurement's step is not one)
-        import manpp.pipeline as pipeline
-        from manpp.replica import ReplicaSteps
+        import manpp.train.pipeline as pipeline
+        from manpp.train.replica import ReplicaSteps
 
         _counting(ReplicaSteps, "_optimizer_step", what, n, patch=patch)
         _counting(pipeline, "local_step", what, n, patch=patch)
@@ -68,7 +68,7 @@ def install(fault: str, patch=setattr) -> None:
 
         _counting(Task, "evaluate", what, n, patch=patch)
     elif where == "log":
-        from manpp.rundir import RunFolder
+        from manpp.run.rundir import RunFolder
 
         _counting(RunFolder, "write_log", what, n, after=True, patch=patch)
     else:
@@ -79,6 +79,6 @@ if __name__ == "__main__":
     fault, sep, *args = sys.argv[1:]
     assert sep == "--", "usage: fault_runner.py FAULT -- <manpp arguments>"
     install(fault)
-    from manpp.cli import main
+    from manpp.commands.cli import main
 
     sys.exit(main(args))

@@ -2,9 +2,9 @@ import json
 
 import pytest
 
-from manpp import config as C
-from manpp.bench import bench
-from manpp.cli import main
+from manpp.config import trainconfig as C
+from manpp.commands.bench import bench
+from manpp.commands.cli import main
 
 KEYS = ("model", "method", "modules", "batch_size", "device", "step_time_s", "images_per_s", "peak_activation_bytes",
         "peak_allocated_bytes", "params", "aux_params", "torch_version")

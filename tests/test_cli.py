@@ -5,9 +5,9 @@ import sys
 import pytest
 import torch
 
-from manpp import config as C
-from manpp.cli import main
-from manpp.train import train
+from manpp.config import trainconfig as C
+from manpp.commands.cli import main
+from manpp.train.loop import train
 
 SMALL = dict(model="resnet8", dataset="digits", batch_size=64, eval_batch_size=360, device="cpu", lr=0.1,
              warmup_epochs=0.0)
@@ -167,7 +167,7 @@ def test_module_entry_point_exits_nonzero_without_traceback():
                          ids=lambda p: p.stem)
 def test_paper_configs_load_and_build(path):
     from manpp.data import dataset_info
-    from manpp.build import build_model
+    from manpp.train.build import build_model
 
     cfg = C.from_dict(C.load_yaml(path))
     assert cfg.split == "paper" and cfg.method == "manpp" and cfg.epochs == 400 and cfg.lr == 0.8
@@ -182,7 +182,7 @@ def test_help_is_grouped_and_every_setting_is_described(capsys):
     help ends with examples."""
     import dataclasses
 
-    from manpp.settingslist import GROUPS, all_settings
+    from manpp.commands.settingslist import GROUPS, all_settings
 
     fields = [f.name for f in dataclasses.fields(C.TrainConfig)]
     grouped = [name for names in GROUPS.values() for name in names]

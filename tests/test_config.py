@@ -3,9 +3,9 @@ YAML ``heads:``, and the flat keys."""
 
 import pytest
 
-from manpp import config as C
-from manpp.build import build_model, data_info
-from manpp.errors import ManppError
+from manpp.config import trainconfig as C
+from manpp.train.build import build_model, data_info
+from manpp.base.errors import ManppError
 
 
 def test_dotted_yaml_and_legacy_head_settings_land_in_the_objective_settings(tmp_path):

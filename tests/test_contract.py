@@ -13,7 +13,7 @@ import torch
 import torchvision
 
 import manpp
-from manpp.errors import ManppError
+from manpp.base.errors import ManppError
 
 timm = pytest.importorskip("timm")
 

@@ -8,19 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from manpp.data import (
-    DATASETS,
-    FASHION_SYSTEM_DIR,
-    RandomCropFlip,
-    TensorImageDataset,
-    build_datasets,
-    dataset_info,
-    denormalize,
-    read_idx_images,
-    read_idx_labels,
-    torchvision_transforms,
-)
-from manpp.errors import ManppError
+from manpp.data import (DATASETS, FASHION_SYSTEM_DIR, RandomCropFlip, TensorImageDataset, build_datasets, dataset_info,
+                        denormalize, read_idx_images, read_idx_labels, torchvision_transforms)
+from manpp.base.errors import ManppError
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +275,7 @@ def test_a_dataset_added_as_one_file_is_everywhere(tmp_path, monkeypatch, capsys
     import numpy as np
     import torchvision
 
-    from manpp.cli import build_parser, main
+    from manpp.commands.cli import build_parser, main
     from manpp.data import dataset_info
 
     info = dataset_info("cifar100")

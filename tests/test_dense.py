@@ -7,10 +7,10 @@ import pytest
 import torch
 
 import manpp
-from manpp import config as C
-from manpp.cli import main
+from manpp.config import trainconfig as C
+from manpp.commands.cli import main
 from manpp.data import ShapesDetection, dataset_info
-from manpp.errors import ManppError
+from manpp.base.errors import ManppError
 from manpp.models import build_backbone
 from manpp.tasks import coco_map, confusion_matrix, segmentation_metrics, task_of
 
@@ -36,10 +36,10 @@ def test_paper_cuts_of_the_dense_models():
                        ("deeplabv3_resnet50", ["stem..layer1.2", "layer2.0..layer2.3", "layer3.0..layer3.5",
                                                "layer4.0..layer4.2"])]:
         net = build_backbone(name, num_classes=3, image_size=64)
-        part = manpp.partition.make_partition(net, 4, "paper")
+        part = manpp.core.partition.make_partition(net, 4, "paper")
         assert part.describe(net.unit_names) == ends
     with pytest.raises(ManppError, match="no paper preset"):
-        manpp.partition.make_partition(build_backbone("retinanet_resnet50", num_classes=3, image_size=64), 3, "paper")
+        manpp.core.partition.make_partition(build_backbone("retinanet_resnet50", num_classes=3, image_size=64), 3, "paper")
 
 
 def _grads(model, j):
@@ -158,7 +158,7 @@ def test_train_command_on_shapes(tmp_path, model, metric, capsys):
 
 @pytest.mark.slow
 def test_bench_shows_lower_memory_for_k4_on_both_tasks():
-    from manpp.bench import bench
+    from manpp.commands.bench import bench
 
     for model, size in SIZE.items():
         cfg = C.apply(C.TrainConfig(), {"model": model, "dataset": "shapes", "image_size": size, "k": 4,

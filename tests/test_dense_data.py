@@ -10,16 +10,9 @@ import torch
 from torch.utils.data import DataLoader
 from torchvision.io import write_png
 
-from manpp.data import (
-    SHAPE_CLASSES,
-    CityscapesSegmentation,
-    CocoDetection,
-    ShapesDetection,
-    ShapesSegmentation,
-    detection_collate,
-    make_shapes,
-)
-from manpp.errors import ManppError
+from manpp.data import (SHAPE_CLASSES, CityscapesSegmentation, CocoDetection, ShapesDetection, ShapesSegmentation,
+                        detection_collate, make_shapes)
+from manpp.base.errors import ManppError
 
 # torchvision 0.29 deprecates write_png in favour of torchcodec
 pytestmark = pytest.mark.filterwarnings("ignore:.*TorchVision are deprecated:DeprecationWarning")

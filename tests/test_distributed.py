@@ -10,13 +10,13 @@ import pytest
 import torch
 
 import manpp
-from manpp import config as C
-from manpp import distributed as D
-from manpp.errors import ManppError
-from manpp.build import EpochBatches, build_model, load_data, seed_everything
-from manpp.optim import build_optimizer, lr_at, parameter_groups, set_lr
-from manpp.resolve import resolve
-from manpp.train import train
+from manpp.config import trainconfig as C
+from manpp.base import distributed as D
+from manpp.base.errors import ManppError
+from manpp.train.build import EpochBatches, build_model, load_data, seed_everything
+from manpp.core.optim import build_optimizer, lr_at, parameter_groups, set_lr
+from manpp.config.resolve import resolve
+from manpp.train.loop import train
 
 
 def test_shards_of_a_step_are_the_single_process_batch():
@@ -52,7 +52,7 @@ def test_without_a_group_helpers_are_single_process(monkeypatch):
 
 
 def test_bad_backend_and_optimizer_are_clear_errors(tmp_path):
-    from manpp.build import check_options
+    from manpp.train.build import check_options
 
     with pytest.raises(ManppError, match="unknown dist_backend 'mpi'"):
         check_options(C.TrainConfig(dist_backend="mpi"))
@@ -240,7 +240,7 @@ def test_dist_timeout_reaches_the_process_group(monkeypatch):
     for name, value in dict(WORLD_SIZE="2", RANK="0", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
                             MASTER_PORT="1").items():
         monkeypatch.setenv(name, value)
-    from manpp import distributed as D
+    from manpp.base import distributed as D
 
     monkeypatch.setattr(D, "is_initialized", lambda: False)
     assert D.setup(torch.device("cpu"), "gloo", timeout_s=42.0)

@@ -13,15 +13,15 @@ import copy
 import pytest
 import torch
 
-from manpp import config as C
-from manpp.build import build_model, load_data, seed_everything
-from manpp.earlystep import StepInBackward
-from manpp.errors import ManppError
-from manpp.memory import measure_step
-from manpp.optim import build_optimizer, parameter_groups
-from manpp.resolve import resolve
+from manpp.config import trainconfig as C
+from manpp.train.build import build_model, load_data, seed_everything
+from manpp.memory.earlystep import StepInBackward
+from manpp.base.errors import ManppError
+from manpp.memory.measure import measure_step
+from manpp.core.optim import build_optimizer, parameter_groups
+from manpp.config.resolve import resolve
 from manpp.tasks import task_of
-from manpp.train import train
+from manpp.train.loop import train
 
 BASE = dict(model="resnet8", dataset="synthetic", batch_size=8, device="cpu", seed=3, lr=0.05, warmup_epochs=0.0,
             epochs=1, eval_batch_size=64)
@@ -117,7 +117,7 @@ def test_a_parameter_of_two_modules_is_refused():
 
 
 def test_what_cannot_step_early_is_refused_in_one_line():
-    from manpp.validate import check_config
+    from manpp.config.validate import check_config
 
     for extra, words in (({"amp": "fp16"}, "cannot use amp=fp16"), ({"grad_clip": 1.0}, "cannot clip"),
                          ({"parallel": "modules"}, "not available with parallel=modules")):

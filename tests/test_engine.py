@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 
 import manpp
-from manpp.errors import ManppError
-from manpp.momentum import MomentumAux
+from manpp.base.errors import ManppError
+from manpp.core.momentum import MomentumAux
 
 
 def make(method, k=None, depth=14, seed=0, **kw):
@@ -215,7 +215,7 @@ def test_recomputed_ema_branch_equals_the_plain_one(batch, method, objective):
 
 
 def test_recomputing_the_ema_branch_lowers_the_activation_peak():
-    from manpp.memory import measure_step
+    from manpp.memory.measure import measure_step
 
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     peaks = []
@@ -227,7 +227,7 @@ def test_recomputing_the_ema_branch_lowers_the_activation_peak():
 
 
 def test_auto_recompute_keeps_the_peak_and_skips_modules_that_do_not_set_it():
-    from manpp.memory import measure_step
+    from manpp.memory.measure import measure_step
 
     x, y = torch.randn(16, 3, 32, 32), torch.randint(0, 10, (16,))
     torch.manual_seed(0)
@@ -235,7 +235,7 @@ def test_auto_recompute_keeps_the_peak_and_skips_modules_that_do_not_set_it():
     auto = copy.deepcopy(always)
     for a in auto.aux:
         a.recompute_ema = "auto"
-    from manpp.momentum import settle_recompute
+    from manpp.core.momentum import settle_recompute
 
     chosen = settle_recompute(auto, x, y)
     # the full-resolution modules set the peak and recompute; the later, smaller ones keep the branch

@@ -1,4 +1,4 @@
-"""Memory and FLOPs estimated on fake tensors (manpp.estimate, manpp.forecast) against the real step.
+"""Memory and FLOPs estimated on fake tensors (manpp.memory.estimate, manpp.commands.forecast) against the real step.
 
 The estimate runs the step that ``measure_step`` measures with the same accounting, so on every case small
 enough to run here the two must agree within 2 % of the total footprint (they agree to the byte on most):
@@ -13,13 +13,13 @@ import pytest
 import torch
 from torch import nn
 
-from manpp import config as C
-from manpp.cli import main
-from manpp.estimate import EstimateUnsupported, FlopCount, estimate_step, fake_batch, fake_model, new_mode
-from manpp.forecast import estimate, probe_rate, target_device
-from manpp.memory import measure_step
-from manpp.resolve import data_info, resolve
-from manpp.strategies import ESTIMATED, MEASURED, Strategy, measure
+from manpp.config import trainconfig as C
+from manpp.commands.cli import main
+from manpp.memory.estimate import EstimateUnsupported, FlopCount, estimate_step, fake_batch, fake_model, new_mode
+from manpp.commands.forecast import estimate, probe_rate, target_device
+from manpp.memory.measure import measure_step
+from manpp.config.resolve import data_info, resolve
+from manpp.commands.strategies import ESTIMATED, MEASURED, Strategy, measure
 
 CASES = [  # (overrides, strategies): every kind of part the real measurement covers
     ({"model": "resnet8", "dataset": "cifar10", "batch_size": 8, "method": "manpp"},
@@ -77,8 +77,8 @@ class _Backbone(nn.Module):
 
 
 def _linear_model(n_in: int, hidden: int, n_out: int, **kw):
-    from manpp.engine import LocalModel
-    from manpp.partition import Partition
+    from manpp.core.engine import LocalModel
+    from manpp.core.partition import Partition
 
     return LocalModel(_Backbone(nn.Linear(n_in, hidden), nn.Linear(hidden, n_out)), Partition(((0, 1),), "one"), [],
                       **kw)
@@ -107,7 +107,7 @@ def test_flops_count_forward_backward_and_the_recomputation():
 
 def test_estimating_computes_nothing_and_leaves_no_real_tensor():
     cfg = _cfg({"model": "resnet8", "dataset": "cifar10", "batch_size": 4, "method": "manpp", "k": 2})
-    from manpp.build import build_model
+    from manpp.train.build import build_model
     from manpp.tasks import task_of
 
     info = data_info(cfg)
@@ -117,7 +117,7 @@ def test_estimating_computes_nothing_and_leaves_no_real_tensor():
     fake_model(model, "cpu", mode)
     fx, fy = fake_batch((x, y), "cpu", mode)
     estimate_step(model, fx, fy, mode)
-    from manpp.estimate import is_fake
+    from manpp.memory.estimate import is_fake
 
     assert all(is_fake(t) for t in [*model.parameters(), *model.buffers()])
     assert all(p.grad is None or is_fake(p.grad) for p in model.parameters())

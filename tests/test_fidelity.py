@@ -10,16 +10,16 @@ import torch
 import torch.nn.functional as F
 
 import manpp
-from manpp import config as C
-from manpp.build import EpochBatches, build_model, load_data, seed_everything, steps_per_epoch
-from manpp.optim import lr_at
+from manpp.config import trainconfig as C
+from manpp.train.build import EpochBatches, build_model, load_data, seed_everything, steps_per_epoch
+from manpp.core.optim import lr_at
 from manpp.data import build_datasets, denormalize
 from manpp.data.common import RandomCropFlip
 from manpp.data.info import CIFAR_MEAN, CIFAR_STD
-from manpp.errors import ManppError
+from manpp.base.errors import ManppError
 from manpp.models import build_backbone
-from manpp.resolve import resolve
-from manpp.train import train
+from manpp.config.resolve import resolve
+from manpp.train.loop import train
 
 
 def cifar_net(depth: int = 32, channels: int = 3):
@@ -229,7 +229,7 @@ def test_explicit_zero_weights_are_refused_unless_allowed():
 # --- 5. the candidates for closing the gap to E2E ---------------------------------------------
 
 def test_scale_init_and_aux_lr_scale():
-    from manpp.optim import build_optimizer, parameter_groups, set_lr
+    from manpp.core.optim import build_optimizer, parameter_groups, set_lr
 
     model = manpp.local_model(cifar_net(20), method="manpp", k=3, objective="dgl", scale_init=0.5)
     assert all(float(a.scale.detach()) == 0.5 for a in model.aux)
@@ -270,7 +270,7 @@ def test_aux_lr_scale_defaults_to_the_heads_own():
                                               ("infopro", None), ("dgl", None), ("e2e", None)])
 def test_python_and_the_command_line_build_the_same_optimizer_groups(method, objective):
     """local_model and wrap resolve aux_lr_scale as manpp train does: the same groups, the same lr per group."""
-    from manpp.optim import build_optimizer, parameter_groups, set_lr
+    from manpp.core.optim import build_optimizer, parameter_groups, set_lr
 
     values = {"model": "resnet8", "dataset": "digits", "method": method, "lr": 0.1,
               **({"k": 2} if method != "e2e" else {}), **({"objective": objective} if objective else {})}
@@ -308,8 +308,8 @@ def test_wrap_resolves_the_aux_lr_scale_as_the_command_line_does():
 
 def test_aux_warmup_trains_only_the_auxiliary_networks_first(tmp_path):
     """aux_warmup_epochs: the backbone's lr is 0 for those epochs, the heads train; then both do."""
-    from manpp.optim import holds_backbone
-    from manpp.train import train
+    from manpp.core.optim import holds_backbone
+    from manpp.train.loop import train
 
     settings = {"model": "resnet8", "dataset": "digits", "method": "manpp", "objective": "dgl", "k": 2,
                 "batch_size": 64, "train_subset": 256, "test_subset": 64, "log_every": 0, "device": "cpu"}
@@ -354,7 +354,7 @@ def test_python_resolves_every_open_choice_as_the_command_line(model, method, ex
 
 
 def test_the_model_builder_refuses_open_choices():
-    from manpp.methods import LocalSettings, build_local_model
+    from manpp.objectives.methods import LocalSettings, build_local_model
 
     net = build_backbone("resnet8", num_classes=10)
     with pytest.raises(ManppError, match=r"k, split, copy_init, allow_zero_loss, aux_lr_scale are open .*"

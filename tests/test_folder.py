@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from manpp.cli import main
+from manpp.commands.cli import main
 from manpp.data.folder import build_folder, class_names, split_files
 from manpp.data.info import dataset_info
-from manpp.errors import ManppError
+from manpp.base.errors import ManppError
 
 SHAPES = {"blue_bar": (40, 60, 220), "green_square": (30, 200, 60), "red_circle": (220, 30, 30)}
 
@@ -175,7 +175,7 @@ def test_a_torchvision_keyed_export_predicts_as_its_run(tmp_path, capsys):
     assert main(["predict", str(tmp_path / "exp" / "backbone.pt"), image, "--json"]) == 0
     assert _same(json.loads(capsys.readouterr().out), from_run)
     with pytest.raises(ManppError, match="--best picks a run's best.pt"):
-        from manpp.predict import load_classifier
+        from manpp.commands.predict import load_classifier
 
         load_classifier(tmp_path / "exp" / "backbone.pt", best=True)
 

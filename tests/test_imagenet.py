@@ -13,9 +13,9 @@ import torch
 from torch import nn
 
 import manpp
-from manpp import config as C
-from manpp.errors import ManppError
-from manpp.momentum import MomentumAux
+from manpp.config import trainconfig as C
+from manpp.base.errors import ManppError
+from manpp.core.momentum import MomentumAux
 from manpp.objectives.infopro import ImageNetAuxClassifier, ImageNetDecoder
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -190,7 +190,7 @@ def test_imagenet_paper_configs_load_and_cut(path):
 
 
 def test_an_imagenet_paper_config_builds_the_release_heads():
-    from manpp.build import build_model
+    from manpp.train.build import build_model
     from manpp.data import dataset_info
 
     cfg = C.from_dict(C.load_yaml(ROOT / "src/manpp/configs/imagenet_resnet101_k4_infopro_manpp.yaml"))
@@ -226,7 +226,7 @@ def test_a_paper_config_trains_and_exports_from_an_imagenet_folder(tmp_path):
 
 
 def test_describe_and_bench_work_for_imagenet_backbones():
-    from manpp.cli import main
+    from manpp.commands.cli import main
 
     assert main(["describe", "--model", "vit_tiny", "--method", "manpp", "--objective", "dgl", "--k", "4",
                  "--split", "paper", "--dataset", "imagenet", "--image-size", "32", "--batch-size", "2",

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torchvision
 
-from manpp.cli import main
-from manpp.errors import ManppError
+from manpp.commands.cli import main
+from manpp.base.errors import ManppError
 from manpp.models import build_backbone
 
 timm = pytest.importorskip("timm")

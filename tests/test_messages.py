@@ -9,8 +9,8 @@ import torch
 import torchvision
 
 import manpp
-from manpp.cli import main
-from manpp.errors import ManppError
+from manpp.commands.cli import main
+from manpp.base.errors import ManppError
 
 FAST = ["--model", "resnet8", "--quiet", "train_subset=64", "test_subset=32", "--batch-size", "32"]
 

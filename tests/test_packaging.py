@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 
 import manpp
-from manpp import config as C
-from manpp.cli import build_parser, main
-from manpp.errors import ManppError
-from manpp.presets import preset_names
+from manpp.config import trainconfig as C
+from manpp.commands.cli import build_parser, main
+from manpp.base.errors import ManppError
+from manpp.config.presets import preset_names
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -87,7 +87,7 @@ def test_docs_reference_only_files_in_the_repository():
 
 def test_compare_plot_has_a_time_panel(tmp_path):
     pytest.importorskip("matplotlib")
-    from manpp import compare
+    from manpp.commands import compare
 
     records = [{"method": m, "modules": k, "history": [{"epoch": 1, "test_score": 0.5, "complete": 1}],
                 "metric": "accuracy", "model": "resnet8", "dataset": "digits", "peak_activation_bytes": b,

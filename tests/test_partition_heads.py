@@ -4,10 +4,10 @@ import pytest
 import torch
 
 import manpp
-from manpp.errors import ManppError
-from manpp.memory import measure_step
+from manpp.base.errors import ManppError
+from manpp.memory.measure import measure_step
 from manpp.objectives.infopro import supcon_loss
-from manpp.partition import make_partition
+from manpp.core.partition import make_partition
 
 
 def net(depth):

@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from manpp import config as C
-from manpp.errors import ManppError
-from manpp.pipeline import stage_modules
-from manpp.build import check_options
+from manpp.config import trainconfig as C
+from manpp.base.errors import ManppError
+from manpp.train.pipeline import stage_modules
+from manpp.train.build import check_options
 
 RUN = ["model=resnet8", "dataset=synthetic", "method=manpp", "objective=dgl", "k=3", "batch_size=8", "epochs=1",
        "max_steps=4", "device=cpu", "seed=5", "lr=0.05", "warmup_epochs=0", "copy_init=random", "eval_batch_size=64"]
@@ -142,7 +142,7 @@ def test_a_failing_stage_ends_the_run_with_a_clear_error(tmp_path):
 def test_parallel_mode_bad_input():
     with pytest.raises(ManppError, match="unknown parallel 'stages': accepted are 'modules' or none"):
         check_options(C.TrainConfig(parallel="stages"))
-    from manpp.train import train
+    from manpp.train.loop import train
 
     with pytest.raises(ManppError, match="needs a local method"):
         train(C.TrainConfig(parallel="modules", method="e2e", device="cpu", dataset="synthetic", model="resnet8"))
@@ -158,7 +158,7 @@ ROW_KEYS = ("epoch", "step", "lr", "train_loss", "test_accuracy", "loss_0", "los
 
 
 def _trained(tmp_path, name, resume=False, **extra):
-    from manpp.train import train
+    from manpp.train.loop import train
 
     pytest.importorskip("sklearn")  # digits: random crops draw from the global RNG, which an evaluation must not
     cfg = C.TrainConfig(**{**ONE_STAGE, **extra}, out=str(tmp_path / name))

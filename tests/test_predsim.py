@@ -4,8 +4,8 @@ import torch
 from torch.nn import functional as F
 
 import manpp
-from manpp.cli import main
-from manpp.engine import LocalContext
+from manpp.commands.cli import main
+from manpp.core.engine import LocalContext
 from manpp.objectives.predsim import PredSimHead, similarity_matrix
 
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import manpp
-from manpp import config as C
-from manpp import recompute
-from manpp.errors import ManppError
-from manpp.memory import measure_step
-from manpp.partition import unit_activation_bytes
-from manpp.saved import saved_in
-from manpp.validate import check_config
+from manpp.config import trainconfig as C
+from manpp.memory import recompute
+from manpp.base.errors import ManppError
+from manpp.memory.measure import measure_step
+from manpp.core.partition import unit_activation_bytes
+from manpp.memory.saved import saved_in
+from manpp.config.validate import check_config
 
 
 def _model(method="manpp", k=3, name="resnet8", objective="infopro"):
@@ -168,7 +168,7 @@ def test_saved_in_offload_copies_and_restores_each_tensor():
 
 
 def test_the_settings_reach_the_model(recwarn):
-    from manpp.build import build_model, data_info
+    from manpp.train.build import build_model, data_info
 
     cfg = C.apply(C.TrainConfig(), {"model": "resnet8", "k": 2, "checkpointing": "sqrt", "offload_activations": True})
     model = build_model(cfg, data_info(cfg))

@@ -1,14 +1,14 @@
-"""One resolution of a config (manpp.resolve): made once, from the model's name, recorded in config.yaml."""
+"""One resolution of a config (manpp.config.resolve): made once, from the model's name, recorded in config.yaml."""
 
 import dataclasses
 
 import pytest
 
-from manpp import config as C
-from manpp.errors import ManppError
+from manpp.config import trainconfig as C
+from manpp.base.errors import ManppError
 from manpp.models import BACKBONES, build_backbone
-from manpp.resolve import backbone_facts, resolve
-from manpp.train import train
+from manpp.config.resolve import backbone_facts, resolve
+from manpp.train.loop import train
 
 
 def test_resolving_needs_no_built_model(monkeypatch):
@@ -38,7 +38,7 @@ def test_resolving_twice_changes_nothing():
 @pytest.mark.parametrize("name", [n for n, e in BACKBONES.items() if e.units is not None and "<" not in n
                                   and not n.startswith(("deeplabv3", "retinanet"))] + ["resnet32", "resnet110"])
 def test_what_a_name_says_is_what_the_built_model_has(name):
-    from manpp.methods import family_of
+    from manpp.objectives.methods import family_of
 
     cfg = C.apply(C.TrainConfig(), {"model": name, "dataset": "synthetic", "image_size": 32})
     facts = backbone_facts(cfg)

@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from manpp.cli import main
-from manpp.errors import ManppError
+from manpp.commands.cli import main
+from manpp.base.errors import ManppError
 
 RUNNER = Path(__file__).with_name("fault_runner.py")
 # resnet8 on 64 generated images: 4 steps per epoch, 2 epochs
@@ -149,12 +149,12 @@ def test_overwrite_keeps_the_old_run_until_the_new_one_checkpoints(finished, tmp
 
 # --- 2. one writer per run folder ------------------------------------------------------------
 
-HOLD = ("import sys, time\nfrom manpp.runlock import FolderLock\nlock = FolderLock(sys.argv[1], 'test holder')"
+HOLD = ("import sys, time\nfrom manpp.run.runlock import FolderLock\nlock = FolderLock(sys.argv[1], 'test holder')"
         ".acquire()\nprint('held', flush=True)\ntime.sleep(60)\n")
 
 
 def test_a_locked_folder_is_refused_at_once_and_a_dead_holder_blocks_nobody(tmp_path):
-    from manpp.runlock import FolderLock
+    from manpp.run.runlock import FolderLock
 
     holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
@@ -239,7 +239,7 @@ def test_a_resumed_run_never_leaves_a_stale_summary(finished, tmp_path, monkeypa
     assert summary(out)["status"] == "stopped" and ckpt(out)["step"] == 10
     proc = fault("KILL@step:1", "train", "--resume", str(out), "--quiet")  # kill -9: no handler runs
     assert proc.returncode == -signal.SIGKILL
-    from manpp.rundir import status_of
+    from manpp.run.rundir import status_of
 
     assert summary(out)["status"] == "running" and status_of(out).startswith("killed")
 
@@ -324,7 +324,7 @@ def _flip(path: Path, seed: int, n: int = 20) -> None:
 def test_a_checkpoint_with_flipped_bits_is_refused(finished, tmp_path, capsys):
     """20 changed bytes in the tensors of 10 copies: every one is refused by resume, export and predict's
     loader, in one line that says it is damaged (torch.load alone read 9 of 10 such files)."""
-    from manpp.checkpoint import load
+    from manpp.base.checkpoint import load
 
     for seed in range(10):
         out = copy_of(finished, tmp_path, f"R{seed}")
@@ -367,8 +367,8 @@ def _failing_save(monkeypatch, fail):
     """rundir's checkpoint writes, failing as a full disk does where ``fail(kind, n)`` says (n counts writes)."""
     import errno
 
-    from manpp import rundir
-    from manpp.safeio import io_error
+    from manpp.run import rundir
+    from manpp.base.safeio import io_error
 
     real, count = rundir.save_checkpoint, {"n": 0}
 
@@ -392,7 +392,7 @@ def test_records_never_claim_an_epoch_the_checkpoint_lacks(tmp_path, monkeypatch
 
 
 def test_a_best_pt_lost_to_a_full_disk_is_written_again(tmp_path, monkeypatch, capsys):
-    from manpp.checkpoint import checksum
+    from manpp.base.checkpoint import checksum
 
     out = tmp_path / "R"
     with monkeypatch.context() as m:
@@ -456,7 +456,7 @@ def test_export_refuses_a_diverged_run_and_weights_that_are_not_finite(finished,
     state = ckpt(nan)
     key = next(k for k in state["model"] if k.endswith("conv1.weight"))
     state["model"][key][0, 0, 0, 0] = float("nan")
-    from manpp.checkpoint import checksum
+    from manpp.base.checkpoint import checksum
 
     torch.save(dict(state, checksum=checksum(state)), nan / "checkpoint.pt")  # as a run writes it: checksummed
     assert main(["export", str(nan), "--out", str(tmp_path / "n.pt")]) == 2
@@ -470,7 +470,7 @@ def test_export_refuses_a_diverged_run_and_weights_that_are_not_finite(finished,
 def test_a_full_disk_is_one_line_and_what_was_there_survives(finished, tmp_path, capsys, monkeypatch):
     import errno
 
-    from manpp import safeio
+    from manpp.base import safeio
 
     out = tmp_path / "R"
     assert train(out, "--max-steps", "2") == 0

@@ -8,12 +8,12 @@ import sys
 import pytest
 import torch
 
-from manpp import config as C
-from manpp.cli import main
-from manpp.errors import ManppError
-from manpp.checkpoint import load as load_checkpoint
-from manpp.rundir import log_text
-from manpp.train import train
+from manpp.config import trainconfig as C
+from manpp.commands.cli import main
+from manpp.base.errors import ManppError
+from manpp.base.checkpoint import load as load_checkpoint
+from manpp.run.rundir import log_text
+from manpp.train.loop import train
 
 # resnet8 on 64 digits images, 4 steps per epoch
 RUN = ["--model", "resnet8", "--dataset", "digits", "--method", "manpp", "--k", "2", "--batch-size", "16",
@@ -101,7 +101,7 @@ def test_nan_weights_are_a_divergence_not_a_success(tmp_path, capsys):
 
 
 def test_an_interrupted_run_says_stopped(tmp_path, monkeypatch):
-    from manpp.replica import ReplicaSteps
+    from manpp.train.replica import ReplicaSteps
 
     calls = {"n": 0}
     real = ReplicaSteps.step
@@ -151,12 +151,12 @@ def test_bad_run_folders_are_one_line(tmp_path, capsys):
 
 
 def test_every_config_field_is_validated_in_one_place():
-    """Each field has a rule in manpp.validate, or is a name checked by its registry or builder, a
+    """Each field has a rule in manpp.config.validate, or is a name checked by its registry or builder, a
     free-form path or structure, or a boolean (checked by its type when read)."""
     import dataclasses
     import typing
 
-    from manpp.validate import RULES
+    from manpp.config.validate import RULES
 
     hints = typing.get_type_hints(C.TrainConfig)
     booleans = {f.name for f in dataclasses.fields(C.TrainConfig) if hints[f.name] in (bool, bool | None)}
@@ -256,7 +256,7 @@ def test_a_checkpoint_that_does_not_fit_names_the_keys(tmp_path, capsys):
     del ckpt["model"][dropped]
     bent = next(k for k in ckpt["model"] if k.endswith("conv1.weight"))
     ckpt["model"][bent] = torch.zeros(3, 3)
-    from manpp.checkpoint import checksum
+    from manpp.base.checkpoint import checksum
 
     torch.save(dict(ckpt, checksum=checksum(ckpt)), out / "checkpoint.pt")  # intact, but for another model
     assert main(["train", "--resume", str(out), "--quiet"]) == 2

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import manpp
-from manpp import config as C
-from manpp.errors import ManppError
-from manpp.memory import measure_step
-from manpp.validate import check_config
+from manpp.config import trainconfig as C
+from manpp.base.errors import ManppError
+from manpp.memory.measure import measure_step
+from manpp.config.validate import check_config
 
 
 def _pair(method: str, k: int):
@@ -52,7 +52,7 @@ def test_activation_memory_is_about_halved(batch):
 def test_the_setting_is_validated_and_reaches_the_model():
     with pytest.raises(ManppError, match="unknown saved_activations 'fp8'"):
         check_config(C.TrainConfig(saved_activations="fp8"))
-    from manpp.build import build_model, data_info
+    from manpp.train.build import build_model, data_info
 
     cfg = C.apply(C.TrainConfig(), {"model": "resnet8", "k": 2, "saved_activations": "bf16"})
     assert build_model(cfg, data_info(cfg)).saved_dtype == torch.bfloat16
@@ -62,8 +62,8 @@ def test_weights_and_expanded_tensors_are_never_copied():
     """A batched matmul saves its weight expanded over the batch (stride 0): stored as a copy, it would
     hold every repetition (a ViT's qkv weight over 197 tokens: 166 MiB instead of 1.7 MiB). Weights,
     their views and expanded tensors stay as they are; the activations are stored narrower."""
-    from manpp.memory import ActivationTracker
-    from manpp.saved import saved_in
+    from manpp.memory.measure import ActivationTracker
+    from manpp.memory.saved import saved_in
 
     weight = torch.nn.Parameter(torch.randn(96, 32))
     x = torch.randn(8, 50, 32, requires_grad=True).transpose(0, 1)  # (50, 8, 32), not contiguous

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import manpp
-from manpp.cli import build_parser
-from manpp.errors import ManppError
-from manpp.registry import METHODS, OBJECTIVES, method_names
+from manpp.commands.cli import build_parser
+from manpp.base.errors import ManppError
+from manpp.base.registry import METHODS, OBJECTIVES, method_names
 
 SRC = Path(manpp.__file__).parent
 
@@ -103,7 +103,7 @@ def test_the_cycle_finder_finds_a_cycle():
 
 def test_no_import_cycles_in_the_package():
     graph = _graph()
-    assert "manpp.engine" in graph and len(graph) > 30  # the walk really read the package
+    assert "manpp.core.engine" in graph and len(graph) > 30  # the walk really read the package
     assert _cycles(graph) == []
 
 
@@ -120,6 +120,51 @@ def test_no_import_cycles_among_the_benchmark_scripts():
     assert graph["gpu"] and _cycles(graph) == []  # (gpu.py imports devices and gpu_accuracy)
 
 
+# the layers of src/manpp, bottom first (docs/layout.md): a module imports its own layer and the ones below
+LAYERS = ["base", "memory", "core", "data", "models", "tasks", "objectives", "config", "run", "train", "commands",
+          "api"]
+
+
+def _layer(module: str) -> int | None:
+    """The layer of a module (None: the package itself, manpp/__init__ and __main__, above every layer)."""
+    parts = module.split(".")
+    return LAYERS.index(parts[1]) if len(parts) > 1 and parts[1] != "__main__" else None
+
+
+def _upward(graph: dict[str, set[str]]) -> list[str]:
+    return [f"{m} -> {t}" for m, targets in graph.items() for t in sorted(targets)
+            if _layer(m) is not None and (_layer(t) is None or _layer(t) > _layer(m))]
+
+
+def test_the_package_has_at_most_12_top_level_modules_and_each_is_a_layer():
+    top = {p.stem for p in SRC.glob("*.py")} | {p.name for p in SRC.iterdir() if (p / "__init__.py").exists()}
+    top -= {"__init__", "__main__"}
+    assert len(top) <= 12 and top == set(LAYERS), sorted(top ^ set(LAYERS))
+
+
+def test_no_module_imports_a_layer_above_its_own():
+    assert _upward({"manpp.core.engine": {"manpp.base.errors", "manpp.core.partition"}}) == []
+    assert _upward({"manpp.base.errors": {"manpp.run.rundir"}, "manpp.run.x": {"manpp"}}) == [
+        "manpp.base.errors -> manpp.run.rundir", "manpp.run.x -> manpp"]  # the checker catches both kinds
+    assert _upward(_graph()) == []
+
+
+def test_the_import_paths_before_the_layout_still_work():
+    import importlib
+
+    from manpp.base.moved import MOVED
+
+    assert len(MOVED) >= 40
+    for old, new in MOVED.items():
+        assert importlib.import_module(f"manpp.{old}") is importlib.import_module(f"manpp.{new}"), old
+    from manpp.config import TrainConfig
+    from manpp.memory import measure_step
+    from manpp.train import train
+    from manpp.train.loop import train as loop_train
+    assert train is loop_train and TrainConfig.__module__ == "manpp.config.trainconfig"
+    assert measure_step.__module__ == "manpp.memory.measure"
+
+
 def test_no_module_imports_another_modules_private_names():
     modules = _modules()
     offences = []
@@ -131,9 +176,8 @@ def test_no_module_imports_another_modules_private_names():
 
 def test_the_engine_knows_only_its_contract():
     modules = _modules()
-    engine = {t for t, _ in _imports("manpp.engine", modules["manpp.engine"], modules)}
-    assert not any(t.startswith(("manpp.tasks", "manpp.objectives", "manpp.models", "manpp.data", "manpp.methods"))
-                   for t in engine), engine
+    engine = {t for t, _ in _imports("manpp.core.engine", modules["manpp.core.engine"], modules)}
+    assert not any(t.startswith(("manpp.tasks", "manpp.objectives", "manpp.models", "manpp.data")) for t in engine), engine
 
 
 def test_every_list_of_names_reads_the_registries(capsys):
@@ -187,7 +231,7 @@ def test_each_objective_owns_its_settings():
 
 
 def test_the_default_objective_follows_the_backbone(capsys):
-    from manpp.cli import main
+    from manpp.commands.cli import main
 
     assert main(["describe", "--model", "vit_tiny", "--method", "manpp", "--k", "4", "--dataset", "synthetic",
                  "--image-size", "32", "--batch-size", "2"]) == 0
@@ -201,7 +245,7 @@ def test_the_default_objective_follows_the_backbone(capsys):
 
 
 def test_local_model_and_the_config_share_one_default_k():
-    from manpp.partition import default_k
+    from manpp.core.partition import default_k
 
     cifar, imagenet = manpp.build_backbone("resnet32"), manpp.build_backbone("resnet18")
     assert (default_k(cifar), default_k(imagenet)) == (16, 4)

@@ -14,7 +14,7 @@ from torch import nn
 from torchvision.models.resnet import BasicBlock
 
 import manpp
-from manpp.errors import ManppError
+from manpp.base.errors import ManppError
 from manpp.models.wrap import as_backbone
 
 try:
@@ -417,7 +417,7 @@ def test_ddp_around_a_local_model_is_refused_with_the_supported_way(tmp_path):
         plain = manpp.wrap(nn.Sequential(conv_block(3, 8), conv_block(8, 8), pool_head(8)), k=2, objective="dgl",
                            image_size=32)
         plain.train_step(x, y)  # the supported way: the model itself, gradients averaged by hand
-        manpp.distributed.all_reduce_gradients(plain.parameters_to_optimize())
+        manpp.base.distributed.all_reduce_gradients(plain.parameters_to_optimize())
     finally:
         dist.destroy_process_group()
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import manpp
-from manpp import config as C
-from manpp.cli import main
-from manpp.errors import ManppError
-from manpp.memory import measure_step
-from manpp.partition import balanced_ends, unit_activation_bytes
-from manpp.plan import parse_bytes, rank
+from manpp.config import trainconfig as C
+from manpp.commands.cli import main
+from manpp.base.errors import ManppError
+from manpp.memory.measure import measure_step
+from manpp.core.partition import balanced_ends, unit_activation_bytes
+from manpp.commands.plan import parse_bytes, rank
 
 
 def test_balanced_ends_is_the_best_contiguous_split():
@@ -150,7 +150,7 @@ def test_plan_refuses_bad_input_in_one_line(tmp_path, capsys):
 
 
 def test_the_accuracy_cost_compares_with_e2e_on_the_same_seeds():
-    from manpp.accuracycost import accuracy_cost, describe_cost
+    from manpp.commands.accuracycost import accuracy_cost, describe_cost
 
     def run(method, seed, acc, k=16):
         return {"method": method, "k": k, "seed": seed, "fidelity": "ours", "test_accuracy": acc, "steps": 626}
@@ -170,9 +170,9 @@ def test_the_accuracy_cost_compares_with_e2e_on_the_same_seeds():
 def test_the_accuracy_cost_of_manpp_is_read_at_its_own_aux_lr_scale():
     """MAN++'s default aux_lr_scale is 2: its cost comes from the run labelled @aux_lr_scale=2 (the
     plain label is the benchmark's run at 1), never from a variant that changes something else too."""
-    from manpp import config as C
-    from manpp.accuracycost import accuracy_cost, describe_cost
-    from manpp.resolve import resolve
+    from manpp.config import trainconfig as C
+    from manpp.commands.accuracycost import accuracy_cost, describe_cost
+    from manpp.config.resolve import resolve
 
     def run(method, acc, k=16):
         return {"method": method, "k": k, "seed": 0, "fidelity": "ours", "test_accuracy": acc, "steps": 626}
@@ -189,8 +189,8 @@ def test_the_accuracy_cost_of_manpp_is_read_at_its_own_aux_lr_scale():
 
 
 def test_an_accuracy_cost_is_shown_only_for_the_k_and_family_it_was_measured_on():
-    from manpp.accuracycost import accuracy_cost, describe_cost
-    from manpp.plan import measure_command
+    from manpp.commands.accuracycost import accuracy_cost, describe_cost
+    from manpp.commands.plan import measure_command
 
     doc = {"setup": {"dataset": "fashion-mnist", "model": "resnet32"}, "path": "x.json",
            "runs": [{"method": m, "k": k, "seed": s, "fidelity": "ours", "test_accuracy": a}

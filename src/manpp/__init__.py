@@ -15,13 +15,16 @@ Quick start, on your own model::
 from __future__ import annotations
 
 from .api import local_model, wrap
-from .engine import LocalContext, LocalModel, StepResult, evaluate, local_step
-from .errors import ManppError
-from .methods import LocalSettings, build_local_model
-from .optim import parameter_groups
+from .base import moved
+from .base.errors import ManppError
+from .base.registry import METHODS, OBJECTIVES, Method, register_method, register_objective
+from .core.engine import LocalContext, LocalModel, StepResult, evaluate, local_step
+from .core.optim import parameter_groups
+from .core.partition import Partition, make_partition
 from .models import build_backbone
-from .partition import Partition, make_partition
-from .registry import METHODS, OBJECTIVES, Method, register_method, register_objective
+from .objectives.methods import LocalSettings, build_local_model
+
+moved.install()  # the import paths before the layered layout (manpp.core.engine, manpp.run.rundir, ...) keep working
 
 __version__ = "0.2.0"  # the one place the version is written (pyproject.toml reads it)
 

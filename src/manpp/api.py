@@ -8,10 +8,10 @@ from typing import Any, Callable, Sequence
 
 from torch import nn
 
-from .engine import LocalModel
-from .errors import ManppError
-from .methods import LocalSettings, build_local_model
-from .resolve import facts_of, resolve_local
+from .base.errors import ManppError
+from .config.resolve import facts_of, resolve_local
+from .core.engine import LocalModel
+from .objectives.methods import LocalSettings, build_local_model
 from .tasks import task_of
 
 
@@ -30,7 +30,7 @@ def local_model(backbone: nn.Module, *, method: str = _DEFAULT.method, k: int | 
     local objectives of ``method``. Every argument after the backbone is a keyword, in the order
     ``wrap`` takes them too.
 
-    Every setting left at None is chosen as ``manpp train`` chooses it (:func:`manpp.resolve.resolve_local`,
+    Every setting left at None is chosen as ``manpp train`` chooses it (:func:`manpp.config.resolve.resolve_local`,
     ``fidelity=ours``): ``k`` the backbone's default (``partition.default_k``), ``objective`` the one
     registered as the default for its feature family, ``split`` ``"even"``, ``copy_init`` ``"copy"``.
     ``objective_settings`` (or any other keyword, e.g. ``ixx_1=5`` for InfoPro) are the objective's own
@@ -78,7 +78,7 @@ KEYWORDS = ("method", "k", "objective", "split", "in_channels", "image_size", "n
 
 def _check_keywords(caller: str, settings: dict) -> None:
     """A keyword that is no objective's setting is a mistyped keyword: named, with what is accepted."""
-    from .registry import OBJECTIVES
+    from .base.registry import OBJECTIVES
 
     known = {f.name for _, o in OBJECTIVES.items() for f in dataclasses.fields(o.settings)}
     unknown = [key for key in settings if key not in known]
@@ -109,7 +109,7 @@ def wrap(model: nn.Module | Sequence[nn.Module], *, method: str = _DEFAULT.metho
          image_size: int | None = None,
          num_classes: int | None = None, units: Sequence[str | nn.Module] | None = None,
          head: nn.Module | str | None = None, **options) -> LocalModel:
-    """A :class:`~manpp.engine.LocalModel` that trains ``model`` itself (its own modules, not copies).
+    """A :class:`~manpp.core.engine.LocalModel` that trains ``model`` itself (its own modules, not copies).
 
     ``model`` is one of:
 

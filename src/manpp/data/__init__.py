@@ -15,17 +15,8 @@ from .detection import detection_collate
 from .fashion import FASHION_FILES, FASHION_SYSTEM_DIR
 from .idx import read_idx_images, read_idx_labels
 from .imagenet import IMAGE_EXTENSIONS, imagenet_transforms
-from .info import (
-    DATASETS,
-    IMAGENET_MEAN,
-    IMAGENET_STD,
-    DatasetInfo,
-    dataset_info,
-    datasets_for,
-    denormalize,
-    normalize,
-    register_dataset,
-)
+from .info import (DATASETS, IMAGENET_MEAN, IMAGENET_STD, DatasetInfo, dataset_info, datasets_for, denormalize,
+                   normalize, register_dataset)
 from .shapes import SHAPE_CLASSES, SHAPES_SAMPLES, ShapesDetection, ShapesSegmentation, make_shapes
 from .torchvision_sets import torchvision_transforms
 

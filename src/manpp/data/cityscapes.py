@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..errors import ManppError, choices
+from ..base.errors import ManppError, choices
 from .common import IGNORE_INDEX, coin_flip, data_root, describe_exception, existing_folder, is_integer
 from .images import decode_image_file, read_rgb
 from .info import IMAGENET_MEAN, IMAGENET_STD, DatasetInfo, normalize_imagenet, register_dataset

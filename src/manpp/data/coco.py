@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..errors import ManppError, choices
+from ..base.errors import ManppError, choices
 from .common import coin_flip, data_root, describe_exception, existing_folder
 from .detection import flip_boxes
 from .images import read_rgb
@@ -49,7 +49,7 @@ class CocoDetection(Dataset):
         if image_dir is None:
             raise ManppError(f"coco: image folder '{candidates[0]}' (or '{candidates[1]}') not found; "
                              f"'{root}' must hold {layout}")
-        from ..extras import require
+        from ..base.extras import require
 
         COCO = require("pycocotools.coco", "the coco dataset").COCO
         try:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..errors import ManppError
+from ..base.errors import ManppError
 from .info import DatasetInfo
 
 IGNORE_INDEX = 255  # the mask value of pixels without a class (Cityscapes' convention)

@@ -18,7 +18,7 @@ DIGITS_CROP_PADDING = 2  # pixels of the random-crop augmentation
 
 def build_digits(augment: bool) -> tuple[TensorImageDataset, TensorImageDataset]:
     """(train, test) of the digits, normalised; ``augment`` adds a random crop (no flip) to training."""
-    from ..extras import require
+    from ..base.extras import require
 
     load_digits = require("sklearn.datasets", "the digits dataset (scikit-learn's)").load_digits
     train_test_split = require("sklearn.model_selection", "the digits dataset (scikit-learn's)").train_test_split

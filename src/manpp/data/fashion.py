@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..errors import ManppError
+from ..base.errors import ManppError
 from .common import (RandomCropFlip, TensorImageDataset, data_root, describe_exception, normalized_black,
                      removed_on_failure)
 from .idx import read_idx_images, read_idx_labels

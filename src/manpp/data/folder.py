@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import ManppError
+from ..base.errors import ManppError
 from .common import describe_exception
 from .imagenet import IMAGE_EXTENSIONS, imagenet_transforms
 from .info import IMAGENET_MEAN, IMAGENET_STD, DatasetInfo, register_dataset

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import ManppError
+from ..base.errors import ManppError
 
 IMAGES_MAGIC = 0x00000803  # unsigned bytes, 3 dimensions (N, H, W)
 LABELS_MAGIC = 0x00000801  # unsigned bytes, 1 dimension (N,)

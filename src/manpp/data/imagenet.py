@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import ManppError
+from ..base.errors import ManppError
 from .common import data_root, describe_exception
 from .info import IMAGENET_MEAN, IMAGENET_STD, DatasetInfo, register_dataset
 

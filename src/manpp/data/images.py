@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import Tensor
 
-from ..errors import ManppError
+from ..base.errors import ManppError
 from .common import describe_exception
 
 

@@ -19,8 +19,8 @@ from typing import Callable
 import torch
 from torch import Tensor
 
-from ..errors import ManppError, choices
-from ..registry import Registry
+from ..base.errors import ManppError, choices
+from ..base.registry import Registry
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import statistics
 
-from ..errors import ManppError
+from ..base.errors import ManppError
 from .common import RandomCropFlip, TensorImageDataset, normalized_black
 from .info import CIFAR_MEAN, CIFAR_STD, DatasetInfo, denormalize, normalize
 

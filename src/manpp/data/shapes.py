@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from ..errors import ManppError
+from ..base.errors import ManppError
 from .common import IGNORE_INDEX, coin_flip, is_integer
 from .detection import flip_boxes
 from .info import IMAGENET_MEAN, IMAGENET_STD, MIN_IMAGE_SIZE, DatasetInfo, normalize_imagenet, register_dataset

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..errors import ManppError
+from ..base.errors import ManppError
 from .common import TensorImageDataset, is_integer
 from .info import DatasetInfo, register_dataset
 

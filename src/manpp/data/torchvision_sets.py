@@ -10,7 +10,7 @@ from typing import Callable
 import torch
 from torch.utils.data import Dataset
 
-from ..errors import ManppError, choices
+from ..base.errors import ManppError, choices
 from .common import data_root, describe_exception, removed_on_failure
 from .info import CIFAR_MEAN, CIFAR_STD, HALF, dataset_info, register_dataset
 

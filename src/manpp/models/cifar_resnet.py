@@ -13,7 +13,7 @@ import re
 import torch
 from torch import nn
 
-from ..errors import ManppError
+from ..base.errors import ManppError
 from .chain import UnitChain
 from .imagenet import RESNETS
 from .registry import register_backbone

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..errors import ManppError
+from ..base.errors import ManppError
 from .registry import register_backbone
 
 # blocks per stage of every torchvision ResNet/ResNeXt manpp names

@@ -23,9 +23,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ..errors import ManppError
-from ..extras import require
-from ..safeio import first_line
+from ..base.errors import ManppError
+from ..base.extras import require
+from ..base.safeio import first_line
 from .registry import register_backbone
 
 LIBRARIES = ("timm", "torchvision")
@@ -169,7 +169,7 @@ def _replace(root: nn.Module, old: nn.Module, new: nn.Module) -> None:
 def load_file(net: nn.Module, path: str | Path, name: str) -> int:
     """A state dict of the library model (``pretrained=FILE``); tensors of another shape are allowed
     only in the classifier (another number of classes), which then keeps its own initialisation."""
-    from ..checkpoint import load_weights
+    from ..base.checkpoint import load_weights
 
     state = load_weights(path)
     own = net.state_dict()

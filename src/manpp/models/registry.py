@@ -19,9 +19,9 @@ import difflib
 from dataclasses import dataclass
 from typing import Callable
 
-from ..errors import ManppError
-from ..partition import DEFAULT_K
-from ..registry import FAMILIES, Registry
+from ..base.errors import ManppError
+from ..base.registry import FAMILIES, Registry
+from ..core.partition import DEFAULT_K
 
 TASK_NAMES = ("classification", "detection", "segmentation")
 
@@ -72,7 +72,7 @@ def register_backbone(*names: str, family: str | None, task: str = "classificati
     """Decorator registering ``build`` under every name of ``names`` (with ``matches``: one pattern).
 
     ``units(name)`` gives the number of units without building the model (what resolving a config
-    needs: :mod:`manpp.resolve`); ``default_k`` is K when none is given; ``export(name, num_classes,
+    needs: :mod:`manpp.config.resolve`); ``default_k`` is K when none is given; ``export(name, num_classes,
     image_size)`` the call that builds the plain model ``manpp export``'s file loads into."""
     if family is not None and family not in FAMILIES:
         raise ValueError(f"backbone {names}: unknown family {family!r}; known are {FAMILIES}")

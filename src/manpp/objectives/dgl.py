@@ -14,9 +14,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..base.registry import register_objective
+from ..base.settings import setting
 from ..models.cifar_resnet import init_weights
-from ..registry import register_objective
-from ..settings import setting
 from .detection import DetectionHead
 from .layers import conv_bn_relu
 from .segmentation import SegmentationHead

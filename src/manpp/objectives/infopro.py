@@ -14,11 +14,11 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import ManppError, choices
+from ..base.errors import ManppError, choices
+from ..base.registry import register_objective
+from ..base.settings import OneOf, setting
+from ..memory.recompute import run_checkpointed
 from ..models.cifar_resnet import init_weights
-from ..recompute import run_checkpointed
-from ..registry import register_objective
-from ..settings import OneOf, setting
 from .layers import conv_bn_relu
 from .spec import FEATURE_DIM
 

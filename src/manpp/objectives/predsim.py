@@ -20,10 +20,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from ..errors import ManppError
+from ..base.errors import ManppError
+from ..base.registry import register_objective
+from ..base.settings import setting
 from ..models.cifar_resnet import init_weights
-from ..registry import register_objective
-from ..settings import setting
 
 
 @dataclass

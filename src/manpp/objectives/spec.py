@@ -20,4 +20,4 @@ class AuxSpec:
     num_classes: int
     in_channels: int  # of the input image
     image_size: int
-    family: str = "cifar"  # the backbone's feature family (see manpp.registry.FAMILIES)
+    family: str = "cifar"  # the backbone's feature family (see manpp.base.registry.FAMILIES)

@@ -8,8 +8,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from ..memory.recompute import run_checkpointed
 from ..models.wrap.adapters import ClassTokenHead
-from ..recompute import run_checkpointed
 
 
 class TokenHead(nn.Module):

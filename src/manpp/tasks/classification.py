@@ -6,7 +6,7 @@ from typing import Any
 
 import torch
 
-from ..engine import LocalContext, cross_entropy_loss, evaluate
+from ..core.engine import LocalContext, cross_entropy_loss, evaluate
 from .registry import register_task
 
 

@@ -9,9 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import distributed
+from ..base import distributed
+from ..core.engine import LocalContext
 from ..data import ShapesDetection, detection_collate
-from ..engine import LocalContext
 from .classification import Task
 from .registry import register_task
 
@@ -127,7 +127,7 @@ COCO_STATS = ("map", "map50", "map75", "map_small", "map_medium", "map_large")
 def coco_map(ground_truth: dict, results: list[dict], image_ids=None) -> dict[str, float]:
     """COCO box AP (AP, AP50, AP75, APs/m/l) of ``results`` against a COCO-format dict, with COCOeval,
     over ``image_ids`` (default: every image of the ground truth)."""
-    from ..extras import require
+    from ..base.extras import require
 
     COCO = require("pycocotools.coco", "COCO box AP (detection evaluation)").COCO
     COCOeval = require("pycocotools.cocoeval", "COCO box AP (detection evaluation)").COCOeval

@@ -7,7 +7,7 @@ the comparison tables print about a run's score (``acc``, ``mIoU``, ``AP``) is r
 
 from __future__ import annotations
 
-from ..registry import Registry
+from ..base.registry import Registry
 
 TASKS: Registry = Registry("task")
 

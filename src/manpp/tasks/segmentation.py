@@ -5,9 +5,9 @@ from __future__ import annotations
 import torch
 from torch.nn import functional as F
 
-from .. import distributed
+from ..base import distributed
+from ..core.engine import LocalContext
 from ..data import IGNORE_INDEX
-from ..engine import LocalContext
 from .classification import Task
 from .registry import register_task
 

@@ -27,7 +27,7 @@ Units must output (B, C, H, W) feature maps (``aux_family="imagenet"``) or (B, t
 token sequences with the class token first (``aux_family="vit"``); the head must give (B, classes)
 logits. ``as_backbone`` checks this with one forward pass on random images of ``image_size``, and
 for a model it recognised itself also that the cut network computes exactly what the model does;
-anything it cannot cut is refused with one :class:`~manpp.errors.ManppError` saying why and how to
+anything it cannot cut is refused with one :class:`~manpp.base.errors.ManppError` saying why and how to
 pass ``units=`` and ``head=`` instead.
 
 ``export_state_dict()`` gives the trained weights under the model's own state-dict keys (found by
@@ -43,11 +43,11 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ...errors import ManppError
+from ...base.errors import ManppError
+from . import children, timm_models, torchvision_models
 from .adapters import Permute, WrappedBackbone
 from .cut import HOW_TO, Cut, kind_of
 from .probe import default_image_size, export_keys, first_conv_channels, probe, stages_from_shapes
-from . import children, timm_models, torchvision_models
 from .user import cut_list, cut_named, cut_sequential
 
 __all__ = ["Permute", "WrappedBackbone", "as_backbone"]

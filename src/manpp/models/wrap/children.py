@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...errors import ManppError
+from ...base.errors import ManppError
 from .adapters import PoolHead
 from .cut import HOW_TO, Cut, arch_of, evaluating, kind_of, run_model
 

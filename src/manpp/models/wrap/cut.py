@@ -11,7 +11,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from ...errors import ManppError
+from ...base.errors import ManppError
 
 PARTS = ("manpp.wrap(model, units=[dotted names of the units in forward order], head=<dotted name or module>), "
          "or a list of unit modules with head=<module>")

@@ -10,7 +10,7 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ...errors import ManppError
+from ...base.errors import ManppError
 from .adapters import WrappedBackbone
 from .cut import HOW_TO, PARTS, Cut, evaluating, first_line, run_model
 
@@ -122,7 +122,7 @@ def probe(cut: Cut, backbone: WrappedBackbone, x: torch.Tensor) -> tuple[str, li
                     expected = cut.reference(x)
                 except Exception:  # a model described by its parts may take other inputs: nothing to compare
                     expected = None
-            # (on the meta device, where manpp.strategies builds models to estimate them, there are no values to
+            # (on the meta device, where manpp.commands.strategies builds models to estimate them, there are no values to
             # compare: the check runs wherever the model is built for real)
             if isinstance(expected, torch.Tensor) and expected.shape == out.shape and expected.device.type != "meta":
                 tol = 1e-4 * (1.0 + float(expected.abs().max()))

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...errors import ManppError
+from ...base.errors import ManppError
 from .adapters import TO_NCHW, Permute, TimmHead, TimmTokenEmbed, attach_tensors, channels_first, root_tensors
 from .cut import HOW_TO, Cut, arch_of, around, call_order, evaluating, kind_of, run_model
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ...errors import ManppError
+from ...base.errors import ManppError
 from .adapters import TO_NCHW, TO_NHWC, ClassTokenHead, Permute, PoolHead, PoolLinear, ViTEmbed, channels_first
 from .cut import HOW_TO, Cut, around, call_order, evaluating, kind_of, run_model
 

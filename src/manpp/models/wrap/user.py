@@ -9,7 +9,7 @@ from typing import Iterable, Sequence
 import torch
 from torch import nn
 
-from ...errors import ManppError
+from ...base.errors import ManppError
 from .cut import Cut, evaluating, kind_of
 
 
