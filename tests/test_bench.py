@@ -23,6 +23,20 @@ def test_bench_interleaves_methods_and_reports_ratios():
     assert records[2]["images_per_s"] > 0
 
 
+def test_bench_and_the_strategies_share_one_interleaved_timer():
+    from manpp.commands.strategies import interleaved_times
+
+    calls = []
+
+    def step(run):
+        calls.append(run)
+        return float(len(calls))
+
+    times = interleaved_times(["a", "b"], step, rounds=2, warmup=1)
+    assert calls == ["a", "b", "a", "b", "a", "b"]  # warm-ups, then one step of each run per round
+    assert times == [[3.0, 5.0], [4.0, 6.0]]
+
+
 def test_bench_command_json(capsys):
     assert main(["bench", "--model", "resnet8", "--dataset", "synthetic", "--method", "manpp", "--k", "2",
                  "--batch-size", "4", "--steps", "1", "--warmup", "0", "--device", "cpu", "--json"]) == 0

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import statistics
-import time
 
 import torch
 
@@ -17,13 +16,8 @@ from ..base.registry import METHODS
 from ..config import trainconfig as C
 from ..config.validate import check_config
 from ..memory.measure import format_bytes, measure_step
-from ..tasks import task_of
-from ..train.build import build_model, data_info, memory_format, resolve_device
-
-
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+from ..train.build import build_model, data_info, resolve_device
+from .strategies import example_inputs, interleaved_times, timed
 
 
 def bench(cfg: C.TrainConfig, methods: list[str], *, steps: int = 20, warmup: int = 3, prepare=None) -> list[dict]:
@@ -49,27 +43,24 @@ def bench(cfg: C.TrainConfig, methods: list[str], *, steps: int = 20, warmup: in
             prepare(model)
         opt = torch.optim.SGD(model.parameters_to_optimize(), lr=1e-3, momentum=0.9, nesterov=True)
         runs.append({"method": method, "label": label, "objective": run_cfg.objective, "model": model, "opt": opt,
-                     "times": [], "saved": run_cfg.saved_activations})
-    x, y = task_of(runs[0]["model"].backbone).example_batch(cfg.batch_size, info, device)
-    x = x.contiguous(memory_format=memory_format(cfg))
+                     "saved": run_cfg.saved_activations})
+    x, y = example_inputs(cfg, runs[0]["model"], info, device)
 
-    def step(run) -> None:
-        run["opt"].zero_grad(set_to_none=True)
-        run["model"].train_step(x, y)
-        run["opt"].step()
+    def step(run) -> float:
+        def one() -> None:
+            run["opt"].zero_grad(set_to_none=True)
+            run["model"].train_step(x, y)
+            run["opt"].step()
+
+        return timed(device, one)
 
     for run in runs:
         for _ in range(warmup):
             step(run)
         run["memory"] = measure_step(run["model"], x, y)
         run["recompute"] = [j for j, a in enumerate(run["model"].aux) if getattr(a, "recompute_ema", None) is True]
-    for _ in range(steps):
-        for run in runs:  # interleaved: every method sees the same machine state
-            _sync(device)
-            start = time.perf_counter()
-            step(run)
-            _sync(device)
-            run["times"].append(time.perf_counter() - start)
+    for run, times in zip(runs, interleaved_times(runs, step, rounds=steps, warmup=0)):  # the same machine state
+        run["times"] = times
     records = []
     for run in runs:
         model, mem = run["model"], run["memory"]

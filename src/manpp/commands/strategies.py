@@ -29,8 +29,8 @@ from ..memory.saved import saved_dtype
 from ..tasks import task_of
 from ..train.build import build_model, data_info, memory_format, resolve_device
 
-KS = (2, 4, 8, 16)
-MEASURED, ESTIMATED = "measured", "estimated"  # every record says which its memory and its time are  # the K a local method is measured at (capped at the backbone's units)
+KS = (2, 4, 8, 16)  # the K a local method is measured at (capped at the backbone's units)
+MEASURED, ESTIMATED = "measured", "estimated"  # every record says which its memory and its time are
 CHECKPOINTING_VARIANTS = ("off", "units", "sqrt")
 SAVED_VARIANTS = (None, "bf16")
 
@@ -119,6 +119,38 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def timed(device: torch.device, fn) -> float:
+    """Seconds that ``fn()`` takes on ``device``, from an idle device to the end of its work."""
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def interleaved_times(runs: Sequence, step, *, rounds: int, warmup: int, tick=None) -> list[list[float]]:
+    """Each run's step times: ``warmup`` untimed steps of each run, then ``rounds`` rounds of one step per run
+    in turn, so that every run sees the same machine conditions. ``step(run)`` returns its timed seconds;
+    ``tick()`` is called after each timed step (a progress bar)."""
+    for run in runs:
+        for _ in range(warmup):
+            step(run)
+    times: list[list[float]] = [[] for _ in runs]
+    for _ in range(rounds):
+        for i, run in enumerate(runs):
+            times[i].append(step(run))
+            if tick is not None:
+                tick()
+    return times
+
+
+def example_inputs(cfg: C.TrainConfig, model, info, device: torch.device) -> tuple:
+    """The synthetic batch of ``cfg``'s dataset shape and batch size that steps are timed and measured on,
+    in ``cfg``'s memory format."""
+    x, y = task_of(model.backbone).example_batch(cfg.batch_size, info, device)
+    return x.contiguous(memory_format=memory_format(cfg)), y
+
+
 def build_models(cfg: C.TrainConfig, strategies: Sequence[Strategy], info, device) -> dict[tuple[str, int], dict]:
     """One model per (method, K) of ``strategies``, each from the seed of ``cfg`` (the same backbone weights).
     On the meta device (for an estimate: shapes only, nothing initialised) where the model builds there,
@@ -168,9 +200,7 @@ def measure(cfg: C.TrainConfig, strategies: Sequence[Strategy], *, rounds: int =
     models = build_models(cfg, strategies, info, device)
     for entry in models.values():
         entry["opt"] = torch.optim.SGD(entry["model"].parameters_to_optimize(), lr=1e-4, momentum=0.9)
-    first = next(iter(models.values()))["model"]
-    x, y = task_of(first.backbone).example_batch(cfg.batch_size, info, device)
-    x = x.contiguous(memory_format=memory_format(cfg))
+    x, y = example_inputs(cfg, next(iter(models.values()))["model"], info, device)
     auto = cfg.recompute_ema == "auto"
     runs = []
     bar = tqdm(total=len(strategies) * (1 + rounds), desc="strategies", unit="step", leave=False,
@@ -183,7 +213,7 @@ def measure(cfg: C.TrainConfig, strategies: Sequence[Strategy], *, rounds: int =
             recompute = settle(entry["model"], base, x, y, auto)
             steps[base] = (measure_step(entry["model"], x, y), recompute)
         report, recompute = steps[base]
-        runs.append({"strategy": s, "entry": entry, "report": report, "recompute": recompute, "times": [],
+        runs.append({"strategy": s, "entry": entry, "report": report, "recompute": recompute,
                      "memory_source": MEASURED})
         bar.update(1)
 
@@ -194,9 +224,8 @@ def measure(cfg: C.TrainConfig, strategies: Sequence[Strategy], *, rounds: int =
             for a, flag in zip((a for a in model.aux if isinstance(a, MomentumAux)), run["recompute"]):
                 a.recompute_ema = flag
         early = StepInBackward(model, opt) if run["strategy"].early_step else None
-        try:
-            synchronize(device)
-            start = time.perf_counter()
+
+        def one() -> None:
             opt.zero_grad(set_to_none=True)
             if early is not None:
                 early.begin_step()
@@ -205,19 +234,16 @@ def measure(cfg: C.TrainConfig, strategies: Sequence[Strategy], *, rounds: int =
                 opt.step()
             else:
                 early.end_step()
-            synchronize(device)
-            return time.perf_counter() - start
+
+        try:
+            return timed(device, one)
         finally:
             if early is not None:
                 early.close()
 
-    for run in runs:
-        for _ in range(warmup):
-            step(run)
-    for _ in range(rounds):
-        for run in runs:  # interleaved: every strategy sees the same machine conditions
-            run["times"].append(step(run))
-            bar.update(1)
+    for run, times in zip(runs, interleaved_times(runs, step, rounds=rounds, warmup=warmup,
+                                                  tick=lambda: bar.update(1))):
+        run["times"] = times
     bar.close()
     for run in runs:
         run["step_time_s"] = statistics.median(run["times"]) if run["times"] else None
