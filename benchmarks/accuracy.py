@@ -16,7 +16,8 @@ MAN++'s default on InfoPro of 2, adopted from this protocol's ablations, is the 
 
 A method is ``NAME[:OBJECTIVE][@KEY=VALUE+KEY=VALUE]``: ``manpp:infopro@ema_momentum=0.99`` is a
 variant for ablations (``--variant-ks`` sets its K). One JSON record per run goes to ``--name``.json
-as it finishes (re-running skips the runs already there, so the benchmark runs in several sittings);
+as it finishes (re-running skips the runs already there, and continues a run stopped part-way from its last
+checkpoint, so the benchmark runs in several sittings);
 then a markdown table and a plot. ``--jobs N`` trains N runs at a time, each on one CPU thread (on 2
 cores, 2 single-thread runs do about 25% more work than one run on two threads); every record keeps
 its wall time, and the report sums the CPU hours.
@@ -44,7 +45,9 @@ import torch
 
 from manpp.config import trainconfig as C
 from manpp.train.loop import train
+from manpp.base.errors import ManppError
 from manpp.base.safeio import write_text  # atomic: a run cut short never leaves a half-written result
+from manpp.run.rundir import CHECKPOINT, read_summary
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_METHODS = "e2e,dgl,infopro,man:dgl,manpp:dgl,man:infopro,manpp:infopro"
@@ -156,7 +159,17 @@ def _run_one(job: tuple) -> dict:
     cfg = C.apply(base, {**method_overrides(method), "fidelity": fidelity, "k": None if name == "e2e" else k,
                          "seed": seed, "out": out})
     started = time.perf_counter()
-    result = train(cfg, verbose=False, overwrite=True)  # each job's scratch folder, made again on a rerun
+    earlier = earlier_sitting(Path(out))
+    result = None
+    if earlier is not None:  # an earlier sitting was stopped: continue it from its checkpoint (exact)
+        try:
+            result = train(cfg, resume=out, verbose=False)
+        except ManppError as exc:
+            print(f"== {fidelity} {method} K={k} seed {seed}: cannot continue '{out}' ({exc}); training it afresh",
+                  flush=True)
+            earlier = None
+    if result is None:
+        result = train(cfg, verbose=False, overwrite=True)  # each job's scratch folder, made again on a rerun
     s = result.summary
     _, test_set, _ = load_data(C.apply(cfg, {"test_subset": test_subset}))  # the final evaluation's test set
     loader = torch.utils.data.DataLoader(test_set, batch_size=cfg.eval_batch_size)
@@ -165,10 +178,22 @@ def _run_one(job: tuple) -> dict:
         return {"failed": f"{fidelity} {method} K={k} seed {seed} ended {s['status']}: not recorded"}
     return {"fidelity": fidelity, "method": method, "objective": result.model.objective, "k": k, "seed": seed,
             "modules": s["modules"], "steps": s["history"][-1]["step"], "images": s["history"][-1]["step"] * cfg.batch_size,
-            "wall_s": time.perf_counter() - started, "threads": torch.get_num_threads(),
+            "wall_s": time.perf_counter() - started + (earlier[1] if earlier else 0.0), "threads": torch.get_num_threads(),
+            **({"continued_at_step": earlier[0]} if earlier else {}),
             "test_accuracy": final["accuracy"], "test_images": len(test_set),
             "monitor_accuracy": s["test_accuracy"], "epoch_time_s": s["epoch_time_s"],
             "peak_activation_bytes": s["peak_activation_bytes"], "history": s["history"]}
+
+
+def earlier_sitting(folder: Path) -> tuple[int, float] | None:
+    """``(step, seconds of training)`` that an earlier sitting left in a run's scratch folder when it was
+    stopped after a checkpoint (a benchmark stopped with its session), else None: such a run continues from
+    its checkpoint instead of starting again, and its record's wall time adds the earlier sitting's."""
+    summary = read_summary(folder)
+    if summary is None or not (folder / CHECKPOINT).exists() or summary.get("status") == "finished":
+        return None
+    history = summary.get("history") or []
+    return (history[-1]["step"] if history else 0), sum(row.get("epoch_time_s") or 0.0 for row in history)
 
 
 def main(argv=None) -> int:
@@ -250,9 +275,13 @@ def _add_record(json_path: Path, doc: dict, record: dict | None = None) -> dict:
 
 
 def report(doc: dict, out: Path, name: str, quiet: bool = False) -> int:
-    table = summarize(doc)
-    write_text(out / f"{name}.md", table)
-    plot(doc, out / f"{name}.png")
+    if not doc["runs"]:  # every run of this sitting stopped or failed: nothing to tabulate or plot yet
+        table = f"No run of {name} has finished yet (runs stopped part-way continue from their checkpoints).\n"
+        write_text(out / f"{name}.md", table)
+    else:
+        table = summarize(doc)
+        write_text(out / f"{name}.md", table)
+        plot(doc, out / f"{name}.png")
     if not quiet:
         print(table)
     return 0

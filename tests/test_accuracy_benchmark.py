@@ -74,6 +74,37 @@ def test_the_accuracy_benchmark_trains_real_runs_and_resumes(tmp_path):
     assert setup["command"].count("accuracy.py") == 1  # resuming with the same command is not a second command
 
 
+@pytest.mark.slow
+def test_a_run_stopped_with_its_sitting_continues_from_its_checkpoint(tmp_path):
+    from manpp.data import FASHION_SYSTEM_DIR
+
+    if not FASHION_SYSTEM_DIR.is_dir():
+        pytest.skip("Debian's dataset-fashion-mnist is not installed")
+    env = dict(__import__("os").environ, PYTHONPATH=str(ROOT / "src"))
+
+    def bench(out, *extra):
+        command = [sys.executable, str(ROOT / "benchmarks" / "accuracy.py"), "--model", "resnet8", "--ks", "2",
+                   "--methods", "manpp:dgl", "--seeds", "0", "--train-subset", "128", "--epochs", "2",
+                   "--batch-size", "32", "--monitor-subset", "64", "--test-subset", "200", "--jobs", "1",
+                   "--name", "cont", "--out", str(out), *extra]
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout, json.loads((out / "cont.json").read_text())["runs"]
+
+    stdout, runs = bench(tmp_path / "a", "max_steps=5")  # a sitting that ends inside epoch 2
+    assert runs == [] and "ended stopped: not recorded" in stdout
+    _, (continued,) = bench(tmp_path / "a")
+    _, (whole,) = bench(tmp_path / "b")  # the same run without a stop
+    assert continued["continued_at_step"] == 5 and "continued_at_step" not in whole
+    assert continued["steps"] == whole["steps"] == 8
+    assert continued["test_accuracy"] == whole["test_accuracy"]
+    # the same weights after each epoch (a max_steps stop logs its part of epoch 2 as a row of its own, and the
+    # next sitting's row of epoch 2 averages the loss of the steps it trained)
+    epochs = [[r["test_accuracy"] for r in run["history"] if r["complete"]] for run in (continued, whole)]
+    assert epochs[0] == epochs[1] and len(epochs[0]) == 2
+    assert continued["history"][0]["train_loss"] == whole["history"][0]["train_loss"]
+
+
 def test_the_commands_that_wrote_a_result_are_listed_once_each():
     assert accuracy._commands(None, "python a.py ") == "python a.py"
     assert accuracy._commands("python a.py ; python a.py", "python a.py") == "python a.py"  # older files' repeats
