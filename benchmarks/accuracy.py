@@ -45,6 +45,7 @@ import torch
 
 from manpp.config import trainconfig as C
 from manpp.train.loop import train
+from manpp.base.checkpoint import load as load_checkpoint
 from manpp.base.errors import ManppError
 from manpp.base.safeio import write_text  # atomic: a run cut short never leaves a half-written result
 from manpp.run.rundir import CHECKPOINT, read_summary
@@ -192,8 +193,13 @@ def earlier_sitting(folder: Path) -> tuple[int, float] | None:
     summary = read_summary(folder)
     if summary is None or not (folder / CHECKPOINT).exists() or summary.get("status") == "finished":
         return None
-    history = summary.get("history") or []
-    return (history[-1]["step"] if history else 0), sum(row.get("epoch_time_s") or 0.0 for row in history)
+    try:
+        ckpt = load_checkpoint(folder / CHECKPOINT, purpose="resume")
+    except ManppError:
+        return None  # unreadable: trained afresh
+    partial = ckpt.get("partial") or {}  # the epoch a stop signal cut short: its seconds so far
+    history = ckpt.get("history") or []
+    return int(ckpt["step"]), sum(row.get("epoch_time_s") or 0.0 for row in history) + float(partial.get("seconds", 0.0))
 
 
 def main(argv=None) -> int:
