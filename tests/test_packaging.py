@@ -62,6 +62,10 @@ def test_the_wheel_holds_presets_py_typed_license_and_the_version(tmp_path):
     assert sorted(line.split()[1].split(">")[0].lower() for line in core) == [
         "numpy", "pyyaml", "torch", "torchvision", "tqdm"]
     assert any("scikit-learn" in line and 'extra == "digits"' in line for line in requires)
+    sources = {str(p.relative_to(ROOT / "src")) for p in (ROOT / "src" / "manpp").rglob("*.py")}
+    assert sources <= set(names), sorted(sources - set(names))  # every layer's package is found and shipped
+    entry_points = zipfile.ZipFile(wheel).read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
+    assert "manpp = manpp.commands.cli:main" in entry_points
 
 
 def test_citation_names_the_paper_and_the_toolkit():
