@@ -109,3 +109,30 @@ def test_the_commands_that_wrote_a_result_are_listed_once_each():
     assert accuracy._commands(None, "python a.py ") == "python a.py"
     assert accuracy._commands("python a.py ; python a.py", "python a.py") == "python a.py"  # older files' repeats
     assert accuracy._commands("python a.py", "python a.py --seeds 3") == "python a.py; python a.py --seeds 3"
+
+
+def test_the_ladder_pairs_each_budget_seed_by_seed_and_lists_what_is_missing(tmp_path, capsys):
+    import ladder
+
+    def record(method, seed, acc, wall=3600.0):
+        return {"fidelity": "ours", "method": method, "k": 1 if method == "e2e" else 16, "seed": seed,
+                "test_accuracy": acc, "steps": 626, "wall_s": wall, "threads": 1}
+
+    one = [record("e2e", 0, 0.90), record("dgl", 0, 0.86), record("manpp:dgl", 0, 0.87), record("dgl", 1, 0.85),
+           record("manpp:dgl", 1, 0.84), record("manpp:dgl@aux_lr_scale=2", 0, 0.99),  # a variant: not a rung
+           {**record("dgl", 2, 0.5), "k": 8}]  # another K: not the ladder's
+    (tmp_path / "accuracy_fashion_mnist_protocol.json").write_text(json.dumps({"runs": one}))
+    (tmp_path / "accuracy_fashion_mnist_ladder_3x.json").write_text(json.dumps({"runs": [record("dgl", 0, 0.89)]}))
+    assert ladder.main(["--results", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "accuracy_ladder.json").read_text())
+    first, third, tenth = doc["budgets"]
+    dgl_pair = first["pairs"][0]
+    assert dgl_pair["diffs"] == pytest.approx({"0": 1.0, "1": -1.0}) and dgl_pair["mean"] == pytest.approx(0.0)
+    assert first["gap_to_e2e"]["dgl"]["mean"] == pytest.approx(-4.0) and first["gap_to_e2e"]["dgl"]["seeds"] == 1
+    assert first["cpu_hours"] == pytest.approx(5.0)  # the five ladder runs, one hour each
+    assert third["pairs"][0]["diffs"] == {} and "manpp:dgl seed 0" in third["missing"]
+    assert len(tenth["missing"]) == 5 and tenth["cpu_hours"] == 0
+    text = (tmp_path / "accuracy_ladder.md").read_text()
+    assert "| 1x | manpp:dgl − dgl | 0: +1.00, 1: -1.00 | +0.00 ± 1.41 | 1 of 2 |" in text
+    assert "| 3x | manpp:dgl − dgl | not yet trained |" in text
+    assert "--epochs 20 --methods e2e,dgl,manpp:dgl,infopro,manpp:infopro --seeds 0" in text

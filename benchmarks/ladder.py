@@ -1,0 +1,200 @@
+"""The budget ladder: does MAN++'s gain over its base method grow with training?
+
+The accuracy benchmark (``accuracy.py``) trains the same pairs at three budgets, each in its own results
+file: 1x is the protocol (2 epochs of 40,064 Fashion-MNIST images, 626 steps of batch 128), 3x is 6
+epochs (1,878 steps) and 10x is 20 epochs (6,260 steps), every other setting the protocol's (ResNet-32,
+K=16, SGD lr 0.1 with cosine decay over the run, every head at ``aux_lr_scale=1``). The pairs: DGL with
+MAN++ on DGL, InfoPro with MAN++ on InfoPro, and E2E.
+
+This script trains nothing: it reads what has been trained and reports, per budget, each method's test
+accuracy, the paired difference MAN++ minus its base seed by seed (the same images and initial backbone),
+each method's gap to E2E, and the CPU hours; a plot of the gain against the budget; and the runs still
+missing, with the command that trains them (``accuracy.py`` continues run by run, and a run stopped
+part-way from its checkpoint). Every figure is measured; a budget with no pair yet says so.
+
+    python benchmarks/ladder.py              # results/accuracy_ladder.json, .md, .png
+    python benchmarks/ladder.py --missing    # and print the commands that train what is missing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+from manpp.base.safeio import write_text
+
+RESULTS = Path(__file__).resolve().parent / "results"
+# (budget over the protocol's, its results name, epochs, seeds planned)
+BUDGETS = ((1, "accuracy_fashion_mnist_protocol", 2, (0, 1, 2)),
+           (3, "accuracy_fashion_mnist_ladder_3x", 6, (0, 1, 2)),
+           (10, "accuracy_fashion_mnist_ladder_10x", 20, (0,)))
+PAIRS = (("manpp:dgl", "dgl"), ("manpp:infopro", "infopro"))
+METHODS = ("e2e", "dgl", "manpp:dgl", "infopro", "manpp:infopro")
+K = 16
+
+
+def _runs(doc: dict) -> dict[str, dict[int, dict]]:
+    """method -> seed -> record, for the ladder's methods at the protocol's settings (fidelity ours, K=16)."""
+    out: dict[str, dict[int, dict]] = {m: {} for m in METHODS}
+    for r in doc.get("runs", []):
+        if r.get("fidelity", "ours") == "ours" and r["method"] in out and r["k"] == (1 if r["method"] == "e2e" else K):
+            out[r["method"]][r["seed"]] = r
+    return out
+
+
+def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
+
+
+def rung(budget: int, name: str, epochs: int, seeds: tuple, results: Path) -> dict:
+    """One budget's accuracies, paired gains, gaps to E2E, CPU hours and missing runs."""
+    path = results / f"{name}.json"
+    doc = json.loads(path.read_text()) if path.exists() else {"runs": []}
+    runs = _runs(doc)
+    accuracy_of = {m: {s: 100 * r["test_accuracy"] for s, r in sorted(by.items())} for m, by in runs.items()}
+    pairs = []
+    for method, base in PAIRS:
+        diffs = {s: accuracy_of[method][s] - accuracy_of[base][s] for s in accuracy_of[method] if s in accuracy_of[base]}
+        mean, sd = _mean_sd(list(diffs.values()))
+        pairs.append({"method": method, "base": base, "diffs": diffs, "mean": mean, "sd": sd})
+    e2e = accuracy_of["e2e"]
+    gaps = {}
+    for m in METHODS[1:]:  # paired with E2E seed by seed
+        d = [accuracy_of[m][s] - e2e[s] for s in accuracy_of[m] if s in e2e]
+        gaps[m] = dict(zip(("mean", "sd"), _mean_sd(d)), seeds=len(d))
+    records = [r for by in runs.values() for r in by.values()]
+    hours = sum(r["wall_s"] * r.get("threads", 1) for r in records if "wall_s" in r) / 3600
+    missing = [(m, s) for s in seeds for m in METHODS if s not in runs[m]]
+    steps = sorted({r["steps"] for r in records if "steps" in r})
+    return {"budget": budget, "name": name, "epochs": epochs, "steps": steps, "seeds_planned": list(seeds),
+            "accuracy": accuracy_of, "pairs": pairs, "gap_to_e2e": gaps, "cpu_hours": hours,
+            "runs": len(records), "missing": [f"{m} seed {s}" for m, s in missing],
+            "commands": _commands(name, epochs, missing)}
+
+
+def _commands(name: str, epochs: int, missing: list[tuple[str, int]]) -> list[str]:
+    by_seed: dict[int, list[str]] = {}
+    for m, s in missing:
+        by_seed.setdefault(s, []).append(m)
+    out = []
+    for s, methods in sorted(by_seed.items()):
+        out.append(f"python benchmarks/accuracy.py --epochs {epochs} --methods {','.join(methods)} --seeds {s} "
+                   f"--jobs 1 --name {name}")
+    return out
+
+
+def _num(x: float | None, signed: bool = True, digits: int = 2) -> str:
+    if x is None:
+        return "–"
+    return f"{x:+.{digits}f}" if signed else f"{x:.{digits}f}"
+
+
+def summarize(rungs: list[dict]) -> str:
+    lines = ["# The budget ladder: MAN++ minus its base method, by training budget", "",
+             "Fashion-MNIST, ResNet-32, K=16, batch 128, SGD lr 0.1 with a 0.1-epoch warm-up and cosine decay over "
+             "the run, every head at aux_lr_scale 1; each budget a multiple of the protocol's 80,128 images (626 "
+             "steps). Test accuracy on the 10,000 test images, in %. Measured on 2 x86-64 cores, one run per core "
+             "at the lowest priority; the paired differences compare the same seed (the same images and initial "
+             "backbone).", "",
+             "| budget | epochs | steps | " + " | ".join(METHODS) + " | CPU hours |",
+             "|---|---:|---:|" + "---:|" * len(METHODS) + "---:|"]
+    for r in rungs:
+        cells = []
+        for m in METHODS:
+            values = list(r["accuracy"][m].values())
+            mean, sd = _mean_sd(values)
+            cells.append("–" if mean is None else f"{mean:.2f}" + (f" ± {sd:.2f}" if sd is not None else "")
+                         + f" ({len(values)})")
+        lines.append(f"| {r['budget']}x | {r['epochs']} | {'/'.join(map(str, r['steps'])) or '–'} | "
+                     + " | ".join(cells) + f" | {r['cpu_hours']:.1f} |")
+    lines += ["", "(n): the seeds trained so far.", "",
+              "**Paired gain of MAN++ over its base** (points; per seed, then mean ± std):", "",
+              "| budget | pair | per seed | mean ± std | seeds where it helps |", "|---|---|---|---:|---:|"]
+    for r in rungs:
+        for p in r["pairs"]:
+            per_seed = ", ".join(f"{s}: {d:+.2f}" for s, d in p["diffs"].items()) or "not yet trained"
+            helps = f"{sum(d > 0 for d in p['diffs'].values())} of {len(p['diffs'])}" if p["diffs"] else "–"
+            lines.append(f"| {r['budget']}x | {p['method']} − {p['base']} | {per_seed} | "
+                         f"{_num(p['mean'])}" + (f" ± {p['sd']:.2f}" if p["sd"] is not None else "") + f" | {helps} |")
+    lines += ["", "**Gap to E2E** (points, paired by seed; mean over the seeds both ran):", "",
+              "| budget | " + " | ".join(METHODS[1:]) + " |", "|---|" + "---:|" * (len(METHODS) - 1)]
+    for r in rungs:
+        lines.append(f"| {r['budget']}x | " + " | ".join(
+            f"{_num(g['mean'])} ({g['seeds']})" if g["mean"] is not None else "–"
+            for g in (r["gap_to_e2e"][m] for m in METHODS[1:])) + " |")
+    missing = [(r, c) for r in rungs for c in r["commands"]]
+    lines += ["", "**Still to train**" + (": nothing." if not missing else f" ({sum(len(r['missing']) for r in rungs)} "
+                                                                        "runs; each command continues run by run):")]
+    for r, c in missing:
+        lines.append(f"- {r['budget']}x: `{c}`")
+    return "\n".join(lines) + "\n"
+
+
+def plot(rungs: list[dict], path: Path) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed (pip install 'manpp[plot]'): no plot", file=sys.stderr)
+        return False
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for m in METHODS:
+        xs, ys, es = [], [], []
+        for r in rungs:
+            mean, sd = _mean_sd(list(r["accuracy"][m].values()))
+            if mean is not None:
+                xs.append(r["budget"]), ys.append(mean), es.append(sd or 0.0)
+        if xs:
+            left.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m)
+    left.set(xscale="log", xlabel="budget (x the protocol's 80k images)", ylabel="test accuracy (%)",
+             title="accuracy by budget (measured)")
+    left.legend(fontsize=8)
+    for i, (method, base) in enumerate(PAIRS):
+        xs, means = [], []
+        for r in rungs:
+            p = next(q for q in r["pairs"] if q["method"] == method)
+            shift = r["budget"] * (1 + 0.06 * (i - 0.5))
+            right.scatter([shift] * len(p["diffs"]), list(p["diffs"].values()), alpha=0.5, s=18, color=f"C{i}")
+            if p["mean"] is not None:
+                xs.append(shift), means.append(p["mean"])
+        right.plot(xs, means, marker="o", color=f"C{i}", label=f"{method} − {base} (mean; dots: seeds)")
+    right.axhline(0, color="grey", linewidth=0.8)
+    right.set(xscale="log", xlabel="budget (x the protocol's 80k images)", ylabel="paired gain (points)",
+              title="MAN++ minus its base (measured)")
+    right.legend(fontsize=8)
+    for ax in (left, right):
+        ax.set_xticks([r["budget"] for r in rungs], [f"{r['budget']}x" for r in rungs])
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default=str(RESULTS), help="the folder of the accuracy results (and of this report)")
+    p.add_argument("--missing", action="store_true", help="print the commands that train the missing runs")
+    args = p.parse_args(argv)
+    results = Path(args.results)
+    rungs = [rung(b, name, epochs, seeds, results) for b, name, epochs, seeds in BUDGETS]
+    text = summarize(rungs)
+    write_text(results / "accuracy_ladder.json", json.dumps({"budgets": rungs, "source": [b[1] for b in BUDGETS]},
+                                                           indent=2))
+    write_text(results / "accuracy_ladder.md", text)
+    plot(rungs, results / "accuracy_ladder.png")
+    print(text)
+    if args.missing:
+        for r in rungs:
+            print("\n".join(r["commands"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
