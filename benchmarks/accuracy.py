@@ -43,6 +43,7 @@ from pathlib import Path
 
 import torch
 
+from devices import cpu_text  # beside this script
 from manpp.config import trainconfig as C
 from manpp.train.loop import train
 from manpp.base.checkpoint import load as load_checkpoint
@@ -228,7 +229,7 @@ def main(argv=None) -> int:
                                                    if f not in old.get("fidelities", [])],
         "methods": old.get("methods", []) + [m for m in methods if m not in old.get("methods", [])],
         "jobs": args.jobs,
-        "machine": f"{platform.machine()}, {multiprocessing.cpu_count()} cores, {platform.processor() or 'cpu'}; "
+        "machine": cpu_text() + "; "
                    f"{args.jobs} run(s) at a time, 1 thread each",
         "python": platform.python_version(), "torch": torch.__version__,
         "date": _dates(old.get("date"), datetime.date.today()),

@@ -26,12 +26,12 @@ import argparse
 import datetime
 import json
 import multiprocessing
-import platform
 import sys
 from pathlib import Path
 
 import torch
 
+from devices import cpu_text  # beside this script
 from manpp.config import trainconfig as C
 from manpp.base.safeio import write_text
 
@@ -110,7 +110,7 @@ def main(argv=None) -> int:
         print(f"{threads} thread(s) done", flush=True)
     doc = {"command": "python benchmarks/cpu_path.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "date": datetime.date.today().isoformat(), "torch": torch.__version__, "steps": args.steps,
-           "machine": f"{platform.machine()}, {multiprocessing.cpu_count()} cores, {platform.processor() or 'cpu'}",
+           "machine": cpu_text(),
            "flop_floor": flop_floor(), "rows": rows}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -177,6 +177,22 @@ def test_the_settings_reach_the_model(recwarn):
     assert any("offload_activations" in str(w.message) and "no memory is saved" in str(w.message) for w in recwarn)
 
 
+def test_bf16_autocast_on_a_cpu_without_native_bf16_says_it_is_slower(monkeypatch):
+    import warnings
+
+    from manpp.train import build
+
+    cfg = C.apply(C.TrainConfig(), {"model": "resnet8", "k": 2, "amp": "bf16"})
+    for native, warned in ((False, True), (True, False), (None, False)):  # None: this torch cannot tell
+        monkeypatch.setattr(build, "cpu_has_native_bf16", lambda native=native: native)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            build.build_model(cfg, build.data_info(cfg))
+        assert any("without native bf16" in str(w.message) and "leave amp unset" in str(w.message)
+                   for w in caught) is warned
+    assert build.cpu_has_native_bf16() in (True, False, None)
+
+
 @pytest.mark.slow  # compiling takes about a minute on 2 CPU cores
 def test_compiled_modules_with_checkpointing_match_compiled_without(batch):
     x, y = batch

@@ -173,11 +173,25 @@ def build_model(cfg: C.TrainConfig, info, device: torch.device | str = "cpu") ->
     if cfg.offload_activations and torch.device(device).type != "cuda":
         warnings.warn(f"offload_activations moves saved activations from a GPU to host memory; on {device} they are "
                       f"already there, so it only copies them (no memory is saved)", stacklevel=2)
+    if cfg.amp == "bf16" and torch.device(device).type == "cpu" and cpu_has_native_bf16() is False:
+        warnings.warn("amp=bf16 on a CPU without native bf16 arithmetic (no AVX512-BF16, no AMX): its bf16 "
+                      "convolutions are emulated and slower than fp32 here (MAN++ K=16 on ResNet-32, batch 128: 7.9 s "
+                      "a step against 3.0 s in fp32, measured on such a CPU); leave amp unset for speed",
+                      stacklevel=2)
     model.checkpointing = cfg.checkpointing
     model = model.to(device, memory_format=memory_format(cfg))
     if not cfg.compile:
         return model
     return model.compile_parts(**({"mode": cfg.compile_mode} if cfg.compile_mode else {}))
+
+
+def cpu_has_native_bf16() -> bool | None:
+    """Whether this CPU computes bf16 natively (AVX512-BF16 or AMX tiles), where bf16 autocast is faster than
+    fp32; None where this torch cannot tell."""
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(probe is None for probe in probes):
+        return None
+    return any(probe() for probe in probes)
 
 
 def check_buildable(cfg: C.TrainConfig) -> None:
