@@ -99,8 +99,9 @@ def summarize(rungs: list[dict]) -> str:
              "Fashion-MNIST, ResNet-32, K=16, batch 128, SGD lr 0.1 with a 0.1-epoch warm-up and cosine decay over "
              "the run, every head at aux_lr_scale 1; each budget a multiple of the protocol's 80,128 images (626 "
              "steps). Test accuracy on the 10,000 test images, in %. Measured on 2 x86-64 cores, one run per core "
-             "at the lowest priority; the paired differences compare the same seed (the same images and initial "
-             "backbone).", "",
+             "at the lowest priority, over several sessions whose machines were not all the same CPU (the CPU "
+             "hours are as measured); the paired differences compare the same seed (the same images and "
+             "initial backbone).", "",
              "| budget | epochs | steps | " + " | ".join(METHODS) + " | CPU hours |",
              "|---|---:|---:|" + "---:|" * len(METHODS) + "---:|"]
     for r in rungs:
