@@ -10,7 +10,7 @@ from pathlib import Path
 from torch.utils.data import Dataset
 
 # each registers its datasets, in the order the names are listed
-from . import (digits, fashion, torchvision_sets, cifar100, imagenet, folder, synthetic, shapes, coco, cityscapes)  # noqa: F401, I001
+from . import digits, fashion, torchvision_sets, cifar100, imagenet, folder, synthetic, shapes, coco, cityscapes  # noqa: F401, I001
 from .info import DATASETS, DatasetInfo, check_data_dir, dataset_info
 
 
