@@ -154,6 +154,10 @@ def plot(rungs: list[dict], path: Path) -> bool:
                 xs.append(r["budget"]), ys.append(mean), es.append(sd or 0.0)
         if xs:
             left.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m)
+            n = [len(r["accuracy"][m]) for r in rungs if r["accuracy"][m]]
+            for x, y, count in zip(xs, ys, n):
+                if count == 1:
+                    left.annotate("1 seed", (x, y), textcoords="offset points", xytext=(6, -10), fontsize=7)
     left.set(xscale="log", xlabel="budget (x the protocol's 80k images)", ylabel="test accuracy (%)",
              title="accuracy by budget (measured)")
     left.legend(fontsize=8)
@@ -165,6 +169,8 @@ def plot(rungs: list[dict], path: Path) -> bool:
             right.scatter([shift] * len(p["diffs"]), list(p["diffs"].values()), alpha=0.5, s=18, color=f"C{i}")
             if p["mean"] is not None:
                 xs.append(shift), means.append(p["mean"])
+                right.annotate(f"n={len(p['diffs'])}", (shift, p["mean"]), textcoords="offset points", xytext=(6, 4),
+                               fontsize=7, color=f"C{i}")
         right.plot(xs, means, marker="o", color=f"C{i}", label=f"{method} − {base} (mean; dots: seeds)")
     right.axhline(0, color="grey", linewidth=0.8)
     right.set(xscale="log", xlabel="budget (x the protocol's 80k images)", ylabel="paired gain (points)",
