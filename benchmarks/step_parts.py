@@ -156,15 +156,16 @@ def measure(args) -> dict:
     e2e_s, manpp_s = statistics.median(e2e_times), statistics.median(manpp_times)
     for name, t in zip(compiled, times[2:]):
         compiled[name].update(seconds=statistics.median(t), times_s=t)
-    e2e_flops = flops_of(lambda: e2e.train_step(x, y))
     ctx = LocalContext(x, y, manpp.denormalize)
     parts: dict[tuple[str, str], dict] = {}
-    for part, sub, call in part_calls(manpp, x, ctx):
-        entry = parts.setdefault((part, sub), {"part": part, "sub": sub, "seconds": 0.0, "flops": 0, "calls": 0})
-        entry["seconds"] += median_time(call, args.repeats)
-        entry["flops"] += flops_of(call)
-        entry["calls"] += 1
-        manpp.zero_grad(set_to_none=True)
+    with e2e.uncompiled(), manpp.uncompiled():  # the parts are the eager step's
+        e2e_flops = flops_of(lambda: e2e.train_step(x, y))
+        for part, sub, call in part_calls(manpp, x, ctx):
+            entry = parts.setdefault((part, sub), {"part": part, "sub": sub, "seconds": 0.0, "flops": 0, "calls": 0})
+            entry["seconds"] += median_time(call, args.repeats)
+            entry["flops"] += flops_of(call)
+            entry["calls"] += 1
+            manpp.zero_grad(set_to_none=True)
     rows = [parts[k] for k in parts]
     whole = [r for r in rows if not r["sub"]]
     manpp_flops = sum(r["flops"] for r in whole)

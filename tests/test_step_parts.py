@@ -61,3 +61,15 @@ def test_a_method_without_momentum_auxiliary_networks_is_refused(threads):
     x = torch.zeros(1, 3, 4, 4)
     with pytest.raises(SystemExit, match="not MAN/MAN"):
         step_parts.part_calls(Plain(), x, LocalContext(x, torch.zeros(1, dtype=torch.long), None))
+
+
+@pytest.mark.slow
+def test_compiled_steps_are_timed_beside_the_eager_ones(tmp_path, threads):
+    assert step_parts.main(["--model", "resnet8", "--k", "2", "--batch-size", "8", "--steps", "1", "--repeats", "1",
+                            "--compile", "--out", str(tmp_path)]) == 0
+    doc = json.loads((tmp_path / "step_parts.json").read_text())
+    for name in ("e2e", "manpp"):
+        c = doc["compiled"][name]
+        assert c["compile_s"] > 0 and len(c["times_s"]) == 1 and c["seconds"] > 0
+    assert doc["rows"][0]["flops"] == doc["e2e"]["flops"]  # the parts are the eager modules' arithmetic
+    assert "**`torch.compile`**" in (tmp_path / "step_parts.md").read_text()
