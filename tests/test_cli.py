@@ -52,6 +52,7 @@ def test_resume_continues_exactly(tmp_path, split_at):
     assert resumed.summary["history"][-1]["test_accuracy"] == full.summary["history"][-1]["test_accuracy"]
 
 
+@pytest.mark.slow  # fp16 convolutions on a CPU: 30 s on some machines
 def test_resume_restores_adamw_and_the_fp16_loss_scale(tmp_path):
     """AdamW moments, the one GradScaler of fp16 and the MAN++ state survive an interruption."""
     kw = dict(model="resnet8", dataset="synthetic", image_size=16, train_subset=48, test_subset=16, batch_size=16,

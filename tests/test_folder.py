@@ -180,7 +180,8 @@ def test_a_torchvision_keyed_export_predicts_as_its_run(tmp_path, capsys):
         load_classifier(tmp_path / "exp" / "backbone.pt", best=True)
 
 
-@pytest.mark.parametrize("model", ["vit_tiny", "timm/deit_tiny_patch16_224", "torchvision/vit_b_16"])
+@pytest.mark.parametrize("model", ["vit_tiny", "timm/deit_tiny_patch16_224",
+                                   pytest.param("torchvision/vit_b_16", marks=pytest.mark.slow)])  # ViT-B: 19 s
 def test_an_exported_vit_loads_with_the_printed_line_at_its_image_size(tmp_path, capsys, model):
     """A ViT trained at 32 px holds a position embedding for 32 px: the printed line builds that model."""
     if model == "torchvision/vit_b_16":

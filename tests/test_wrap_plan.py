@@ -63,6 +63,7 @@ def test_parse_bytes():
             parse_bytes(bad)
 
 
+@pytest.mark.slow  # 11 s: a real plan over every strategy
 def test_plan_estimates_every_strategy_ranks_them_and_says_when_checkpointing_alone_wins(capsys, tmp_path):
     result_file = tmp_path / "accuracy.json"  # an accuracy benchmark's result: E2E and DGL at K=2 (a CIFAR ResNet)
     result_file.write_text(json.dumps({"setup": {"dataset": "fashion-mnist", "model": "resnet32", "steps": 5000},
