@@ -147,15 +147,14 @@ def plot(rungs: list[dict], path: Path) -> bool:
         return False
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     for m in METHODS:
-        xs, ys, es = [], [], []
+        xs, ys, es, seeds = [], [], [], []
         for r in rungs:
             mean, sd = _mean_sd(list(r["accuracy"][m].values()))
             if mean is not None:
-                xs.append(r["budget"]), ys.append(mean), es.append(sd or 0.0)
+                xs.append(r["budget"]), ys.append(mean), es.append(sd or 0.0), seeds.append(len(r["accuracy"][m]))
         if xs:
             left.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m)
-            n = [len(r["accuracy"][m]) for r in rungs if r["accuracy"][m]]
-            for x, y, count in zip(xs, ys, n):
+            for x, y, count in zip(xs, ys, seeds):
                 if count == 1:
                     left.annotate("1 seed", (x, y), textcoords="offset points", xytext=(6, -10), fontsize=7)
     left.set(xscale="log", xlabel="budget (x the protocol's 80k images)", ylabel="test accuracy (%)",

@@ -32,7 +32,6 @@ import json
 import os
 import statistics
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -40,24 +39,20 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from devices import cpu_text  # beside this script
 from manpp.base.safeio import write_text
-from manpp.commands.strategies import Strategy, build_models, data_info, example_inputs, interleaved_times, settle
+from manpp.commands.strategies import (Strategy, build_models, data_info, example_inputs, interleaved_times, settle,
+                                       timed)
 from manpp.config import trainconfig as C
 from manpp.config.resolve import resolve
-from manpp.core.engine import LocalContext
+from manpp.core.engine import LocalContext, primary
 from manpp.core.momentum import MomentumAux
 
 HERE = Path(__file__).resolve().parent
-PARTS = ("backbone", "learnable copy", "EMA copy", "head")
+CPU = torch.device("cpu")
 
 
 def median_time(fn, repeats: int) -> float:
     fn()  # warm-up: allocations, oneDNN's primitive cache
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return statistics.median(timed(CPU, fn) for _ in range(repeats))
 
 
 def flops_of(fn) -> int:
@@ -72,7 +67,7 @@ def _fresh(t: torch.Tensor) -> torch.Tensor:
 
 
 def _backward(out) -> None:
-    out = out if isinstance(out, torch.Tensor) else out[0]
+    out = primary(out)
     if out.dim() == 0:
         out.backward()
     else:
@@ -131,7 +126,7 @@ def measure(args) -> dict:
     strategies = [Strategy("e2e"), Strategy("manpp", args.k)]
     models = build_models(cfg, strategies, info, "cpu")
     e2e, manpp = (models[(s.method, s.k)]["model"] for s in strategies)
-    x, y = example_inputs(cfg, manpp, info, torch.device("cpu"))
+    x, y = example_inputs(cfg, manpp, info, CPU)
     recompute = settle(manpp, strategies[1], x, y, True)
     e2e.train()
     manpp.train()
@@ -140,9 +135,7 @@ def measure(args) -> dict:
         model, compiled = run
         model.zero_grad(set_to_none=True)
         with contextlib.nullcontext() if compiled else model.uncompiled():
-            start = time.perf_counter()
-            model.train_step(x, y)
-            return time.perf_counter() - start
+            return timed(CPU, lambda: model.train_step(x, y))
 
     runs = [(e2e, False), (manpp, False)]
     compiled = {}
