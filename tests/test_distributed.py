@@ -2,7 +2,6 @@
 
 import copy
 import os
-import socket
 import subprocess
 import sys
 
@@ -17,6 +16,7 @@ from manpp.train.build import EpochBatches, build_model, load_data, seed_everyth
 from manpp.core.optim import build_optimizer, lr_at, parameter_groups, set_lr
 from manpp.config.resolve import resolve
 from manpp.train.loop import train
+from torchrun_launch import clean_env, free_port, launch
 
 
 def test_shards_of_a_step_are_the_single_process_batch():
@@ -62,12 +62,6 @@ def test_bad_backend_and_optimizer_are_clear_errors(tmp_path):
         check_options(C.TrainConfig(optimizer="adamw", adamw_betas=[0.9]))
     with pytest.raises(ManppError, match="unknown amp 'fp8'"):
         check_options(C.TrainConfig(amp="fp8"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 CFG = dict(model="resnet8", dataset="synthetic", method="manpp", batch_size=8, epochs=1,
@@ -141,12 +135,7 @@ def test_two_gloo_processes_equal_single_process_training(tmp_path, optimizer, o
                     checkpointing=checkpointing, **extra)
     settings = {key: value for key, value in settings.items() if value is not None}
     cli = [f"{key}={value}" for key, value in settings.items()]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "manpp", "train", "--quiet", "--out", str(out), *cli]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = launch(2, ["-m", "manpp", "train", "--quiet", "--out", str(out), *cli], out, clean_env(), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     ckpt = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=False)
     assert ckpt["world_size"] == 2 and ckpt["step"] == 3 and len(ckpt["rng_ranks"]) == 2
@@ -212,7 +201,7 @@ os._exit(0)
 def test_a_hung_process_makes_the_others_fail_after_dist_timeout():
     """Rank 1 stays alive but never reaches the all-reduce: rank 0 fails after dist_timeout seconds
     (torch's default would be 30 minutes)."""
-    port = str(_free_port())
+    port = str(free_port())
     procs = []
     for rank in (0, 1):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
@@ -270,3 +259,37 @@ def test_a_module_s_gradients_are_final_when_after_module_runs(batch):
         assert all(torch.equal(a, b) for a, b in zip(snapshots[j], final))
     reducer = D.OverlappedReducer(groups, model.parameters_to_optimize())
     assert reducer.rest == []
+
+
+ABORTS_ONCE = """
+import os, sys
+from pathlib import Path
+out, mode = Path(sys.argv[1]), sys.argv[2]
+seen = out.with_name(out.name + ".seen")  # outlives the folder that the retry moves aside
+first = not seen.exists()
+seen.touch()
+out.mkdir()
+if mode == "abort" and first:
+    print("terminate called without an active exception", file=sys.stderr, flush=True)
+    os.abort()
+if mode == "error":
+    sys.exit("a Python error")
+"""
+
+
+@pytest.mark.slow
+def test_launch_runs_again_only_after_gloos_abort(tmp_path):
+    """The test helper's one retry (tests/torchrun_launch.py): a launch whose process aborts in C++ runs
+    again with the first folder kept aside and a warning; any other failure is returned as it is."""
+    program = tmp_path / "program.py"
+    program.write_text(ABORTS_ONCE)
+    out = tmp_path / "run"
+    with pytest.warns(UserWarning, match="aborted in C\\+\\+.*no summary"):
+        proc = launch(1, [str(program), str(out), "abort"], out, clean_env(), timeout=120)
+    assert proc.returncode == 0 and out.is_dir() and (tmp_path / "run-aborted").is_dir()
+    failed = tmp_path / "failed"
+    proc = launch(1, [str(program), str(failed), "error"], failed, clean_env(), timeout=120)
+    assert proc.returncode != 0 and not (tmp_path / "failed-aborted").exists()
+    aborted = tmp_path / "kept"
+    proc = launch(1, [str(program), str(aborted), "abort"], aborted, clean_env(), timeout=120, retry_abort=False)
+    assert proc.returncode != 0 and not (tmp_path / "kept-aborted").exists()

@@ -2,8 +2,6 @@
 
 import csv
 import json
-import os
-import socket
 import subprocess
 import sys
 import time
@@ -16,32 +14,22 @@ from manpp.config import trainconfig as C
 from manpp.base.errors import ManppError
 from manpp.train.pipeline import stage_modules
 from manpp.train.build import check_options
+from torchrun_launch import clean_env, launch
 
 RUN = ["model=resnet8", "dataset=synthetic", "method=manpp", "objective=dgl", "k=3", "batch_size=8", "epochs=1",
        "max_steps=4", "device=cpu", "seed=5", "lr=0.05", "warmup_epochs=0", "copy_init=random", "eval_batch_size=64"]
 
 
-def _env():
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)
-    return env
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(out, *extra, stages=None, timeout=240, fault=None, env=None):
-    """``manpp train`` alone or on ``stages`` torchrun processes; ``fault`` (tests/fault_runner.py) injected."""
+    """``manpp train`` alone or on ``stages`` torchrun processes; ``fault`` (tests/fault_runner.py) injected.
+    A fresh torchrun launch that gloo aborts in C++ runs once more (tests/torchrun_launch.py); a resume or
+    a fault does not."""
     program = ["-m", "manpp"] if fault is None else [str(Path(__file__).with_name("fault_runner.py")), fault, "--"]
-    launcher = [sys.executable, *program] if stages is None else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(stages), "--master_addr", "127.0.0.1",
-        "--master_port", str(_port()), *program]
-    cmd = [*launcher, "train", "--quiet", "--out", str(out), *RUN, *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, env={**_env(), **(env or {})}, timeout=timeout)
+    program = [*program, "train", "--quiet", "--out", str(out), *RUN, *extra]
+    env = clean_env(**(env or {}))
+    if stages is None:
+        return subprocess.run([sys.executable, *program], capture_output=True, text=True, env=env, timeout=timeout)
+    return launch(stages, program, out, env, timeout, retry_abort=fault is None and "--resume" not in extra)
 
 
 def _model(out):

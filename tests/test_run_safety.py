@@ -21,6 +21,7 @@ import torch
 
 from manpp.commands.cli import main
 from manpp.base.errors import ManppError
+from torchrun_launch import clean_env, launch
 
 RUNNER = Path(__file__).with_name("fault_runner.py")
 # resnet8 on 64 generated images: 4 steps per epoch, 2 epochs
@@ -257,22 +258,11 @@ def test_a_run_killed_before_its_first_checkpoint_can_be_resumed_or_replaced(fin
 
 def test_torchrun_ranks_stop_together_when_one_gets_the_signal(tmp_path):
     out = tmp_path / "R"
-    port = _free_port()
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(port), str(RUNNER), "SIGTERM@step:3", "--", "train", *RUN, "--out", str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "FAULT_RANK": "1"}  # only rank 1 is signalled
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=240)
+    program = [str(RUNNER), "SIGTERM@step:3", "--", "train", *RUN, "--out", str(out)]
+    proc = launch(2, program, out, clean_env(FAULT_RANK="1"), timeout=240, retry_abort=False)  # rank 1 signalled
     assert proc.returncode != 0  # torchrun reports its workers' exit 143
     assert summary(out)["status"] == "stopped" and summary(out)["signal"] == signal.SIGTERM
     assert ckpt(out)["step"] == 3 and len(ckpt(out)["rng_ranks"]) == 2  # both ranks, after the same step
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # --- 4. a run's files agree with each other --------------------------------------------------
