@@ -39,6 +39,7 @@ def test_a_library_model_trains_and_exports_its_own_keys(tmp_path, capsys, name,
     assert "gray_to_rgb: true" in (out / "config.yaml").read_text()
 
 
+@pytest.mark.slow  # 9 s: the fast tier trains and exports a library model above
 def test_every_command_takes_a_library_model(tmp_path, capsys):
     common = ["--dataset", "synthetic", "--batch-size", "4", "--device", "cpu"]
     assert main(["describe", "--model", "timm/resnet10t", "--k", "3", *common]) == 0

@@ -70,7 +70,9 @@ def test_two_stage_pipeline_equals_sequential_local_training(tmp_path):
     assert stop.returncode != 0 and "SIGTERM received" in stop.stderr
     saved = torch.load(cut / "checkpoint.pt", map_location="cpu", weights_only=True)
     assert saved["step"] == 2 and len(saved["optimizers"]) == 2 and saved["partial"]["batches"] == 2
-    assert json.loads((cut / "summary.json").read_text())["status"] == "stopped"
+    assert len(saved["rng_ranks"]) == 2
+    summary = json.loads((cut / "summary.json").read_text())
+    assert summary["status"] == "stopped" and summary["signal"] == 15
     again = _run(cut, "parallel=modules", "--resume", str(cut), stages=2)
     assert again.returncode == 0, again.stderr[-2000:]
     d = _model(cut)
@@ -104,18 +106,6 @@ def test_a_checkpointed_pipeline_equals_checkpointed_sequential_training(tmp_pat
     a, b = _model(tmp_path / "plain1"), _model(tmp_path / "ckpt1")
     for key in a:
         assert torch.allclose(a[key].float(), b[key].float(), atol=1e-6), key
-
-
-def test_a_signal_to_rank_0_stops_every_stage_after_the_same_step(tmp_path):
-    """SIGTERM to rank 0 at step 2 travels down the pipeline: both stages stop after step 2 and one
-    checkpoint holds both optimizers (the slow tier also resumes it and compares with a run never stopped)."""
-    cut = tmp_path / "cut"
-    stop = _run(cut, "parallel=modules", stages=2, fault="SIGTERM@step:2", env={"FAULT_RANK": "0"})
-    assert stop.returncode != 0 and "SIGTERM received" in stop.stderr
-    saved = torch.load(cut / "checkpoint.pt", map_location="cpu", weights_only=True)
-    assert saved["step"] == 2 and len(saved["optimizers"]) == 2 and len(saved["rng_ranks"]) == 2
-    summary = json.loads((cut / "summary.json").read_text())
-    assert summary["status"] == "stopped" and summary["signal"] == 15
 
 
 @pytest.mark.slow
