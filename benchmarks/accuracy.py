@@ -259,6 +259,8 @@ def main(argv=None) -> int:
             report(doc, out, args.name, quiet=True)  # the table and plot as each run lands
             print(f"== {record['fidelity']} {record['method']} K={record['k']} seed {record['seed']}: test accuracy "
                   f"{record['test_accuracy']:.2%} ({record['epoch_time_s']:.0f} s/epoch)", flush=True)
+        pool.close()  # let the workers exit on their own: leaving the block terminates them, which can leak a
+        pool.join()   # semaphore (a resource_tracker warning at shutdown)
     doc = _add_record(json_path, doc)
     return report(doc, out, args.name)
 

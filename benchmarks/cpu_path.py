@@ -107,6 +107,8 @@ def main(argv=None) -> int:
     for threads in [int(t) for t in args.threads.split(",")]:
         with ctx.Pool(1) as pool:  # a fresh process per thread count: the thread pool is set before any work
             rows += pool.apply(run_threads, ((threads, args.steps, variants),))
+            pool.close()  # the worker exits on its own rather than being terminated
+            pool.join()
         print(f"{threads} thread(s) done", flush=True)
     doc = {"command": "python benchmarks/cpu_path.py " + " ".join(argv if argv is not None else sys.argv[1:]),
            "date": datetime.date.today().isoformat(), "torch": torch.__version__, "steps": args.steps,
