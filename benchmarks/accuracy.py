@@ -11,8 +11,8 @@ SGD lr 0.1 with a 0.1-epoch warm-up and cosine decay. Each run's final model is 
 for every MAN/MAN++ run the paired difference to its base method seed by seed (the same images, the
 same initial backbone), which is what says whether the momentum auxiliary network helps. Every run's
 auxiliary networks train at the backbone's lr (``aux_lr_scale=1``, as the protocol was collected):
-MAN++'s default on InfoPro of 2, adopted from this protocol's ablations, is the row
-``manpp:infopro@aux_lr_scale=2``.
+the default of 2 for InfoPro's heads under every local method, adopted from this protocol's
+ablations, is the rows ``infopro@aux_lr_scale=2`` and ``manpp:infopro@aux_lr_scale=2``.
 
 A method is ``NAME[:OBJECTIVE][@KEY=VALUE+KEY=VALUE]``: ``manpp:infopro@ema_momentum=0.99`` is a
 variant for ablations (``--variant-ks`` sets its K). One JSON record per run goes to ``--name``.json
@@ -240,8 +240,8 @@ def main(argv=None) -> int:
         "train_subset": args.train_subset or None, "test_subset": args.monitor_subset or None,
         "subset_order": args.subset_order,
         "eval_batch_size": 1000, "channels_last": True,
-        # every method at the auxiliary lr the protocol was collected with: MAN++'s default on InfoPro of 2
-        # (adopted from this protocol's ablations) is its row manpp:infopro@aux_lr_scale=2
+        # every method at the auxiliary lr the protocol was collected with: the default of 2 for InfoPro's
+        # heads (adopted from this protocol's ablations) is the rows <method>@aux_lr_scale=2
         "aux_lr_scale": 1.0,
     })
     base = C.apply(base, C.parse_overrides(args.set))

@@ -84,7 +84,7 @@ def accuracy_cost(doc: dict | None, method: str, objective: str | None, default_
                   k: int, aux_lr_scale: float = 1.0, family: str | None = None) -> dict | None:
     """E2E's mean accuracy minus the method's (points), at ``k``, over the seeds both were measured on;
     ``None`` when the result holds no run of the method (or of E2E) at that K and ``aux_lr_scale`` (the run's
-    resolved one: MAN++'s default on InfoPro is 2), or (``family`` given: the plan's backbone family) when it
+    resolved one: 2 by default on InfoPro's heads), or (``family`` given: the plan's backbone family) when it
     was measured on a backbone of another family: a cost carries only to the networks it was measured on."""
     if doc is None or method == "e2e":
         return None

@@ -15,7 +15,7 @@ in, so a resolved config (the one written next to the results) names each choice
 | ``drop_last`` | true | false (the last partial batch is trained) |
 | ``lr_update`` | ``step`` | ``epoch`` (the release's per-epoch warm-up blend and cosine) |
 | ``allow_zero_loss`` | false | true (the release's weights can leave a module without loss) |
-| ``aux_lr_scale`` | the method's for its objective (MAN++ on InfoPro 2, the others 1; :mod:`manpp.config.resolve`) | 1 (the auxiliary networks at the backbone's lr) |
+| ``aux_lr_scale`` | the method's for its objective (InfoPro's heads 2 under every local method, the others 1; :mod:`manpp.config.resolve`) | 1 (the auxiliary networks at the backbone's lr) |
 | ``objective_settings`` | the objective's defaults | plus the objective's release settings (InfoPro: the stem module's 1c2f SupCon head, ``ixy_2=0``) |
 """
 

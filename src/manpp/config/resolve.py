@@ -12,8 +12,8 @@ facts back into the config. ``config.yaml`` records exactly the resolved config.
 - the objective (the method's own, the one asked for, or the backbone family's default) and its
   full settings (``objective_settings``: defaults, the release's where ``fidelity=release``, then the
   run's own);
-- ``aux_lr_scale``: the method's own for its objective under ``fidelity=ours`` (2 for MAN++ on InfoPro's
-  heads, 1 for every other pairing), 1 under ``fidelity=release``.
+- ``aux_lr_scale``: the method's own for its objective under ``fidelity=ours`` (2 for InfoPro's
+  heads under InfoPro, MAN and MAN++; 1 for DGL's and PredSim's), 1 under ``fidelity=release``.
 
 What is known of a backbone before it is built (its family, units, default K, paper presets) comes
 from its registration by name (:mod:`manpp.models.registry`, :data:`manpp.core.partition.PAPER_PRESETS`);

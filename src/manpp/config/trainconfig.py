@@ -113,8 +113,8 @@ class TrainConfig(LocalSettings):
     lr_milestones: Any = setting((2 / 3, 8 / 9), help="'step' schedule (the detection recipe: 60k and 80k of 90k "
                                  "iterations)")
     aux_lr_scale: float | None = setting(None, rule=AUX_LR_SCALE_RULE, help="the auxiliary networks' lr over the "
-                                         "backbone's (default under fidelity=ours: 2 for manpp on infopro's heads, "
-                                         "1 for every other pairing; 1 under fidelity=release)")
+                                         "backbone's (default under fidelity=ours: 2 for infopro's heads under every "
+                                         "local method, 1 for dgl's and predsim's; 1 under fidelity=release)")
     aux_warmup_epochs: float = setting(0.0, rule=AUX_WARMUP_RULE, help="epochs at the start in which only the "
                                        "auxiliary networks train (the backbone's lr is 0); local methods only")
     step_in_backward: bool = setting(False, help="the optimizer steps inside the backward passes: each module's "
