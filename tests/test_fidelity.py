@@ -246,6 +246,41 @@ def test_scale_init_and_aux_lr_scale():
         build_optimizer(C.apply(cfg, {"aux_lr_scale": 0}), parameter_groups(model, cfg))
 
 
+def test_scale_lr_scale_trains_the_scales_at_their_own_lr():
+    """scale_lr_scale puts MAN++'s scales in a group of their own at aux_lr_scale * scale_lr_scale: at 0
+    they hold at scale_init while everything else trains; at 1 (the default) they move; a method without
+    learnable scales refuses it, as does a bad value."""
+    from manpp.core.optim import parameter_groups
+
+    def trained(scale_lr_scale: float):
+        torch.manual_seed(0)
+        model = manpp.local_model(cifar_net(20), method="manpp", k=3, objective="dgl", scale_lr_scale=scale_lr_scale)
+        optimizer = torch.optim.SGD(parameter_groups(model, lr=0.5), lr=0.5, momentum=0.9)
+        copies = [a.lb for a in model.aux]
+        before = [p.detach().clone() for c in copies for p in c.parameters()]
+        for _ in range(3):
+            optimizer.zero_grad(set_to_none=True)
+            model.train_step(torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,)))
+            optimizer.step()
+        moved = any(not torch.equal(b, p) for b, p in zip(before, (p for c in copies for p in c.parameters())))
+        return model, optimizer, [float(a.scale.detach()) for a in model.aux], moved
+
+    model, optimizer, held, moved = trained(0.0)
+    assert model.scale_lr_scale == 0.0 and held == [1.0, 1.0] and moved
+    scales = {id(a.scale) for a in model.aux}
+    assert [(g["lr"], {id(p) for p in g["params"]} == scales) for g in optimizer.param_groups] == [
+        (0.5, False), (0.5, False), (0.0, True)]
+    _, _, free, _ = trained(1.0)
+    assert all(s != 1.0 for s in free)
+    slow = manpp.local_model(cifar_net(20), method="manpp", k=3, scale_lr_scale=0.1)  # InfoPro's heads: aux at 2
+    assert sorted(g["lr"] for g in parameter_groups(slow, lr=0.1)) == pytest.approx([0.02, 0.1, 0.2])
+    with pytest.raises(ManppError, match="scale_lr_scale=0.5 sets the lr of MAN\\+\\+'s learnable scales, and method "
+                                         "'man' has none"):
+        manpp.local_model(cifar_net(20), method="man", k=3, scale_lr_scale=0.5)
+    with pytest.raises(ManppError, match="bad scale_lr_scale -1"):
+        manpp.local_model(cifar_net(20), method="manpp", k=3, scale_lr_scale=-1)
+
+
 def test_aux_lr_scale_defaults_to_the_heads_own():
     """InfoPro's heads train at twice the backbone's lr under fidelity=ours, whichever local method trains
     them (InfoPro, MAN, MAN++: a method and its MAN++ variant compare at the same head settings); DGL's and
@@ -266,14 +301,18 @@ def test_aux_lr_scale_defaults_to_the_heads_own():
     assert resolve(resolved) == resolved
 
 
-@pytest.mark.parametrize("method,objective", [("manpp", "infopro"), ("manpp", "dgl"), ("man", "infopro"),
-                                              ("infopro", None), ("dgl", None), ("e2e", None)])
-def test_python_and_the_command_line_build_the_same_optimizer_groups(method, objective):
-    """local_model and wrap resolve aux_lr_scale as manpp train does: the same groups, the same lr per group."""
+@pytest.mark.parametrize("method,objective,scale_lr", [("manpp", "infopro", 1.0), ("manpp", "dgl", 1.0),
+                                                       ("man", "infopro", 1.0), ("infopro", None, 1.0),
+                                                       ("dgl", None, 1.0), ("e2e", None, 1.0),
+                                                       ("manpp", "infopro", 0.25), ("manpp", "dgl", 0.25)])
+def test_python_and_the_command_line_build_the_same_optimizer_groups(method, objective, scale_lr):
+    """local_model and wrap resolve aux_lr_scale (and take scale_lr_scale) as manpp train does: the same
+    groups, the same lr per group."""
     from manpp.core.optim import build_optimizer, parameter_groups, set_lr
 
     values = {"model": "resnet8", "dataset": "digits", "method": method, "lr": 0.1,
-              **({"k": 2} if method != "e2e" else {}), **({"objective": objective} if objective else {})}
+              **({"k": 2} if method != "e2e" else {}), **({"objective": objective} if objective else {}),
+              **({"scale_lr_scale": scale_lr} if scale_lr != 1 else {})}
     cfg = resolve(C.apply(C.TrainConfig(), values))
     info = load_data(cfg)[2]
     cli_model = build_model(cfg, info)
@@ -281,7 +320,8 @@ def test_python_and_the_command_line_build_the_same_optimizer_groups(method, obj
     set_lr(cli, cfg.lr)  # what manpp train does before each step (here at the peak lr)
     net = build_backbone("resnet8", num_classes=info.num_classes, in_channels=info.in_channels)
     py_model = manpp.local_model(net, method=method, **({"k": 2} if method != "e2e" else {}),
-                                 **({"objective": objective} if objective else {}))
+                                 **({"objective": objective} if objective else {}),
+                                 **({"scale_lr_scale": scale_lr} if scale_lr != 1 else {}))
     py = torch.optim.SGD(manpp.parameter_groups(py_model, lr=0.1), lr=0.1, momentum=0.9)
     assert py_model.aux_lr_scale == cli_model.aux_lr_scale == cfg.aux_lr_scale
 
@@ -290,8 +330,12 @@ def test_python_and_the_command_line_build_the_same_optimizer_groups(method, obj
         return sorted((g["lr"], sorted(names[id(p)] for p in g["params"])) for g in optimizer.param_groups)
 
     assert groups(cli_model, cli) == groups(py_model, py)
-    expected = 2 if method != "e2e" and objective in (None, "infopro") and method != "dgl" else 1  # InfoPro's heads
-    assert len(py.param_groups) == expected and max(g["lr"] for g in py.param_groups) == pytest.approx(0.1 * expected)
+    heads = 2 if method != "e2e" and objective in (None, "infopro") and method != "dgl" else 1  # InfoPro's heads
+    lrs = sorted(g["lr"] for g in py.param_groups)
+    if scale_lr == 1:
+        assert lrs == pytest.approx([0.1] if heads == 1 else [0.1, 0.2])
+    else:  # the scales apart, at the heads' lr times scale_lr
+        assert lrs == pytest.approx(sorted([0.1, 0.1 * heads, 0.1 * heads * scale_lr]))
 
 
 def test_wrap_resolves_the_aux_lr_scale_as_the_command_line_does():

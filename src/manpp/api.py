@@ -22,7 +22,8 @@ def local_model(backbone: nn.Module, *, method: str = _DEFAULT.method, k: int | 
                 objective: str | None = _DEFAULT.objective, split=_DEFAULT.split, in_channels: int | None = None,
                 image_size: int | None = None, num_classes: int | None = None,
                 ema_momentum: float = _DEFAULT.ema_momentum, copy_init: str | None = _DEFAULT.copy_init,
-                scale_init: float = _DEFAULT.scale_init, recompute_ema: bool | str = _DEFAULT.recompute_ema,
+                scale_init: float = _DEFAULT.scale_init, scale_lr_scale: float = _DEFAULT.scale_lr_scale,
+                recompute_ema: bool | str = _DEFAULT.recompute_ema,
                 objective_settings: dict[str, Any] | None = None, allow_zero_loss: bool | None = _DEFAULT.allow_zero_loss,
                 denormalize: Callable | None = None, task=None, aux_lr_scale: float | None = None,
                 **settings) -> LocalModel:
@@ -40,7 +41,8 @@ def local_model(backbone: nn.Module, *, method: str = _DEFAULT.method, k: int | 
     Settings that leave a module without any local loss are refused unless ``allow_zero_loss=True``.
     ``aux_lr_scale``: the auxiliary networks' lr over the backbone's (default: the method's own on its
     objective, as ``manpp train`` resolves it), recorded as ``model.aux_lr_scale``; build the optimizer
-    from ``manpp.parameter_groups(model, lr=...)`` to apply it. ``heads=`` and ``image_channels=`` are the
+    from ``manpp.parameter_groups(model, lr=...)`` to apply it. ``scale_lr_scale`` (MAN++): its scales' lr over the
+    auxiliary networks', recorded as ``model.scale_lr_scale`` and applied the same way. ``heads=`` and ``image_channels=`` are the
     names of earlier versions, still taken.
     """
     in_channels = in_channels if in_channels is not None else settings.pop("image_channels", None)
@@ -50,6 +52,7 @@ def local_model(backbone: nn.Module, *, method: str = _DEFAULT.method, k: int | 
     _check_keywords("local_model", settings)
     local = LocalSettings(method=method, k=k, split=split, objective=objective, ema_momentum=ema_momentum,
                           copy_init=copy_init, recompute_ema=recompute_ema, scale_init=scale_init,
+                          scale_lr_scale=scale_lr_scale,
                           objective_settings={**given, **settings}, allow_zero_loss=allow_zero_loss)
     local, aux_lr_scale = resolve_local(local, lambda: facts_of(backbone), release=False, aux_lr_scale=aux_lr_scale)
     return build_local_model(
@@ -72,7 +75,7 @@ def check_sizes(caller: str, **values) -> None:
 
 
 KEYWORDS = ("method", "k", "objective", "split", "in_channels", "image_size", "num_classes", "ema_momentum",
-            "copy_init", "scale_init", "recompute_ema", "objective_settings", "allow_zero_loss", "denormalize", "task",
+            "copy_init", "scale_init", "scale_lr_scale", "recompute_ema", "objective_settings", "allow_zero_loss", "denormalize", "task",
             "aux_lr_scale")
 
 

@@ -21,7 +21,7 @@ GROUPS = {
                        "download", "train_subset", "test_subset", "subset_order", "gray_to_rgb", "augment",
                        "normalize", "drop_last", "eval_batch_size", "workers", "anchor_base"),
     "method": ("method", "k", "split", "objective", "objective_settings", "fidelity", "ema_momentum", "copy_init",
-               "scale_init", "recompute_ema", "allow_zero_loss"),
+               "scale_init", "scale_lr_scale", "recompute_ema", "allow_zero_loss"),
     "optimisation": ("epochs", "batch_size", "lr", "optimizer", "max_steps", "seed", "sgd_momentum", "nesterov",
                      "weight_decay", "adamw_betas", "warmup_epochs", "warmup_lr", "lr_schedule", "lr_milestones",
                      "lr_update", "aux_lr_scale", "aux_warmup_epochs", "grad_clip"),

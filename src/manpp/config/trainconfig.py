@@ -194,7 +194,8 @@ SESSION_FIELDS = ("out", "max_steps")
 
 # fields that define the model and its training: a checkpoint must agree on them to be resumed
 IDENTITY_FIELDS = ("model", "dataset", "method", "objective", "k", "split", "objective_settings", "copy_init",
-                   "batch_size", "fidelity", "gray_to_rgb", "normalize", "aux_lr_scale", "aux_warmup_epochs")
+                   "batch_size", "fidelity", "gray_to_rgb", "normalize", "aux_lr_scale", "aux_warmup_epochs",
+                   "scale_lr_scale")
 SETTINGS = "objective_settings"
 SETTINGS_ALIASES = ("objective_settings", "heads")  # the field, and its name in earlier versions
 
@@ -305,8 +306,8 @@ def from_dict(data: dict[str, Any], source: str = "config") -> TrainConfig:
 
 
 # the values runs trained with before these fields were written to their config (aux_lr_scale: its
-# default was 1 for every method until MAN++'s on InfoPro became 2)
-PREDATED = {"aux_lr_scale": 1.0}
+# default was 1 for every method until MAN++'s on InfoPro became 2; scale_lr_scale: 1 before it existed)
+PREDATED = {"aux_lr_scale": 1.0, "scale_lr_scale": 1.0}
 
 
 def saved_config(data: dict[str, Any], source: str = "config") -> TrainConfig:

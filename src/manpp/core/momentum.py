@@ -187,13 +187,16 @@ class MomentumAux(nn.Module):
 # the rules of the MAN/MAN++ settings, declared once: the config's fields and local_model's checks read them
 EMA_MOMENTUM_RULE = Number(low=0, high=1, meaning="the EMA copies' momentum m in p_ema <- m p_ema + (1 - m) p_U")
 SCALE_INIT_RULE = Number(low=0, high=2, meaning="MAN++'s scale s at the start, in s LB + (2 - s) EMA")
+SCALE_LR_SCALE_RULE = Number(low=0, meaning="MAN++'s scales' lr over the auxiliary networks' (0 holds s at scale_init)")
 INIT_RULE = OneOf(INITS, meaning="how the copies start: the unit's weights, or re-drawn as the release does")
 RECOMPUTE_RULE = OneOf(RECOMPUTE_CHOICES, meaning="recompute the EMA branch in backward")
 
 
-def check_settings(momentum: float, init: str, recompute_ema, scale_init: float = 1.0) -> None:
+def check_settings(momentum: float, init: str, recompute_ema, scale_init: float = 1.0,
+                   scale_lr_scale: float = 1.0) -> None:
     """One clear error for a bad MAN/MAN++ setting."""
     check_rule("scale_init", SCALE_INIT_RULE, scale_init)
+    check_rule("scale_lr_scale", SCALE_LR_SCALE_RULE, scale_lr_scale)
     check_rule("ema_momentum", EMA_MOMENTUM_RULE, momentum)
     check_rule("copy_init", INIT_RULE, init)
     check_rule("recompute_ema", RECOMPUTE_RULE, recompute_ema)

@@ -4,7 +4,8 @@ which reads its choice lists from here), and the choices they take.
 ``optimizer``: SGD (Nesterov momentum, the CIFAR/ImageNet-ResNet recipe) or AdamW (the ViT
 recipe); ``lr_schedule``: cosine, or ``step`` (x0.1 at milestones, the detection recipe);
 ``lr_update``: every ``step`` (ours) or once per ``epoch`` (the authors' release). The auxiliary
-networks may have their own lr scale (``aux_lr_scale``), and may train alone first
+networks may have their own lr scale (``aux_lr_scale``), MAN++'s scales one more (``scale_lr_scale``, over
+the auxiliary networks'), and the auxiliary networks may train alone first
 (``aux_warmup_epochs``: the backbone's lr is 0 meanwhile, so the heads learn to read the initial
 features before the backbone follows their gradients).
 """
@@ -18,6 +19,7 @@ import torch
 from ..base.errors import ManppError, choices
 from ..base.settings import Number, check_rule
 from .engine import LocalModel
+from .momentum import SCALE_LR_SCALE_RULE, MomentumAux
 
 OPTIMIZERS = ("sgd", "adamw")
 LR_SCHEDULES = ("cosine", "step")
@@ -51,7 +53,9 @@ def adamw_betas(cfg) -> tuple[float, float]:
 def parameter_groups(model: LocalModel, cfg=None, params=None, *, lr: float | None = None) -> list[dict]:
     """The optimizer's groups: one, or with an ``aux_lr_scale`` other than 1 or an ``aux_warmup_epochs`` the
     auxiliary networks (their learnable copies, scales and heads) apart, with ``lr_scale`` =
-    ``aux_lr_scale``; the backbone's group is marked ``backbone`` (both read by :func:`set_lr`).
+    ``aux_lr_scale``; the backbone's group is marked ``backbone`` (both read by :func:`set_lr`). With a
+    ``scale_lr_scale`` other than 1, MAN++'s learnable scales are a group of their own, at ``lr_scale`` =
+    ``aux_lr_scale * scale_lr_scale``.
 
     ``aux_lr_scale`` is ``cfg``'s (a resolved run config), else the model's own (``model.aux_lr_scale``,
     resolved by the same rule when the model was built: ``local_model`` and ``wrap`` train as ``manpp
@@ -70,11 +74,20 @@ def parameter_groups(model: LocalModel, cfg=None, params=None, *, lr: float | No
         raise ManppError("parameter_groups needs the auxiliary networks' lr scale: a resolved config "
                          "(manpp.config.resolve.resolve) or a model built by manpp (model.aux_lr_scale)")
     scale = float(scale)
-    if scale == 1 and not warmup:
+    scale_lr = float(getattr(cfg, "scale_lr_scale", getattr(model, "scale_lr_scale", 1.0)))
+    scales = {id(m.scale) for m in model.aux.modules()
+              if isinstance(m, MomentumAux) and isinstance(m.scale, torch.nn.Parameter)} if scale_lr != 1 else set()
+    if scale_lr != 1 and not scales:
+        raise ManppError(f"scale_lr_scale={scale_lr:g} sets the lr of MAN++'s learnable scales, and this model has "
+                         f"none (method '{getattr(model, 'method', '?')}'): leave scale_lr_scale at 1")
+    if scale == 1 and not warmup and not scales:
         groups = [{"params": params, "lr_scale": 1.0, "backbone": False}]
     else:
         groups = [{"params": [p for p in params if id(p) not in aux], "lr_scale": 1.0, "backbone": True},
-                  {"params": [p for p in params if id(p) in aux], "lr_scale": scale, "backbone": False}]
+                  {"params": [p for p in params if id(p) in aux and id(p) not in scales], "lr_scale": scale,
+                   "backbone": False},
+                  {"params": [p for p in params if id(p) in scales], "lr_scale": scale * scale_lr,
+                   "backbone": False}]
     groups = [g for g in groups if g["params"]]
     if lr is not None:
         for g in groups:
@@ -101,7 +114,7 @@ def build_optimizer(cfg, params) -> torch.optim.Optimizer:
     if cfg.optimizer not in OPTIMIZERS:
         raise ManppError(f"unknown optimizer {cfg.optimizer!r}: accepted are {choices(OPTIMIZERS)}")
     for name, rule in (("lr", LR_RULE), ("sgd_momentum", SGD_MOMENTUM_RULE), ("weight_decay", WEIGHT_DECAY_RULE),
-                       ("aux_lr_scale", AUX_LR_SCALE_RULE),
+                       ("aux_lr_scale", AUX_LR_SCALE_RULE), ("scale_lr_scale", SCALE_LR_SCALE_RULE),
                        ("aux_warmup_epochs", AUX_WARMUP_RULE)):
         check_rule(name, rule, getattr(cfg, name, 0))
     if cfg.optimizer == "adamw":

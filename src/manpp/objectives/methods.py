@@ -16,10 +16,10 @@ from torch import nn
 
 from ..base.errors import ManppError
 from ..base.registry import METHODS, OBJECTIVES, Method, register_method
-from ..base.settings import positive_int, setting
+from ..base.settings import check_rule, positive_int, setting
 from ..core.engine import LocalModel, primary
 from ..core.momentum import (EMA_MOMENTUM, EMA_MOMENTUM_RULE, INIT_RULE, RECOMPUTE_RULE, SCALE_INIT, SCALE_INIT_RULE,
-                             MomentumAux, check_settings, settle_recompute)
+                             SCALE_LR_SCALE_RULE, MomentumAux, check_settings, settle_recompute)
 from ..core.partition import make_partition, memory_balanced_ends
 from .spec import AuxSpec
 
@@ -58,6 +58,9 @@ class LocalSettings:
     copy_init: str | None = setting(None, rule=dataclasses.replace(INIT_RULE, optional=True),
                                     help="'copy' (ours) or 'random' (the release): how the copies start")
     scale_init: float = setting(SCALE_INIT, rule=SCALE_INIT_RULE, help="MAN++: the scale s at the start")
+    scale_lr_scale: float = setting(1.0, rule=SCALE_LR_SCALE_RULE,
+                                    help="MAN++: the scales' lr over the auxiliary networks' (0 holds each s at "
+                                    "scale_init)")
     recompute_ema: Any = setting("auto", rule=RECOMPUTE_RULE,
                                  help="recompute the EMA branch in backward: true, false, or 'auto' (only where it "
                                  "lowers the activation peak)")
@@ -117,6 +120,10 @@ def build_local_model(backbone: nn.Module, settings: LocalSettings, *, num_class
     """
     method = METHODS.get(settings.method)
     _check_resolved(settings, method, aux_lr_scale)
+    check_rule("scale_lr_scale", SCALE_LR_SCALE_RULE, settings.scale_lr_scale)
+    if settings.scale_lr_scale != 1 and not method.learnable_scale:
+        raise ManppError(f"scale_lr_scale={settings.scale_lr_scale:g} sets the lr of MAN++'s learnable scales, and "
+                         f"method '{method.name}' has none: use method manpp, or leave scale_lr_scale at 1")
     final_loss = task.loss if task is not None else None
     if not method.local:
         if settings.k not in (None, 1):
@@ -124,6 +131,7 @@ def build_local_model(backbone: nn.Module, settings: LocalSettings, *, num_class
         model = LocalModel(backbone, make_partition(backbone, 1, "even"), [], denormalize, method=method.name,
                            final_loss=final_loss)
         model.aux_lr_scale = float(aux_lr_scale)
+        model.scale_lr_scale = 1.0
         return model
     family = family_of(backbone)
     name = method.objective or settings.objective
@@ -131,7 +139,8 @@ def build_local_model(backbone: nn.Module, settings: LocalSettings, *, num_class
     objective.check_family(family)
     heads = objective.make_settings(settings.objective_settings)
     copy_init = settings.copy_init
-    check_settings(settings.ema_momentum, copy_init, settings.recompute_ema, settings.scale_init)
+    check_settings(settings.ema_momentum, copy_init, settings.recompute_ema, settings.scale_init,
+                   settings.scale_lr_scale)
     k, split = settings.k, settings.split
     if isinstance(split, str) and split == "memory":
         split = memory_balanced_ends(backbone, k, in_channels, image_size) if k and k > 1 else "even"
@@ -166,6 +175,7 @@ def build_local_model(backbone: nn.Module, settings: LocalSettings, *, num_class
                        first_step_hooks=hooks)
     model.objective, model.objective_settings = name, heads  # what was chosen, for configs and tables
     model.aux_lr_scale = float(aux_lr_scale)
+    model.scale_lr_scale = float(settings.scale_lr_scale)
     return model
 
 
