@@ -61,6 +61,17 @@ def _runs(doc: dict, methods=METHODS) -> dict[str, dict[int, dict]]:
     return out
 
 
+def _load(results: Path, name: str) -> dict:
+    """One accuracy results file (``name``.json), or no runs where it is not there yet."""
+    path = results / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else {"runs": []}
+
+
+def _cpu_hours(records) -> float:
+    """The CPU hours of finished runs: wall time times the threads each ran on."""
+    return sum(r["wall_s"] * r.get("threads", 1) for r in records if "wall_s" in r) / 3600
+
+
 def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
     if not values:
         return None, None
@@ -69,9 +80,7 @@ def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
 
 def rung(budget: int, name: str, epochs: int, seeds: tuple, results: Path) -> dict:
     """One budget's accuracies, paired gains, gaps to E2E, CPU hours and missing runs."""
-    path = results / f"{name}.json"
-    doc = json.loads(path.read_text()) if path.exists() else {"runs": []}
-    runs = _runs(doc)
+    runs = _runs(_load(results, name))
     accuracy_of = {m: {s: 100 * r["test_accuracy"] for s, r in sorted(by.items())} for m, by in runs.items()}
     pairs = []
     for method, base in PAIRS:
@@ -84,7 +93,7 @@ def rung(budget: int, name: str, epochs: int, seeds: tuple, results: Path) -> di
         d = [accuracy_of[m][s] - e2e[s] for s in accuracy_of[m] if s in e2e]
         gaps[m] = dict(zip(("mean", "sd"), _mean_sd(d)), seeds=len(d))
     records = [r for by in runs.values() for r in by.values()]
-    hours = sum(r["wall_s"] * r.get("threads", 1) for r in records if "wall_s" in r) / 3600
+    hours = _cpu_hours(records)
     missing = [(m, s) for s in seeds for m in METHODS if s not in runs[m]]
     steps = sorted({r["steps"] for r in records if "steps" in r})
     return {"budget": budget, "name": name, "epochs": epochs, "steps": steps, "seeds_planned": list(seeds),
@@ -97,8 +106,7 @@ def hypotheses(results: Path) -> list[dict]:
     """Each hypothesis: MAN++ on InfoPro with its setting, minus its base, seed by seed, beside the default
     pair's gain on the same seeds; its CPU hours and the runs still missing."""
     budget, name, epochs, seeds = HYPOTHESIS_BUDGET
-    path = results / f"{name}.json"
-    doc = json.loads(path.read_text()) if path.exists() else {"runs": []}
+    doc = _load(results, name)
     out = []
     for setting, why, with_base in HYPOTHESES:
         method = f"manpp:infopro@{setting}"
@@ -110,7 +118,7 @@ def hypotheses(results: Path) -> list[dict]:
                    if s in acc["manpp:infopro"] and s in acc["infopro"]}
         mean, sd = _mean_sd(list(diffs.values()))
         own = [runs[method], runs[base]] if with_base else [runs[method]]
-        hours = sum(r["wall_s"] * r.get("threads", 1) for by in own for r in by.values() if "wall_s" in r) / 3600
+        hours = _cpu_hours(r for by in own for r in by.values())
         missing = [(m, s) for s in seeds for m in ((method, base) if with_base else (method,)) if s not in runs[m]]
         out.append({"setting": setting, "why": why, "method": method, "base": base, "budget": budget,
                     "accuracy": {method: acc[method], base: acc[base]}, "diffs": diffs, "mean": mean, "sd": sd,

@@ -192,11 +192,9 @@ INIT_RULE = OneOf(INITS, meaning="how the copies start: the unit's weights, or r
 RECOMPUTE_RULE = OneOf(RECOMPUTE_CHOICES, meaning="recompute the EMA branch in backward")
 
 
-def check_settings(momentum: float, init: str, recompute_ema, scale_init: float = 1.0,
-                   scale_lr_scale: float = 1.0) -> None:
+def check_settings(momentum: float, init: str, recompute_ema, scale_init: float = 1.0) -> None:
     """One clear error for a bad MAN/MAN++ setting."""
     check_rule("scale_init", SCALE_INIT_RULE, scale_init)
-    check_rule("scale_lr_scale", SCALE_LR_SCALE_RULE, scale_lr_scale)
     check_rule("ema_momentum", EMA_MOMENTUM_RULE, momentum)
     check_rule("copy_init", INIT_RULE, init)
     check_rule("recompute_ema", RECOMPUTE_RULE, recompute_ema)

@@ -139,8 +139,7 @@ def build_local_model(backbone: nn.Module, settings: LocalSettings, *, num_class
     objective.check_family(family)
     heads = objective.make_settings(settings.objective_settings)
     copy_init = settings.copy_init
-    check_settings(settings.ema_momentum, copy_init, settings.recompute_ema, settings.scale_init,
-                   settings.scale_lr_scale)
+    check_settings(settings.ema_momentum, copy_init, settings.recompute_ema, settings.scale_init)
     k, split = settings.k, settings.split
     if isinstance(split, str) and split == "memory":
         split = memory_balanced_ends(backbone, k, in_channels, image_size) if k and k > 1 else "even"
