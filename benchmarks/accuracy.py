@@ -12,7 +12,11 @@ for every MAN/MAN++ run the paired difference to its base method seed by seed (t
 same initial backbone), which is what says whether the momentum auxiliary network helps. Every run's
 auxiliary networks train at the backbone's lr (``aux_lr_scale=1``, as the protocol was collected):
 the default of 2 for InfoPro's heads under every local method, adopted from this protocol's
-ablations, is the rows ``infopro@aux_lr_scale=2`` and ``manpp:infopro@aux_lr_scale=2``.
+ablations, is the rows ``infopro@aux_lr_scale=2`` and ``manpp:infopro@aux_lr_scale=2``. Likewise InfoPro's loss
+weights go over the modules by each method's own schedule, as the protocol was collected
+(``lambda_schedule=auto``: by module under InfoPro, by the stage of the copied unit under MAN/MAN++); the
+default of one schedule for every method (``shared``: by module) is the rows
+``manpp:infopro@heads.lambda_schedule=module`` and ``man:infopro@heads.lambda_schedule=module``.
 
 A method is ``NAME[:OBJECTIVE][@KEY=VALUE+KEY=VALUE]``: ``manpp:infopro@ema_momentum=0.99`` is a
 variant for ablations (``--variant-ks`` sets its K). One JSON record per run goes to ``--name``.json
@@ -143,6 +147,16 @@ def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
+def as_collected(cfg: C.TrainConfig) -> C.TrainConfig:
+    """``cfg`` with InfoPro's heads weighted over the modules as the protocol was collected: by each method's
+    own schedule (``lambda_schedule=auto``), where neither the @variant nor ``--set`` chooses one."""
+    from manpp.config.resolve import resolve
+
+    if "lambda_schedule" in cfg.objective_settings or resolve(cfg).objective_settings.get("lambda_schedule") is None:
+        return cfg  # chosen by the run, or heads without the setting (DGL's, end-to-end)
+    return C.apply(cfg, {"heads.lambda_schedule": "auto"})
+
+
 def run_one(job: tuple) -> dict:
     """Train one run and evaluate its final model on the test set (in a worker process); a run that
     fails or does not finish comes back as ``{"failed": why}`` and is not recorded."""
@@ -158,8 +172,8 @@ def _run_one(job: tuple) -> dict:
 
     base, (fidelity, method, k, seed), out, test_subset = job
     name = method_overrides(method)["method"]
-    cfg = C.apply(base, {**method_overrides(method), "fidelity": fidelity, "k": None if name == "e2e" else k,
-                         "seed": seed, "out": out})
+    cfg = as_collected(C.apply(base, {**method_overrides(method), "fidelity": fidelity,
+                                      "k": None if name == "e2e" else k, "seed": seed, "out": out}))
     started = time.perf_counter()
     earlier = earlier_sitting(Path(out))
     result = None
@@ -223,6 +237,7 @@ def main(argv=None) -> int:
         "subset_order": args.subset_order, "images_per_run": args.epochs * args.train_subset if args.train_subset else None,
         "monitor_subset": args.monitor_subset or "all", "test_subset": args.test_subset or "all",
         "aux_lr_scale": "1 unless the method's @variant sets it",
+        "lambda_schedule": "auto (each method's own) unless the method's @variant sets it",
         "seeds": sorted(set(old.get("seeds", [])) | {r[3] for r in planned(args)}),
         "ks": sorted(set(old.get("ks", [])) | {int(k) for k in args.ks.split(",")}),
         "fidelities": old.get("fidelities", []) + [f for f in args.fidelities.split(",")
@@ -373,6 +388,7 @@ def summarize(doc: dict) -> str:
              f"mean ± std over seeds {setup['seeds']}; {budget}, batch {setup['batch_size']}, SGD lr {setup['lr']}, "
              f"warm-up {setup.get('warmup_epochs', 0)} epochs, cosine"
              + (f", aux_lr_scale {setup['aux_lr_scale']}" if "aux_lr_scale" in setup else "")
+             + (f", InfoPro's weights by lambda_schedule {setup['lambda_schedule']}" if "lambda_schedule" in setup else "")
              + f"; {setup['machine']}; python {setup['python']}, "
              f"torch {setup['torch']}; {setup['date']}."
              + (f" {len(doc['runs'])} runs, {hours:.1f} CPU hours." if hours is not None else ""),

@@ -4,7 +4,11 @@ The accuracy benchmark (``accuracy.py``) trains the same pairs at three budgets,
 file: 1x is the protocol (2 epochs of 40,064 Fashion-MNIST images, 626 steps of batch 128), 3x is 6
 epochs (1,878 steps) and 10x is 20 epochs (6,260 steps), every other setting the protocol's (ResNet-32,
 K=16, SGD lr 0.1 with cosine decay over the run, every head at ``aux_lr_scale=1``). The pairs: DGL with
-MAN++ on DGL, InfoPro with MAN++ on InfoPro, and E2E.
+MAN++ on DGL, InfoPro with MAN++ on InfoPro, and E2E. InfoPro's pair twice: with the loss weights the release
+gives each method (``lambda_schedule=auto``: by module under InfoPro, by the stage of the copied unit under
+MAN++), as the 1x and 3x rungs were first trained, and at the same weights, by module under both (MAN++'s row
+``manpp:infopro@heads.lambda_schedule=module``; today's default, ``lambda_schedule=shared``). The 10x rung trains
+the second only.
 
 This script trains nothing: it reads what has been trained and reports, per budget, each method's test
 accuracy, the paired difference MAN++ minus its base seed by seed (the same images and initial backbone),
@@ -31,12 +35,16 @@ from pathlib import Path
 from manpp.base.safeio import write_text
 
 RESULTS = Path(__file__).resolve().parent / "results"
-# (budget over the protocol's, its results name, epochs, seeds planned)
-BUDGETS = ((1, "accuracy_fashion_mnist_protocol", 2, (0, 1, 2)),
-           (3, "accuracy_fashion_mnist_ladder_3x", 6, (0, 1, 2)),
-           (10, "accuracy_fashion_mnist_ladder_10x", 20, (0,)))
-PAIRS = (("manpp:dgl", "dgl"), ("manpp:infopro", "infopro"))
-METHODS = ("e2e", "dgl", "manpp:dgl", "infopro", "manpp:infopro")
+# MAN++ on InfoPro's heads weighted as InfoPro weights them (by module): the benchmark's runs keep each
+# method's own schedule (lambda_schedule=auto) unless the method names one
+SAME_WEIGHTS = "manpp:infopro@heads.lambda_schedule=module"
+PAIRS = (("manpp:dgl", "dgl"), ("manpp:infopro", "infopro"), (SAME_WEIGHTS, "infopro"))
+METHODS = ("e2e", "dgl", "manpp:dgl", "infopro", "manpp:infopro", SAME_WEIGHTS)
+LABELS = {"manpp:infopro": "manpp:infopro (by stage)", SAME_WEIGHTS: "manpp:infopro (by module)"}
+# (budget over the protocol's, its results name, epochs, seeds planned, methods planned)
+BUDGETS = ((1, "accuracy_fashion_mnist_protocol", 2, (0, 1, 2), METHODS),
+           (3, "accuracy_fashion_mnist_ladder_3x", 6, (0, 1, 2), METHODS),
+           (10, "accuracy_fashion_mnist_ladder_10x", 20, (0,), tuple(m for m in METHODS if m != "manpp:infopro")))
 K = 16
 # issue 29, item 4: what a short budget may hold back on InfoPro's heads, each a setting of MAN++ on InfoPro at
 # 3x; (setting, what it tests, whether the base trains with it too: only where the base has the setting)
@@ -50,6 +58,10 @@ HYPOTHESES = (
      "epoch at the peak lr; a 1-epoch warm-up, for InfoPro too (it changes the backbone's schedule)", True),
 )
 HYPOTHESIS_BUDGET = (3, "accuracy_fashion_mnist_ladder_3x", 6, (0, 1, 2))
+
+
+def _label(method: str) -> str:
+    return LABELS.get(method, method)
 
 
 def _runs(doc: dict, methods=METHODS) -> dict[str, dict[int, dict]]:
@@ -78,7 +90,7 @@ def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
     return statistics.fmean(values), (statistics.stdev(values) if len(values) > 1 else None)
 
 
-def rung(budget: int, name: str, epochs: int, seeds: tuple, results: Path) -> dict:
+def rung(budget: int, name: str, epochs: int, seeds: tuple, planned: tuple, results: Path) -> dict:
     """One budget's accuracies, paired gains, gaps to E2E, CPU hours and missing runs."""
     runs = _runs(_load(results, name))
     accuracy_of = {m: {s: 100 * r["test_accuracy"] for s, r in sorted(by.items())} for m, by in runs.items()}
@@ -94,9 +106,10 @@ def rung(budget: int, name: str, epochs: int, seeds: tuple, results: Path) -> di
         gaps[m] = dict(zip(("mean", "sd"), _mean_sd(d)), seeds=len(d))
     records = [r for by in runs.values() for r in by.values()]
     hours = _cpu_hours(records)
-    missing = [(m, s) for s in seeds for m in METHODS if s not in runs[m]]
+    missing = [(m, s) for s in seeds for m in planned if s not in runs[m]]
     steps = sorted({r["steps"] for r in records if "steps" in r})
     return {"budget": budget, "name": name, "epochs": epochs, "steps": steps, "seeds_planned": list(seeds),
+            "methods_planned": list(planned),
             "accuracy": accuracy_of, "pairs": pairs, "gap_to_e2e": gaps, "cpu_hours": hours,
             "runs": len(records), "missing": [f"{m} seed {s}" for m, s in missing],
             "commands": _commands(name, epochs, missing)}
@@ -149,12 +162,14 @@ def _num(x: float | None, signed: bool = True, digits: int = 2) -> str:
 def summarize(rungs: list[dict], tried: list[dict] = ()) -> str:
     lines = ["# The budget ladder: MAN++ minus its base method, by training budget", "",
              "Fashion-MNIST, ResNet-32, K=16, batch 128, SGD lr 0.1 with a 0.1-epoch warm-up and cosine decay over "
-             "the run, every head at aux_lr_scale 1; each budget a multiple of the protocol's 80,128 images (626 "
+             "the run, every head at aux_lr_scale 1, InfoPro's loss weights by each method's own schedule "
+             "(lambda_schedule=auto: by module under InfoPro, by the stage of the copied unit under MAN++) unless "
+             "the row says by module; each budget a multiple of the protocol's 80,128 images (626 "
              "steps). Test accuracy on the 10,000 test images, in %. Measured on 2 x86-64 cores, one run per core "
              "at the lowest priority, over several sessions whose machines were not all the same CPU (the CPU "
              "hours are as measured); the paired differences compare the same seed (the same images and "
              "initial backbone).", "",
-             "| budget | epochs | steps | " + " | ".join(METHODS) + " | CPU hours |",
+             "| budget | epochs | steps | " + " | ".join(map(_label, METHODS)) + " | CPU hours |",
              "|---|---:|---:|" + "---:|" * len(METHODS) + "---:|"]
     for r in rungs:
         cells = []
@@ -172,19 +187,19 @@ def summarize(rungs: list[dict], tried: list[dict] = ()) -> str:
         for p in r["pairs"]:
             per_seed = ", ".join(f"{s}: {d:+.2f}" for s, d in p["diffs"].items()) or "not yet trained"
             helps = f"{sum(d > 0 for d in p['diffs'].values())} of {len(p['diffs'])}" if p["diffs"] else "–"
-            lines.append(f"| {r['budget']}x | {p['method']} − {p['base']} | {per_seed} | "
+            lines.append(f"| {r['budget']}x | {_label(p['method'])} − {p['base']} | {per_seed} | "
                          f"{_num(p['mean'])}" + (f" ± {p['sd']:.2f}" if p["sd"] is not None else "") + f" | {helps} |")
     lines += ["", "**Gap to E2E** (points, paired by seed; mean over the seeds both ran):", "",
-              "| budget | " + " | ".join(METHODS[1:]) + " |", "|---|" + "---:|" * (len(METHODS) - 1)]
+              "| budget | " + " | ".join(map(_label, METHODS[1:])) + " |", "|---|" + "---:|" * (len(METHODS) - 1)]
     for r in rungs:
         lines.append(f"| {r['budget']}x | " + " | ".join(
             f"{_num(g['mean'])} ({g['seeds']})" if g["mean"] is not None else "–"
             for g in (r["gap_to_e2e"][m] for m in METHODS[1:])) + " |")
     if tried:
-        lines += ["", "**Why the gain may not grow on InfoPro's heads: the hypotheses** (MAN++ on InfoPro with one "
-                  "setting changed, at 3x, minus its base, points, seed by seed; beside it the default pair's gain "
-                  "on the same seeds):", "",
-                  "| setting | tests | per seed | mean ± std | default pair, same seeds | CPU hours |",
+        lines += ["", "**Why the gain may not grow on InfoPro's heads: the hypotheses** (MAN++ on InfoPro, weighted "
+                  "by stage as the rung was first trained, with one setting changed, at 3x, minus its base, points, "
+                  "seed by seed; beside it the by-stage pair's gain on the same seeds):", "",
+                  "| setting | tests | per seed | mean ± std | by-stage pair, same seeds | CPU hours |",
                   "|---|---|---|---:|---:|---:|"]
         for h in tried:
             per_seed = ", ".join(f"{s}: {d:+.2f}" for s, d in h["diffs"].items()) or "not yet trained"
@@ -217,7 +232,7 @@ def plot(rungs: list[dict], path: Path) -> bool:
             if mean is not None:
                 xs.append(r["budget"]), ys.append(mean), es.append(sd or 0.0), seeds.append(len(r["accuracy"][m]))
         if xs:
-            left.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=m)
+            left.errorbar(xs, ys, yerr=es, marker="o", capsize=3, label=_label(m))
             for x, y, count in zip(xs, ys, seeds):
                 if count == 1:
                     left.annotate("1 seed", (x, y), textcoords="offset points", xytext=(6, -10), fontsize=7)
@@ -228,13 +243,13 @@ def plot(rungs: list[dict], path: Path) -> bool:
         xs, means = [], []
         for r in rungs:
             p = next(q for q in r["pairs"] if q["method"] == method)
-            shift = r["budget"] * (1 + 0.06 * (i - 0.5))
+            shift = r["budget"] * (1 + 0.06 * (i - 1))
             right.scatter([shift] * len(p["diffs"]), list(p["diffs"].values()), alpha=0.5, s=18, color=f"C{i}")
             if p["mean"] is not None:
                 xs.append(shift), means.append(p["mean"])
                 right.annotate(f"n={len(p['diffs'])}", (shift, p["mean"]), textcoords="offset points", xytext=(6, 4),
                                fontsize=7, color=f"C{i}")
-        right.plot(xs, means, marker="o", color=f"C{i}", label=f"{method} − {base} (mean; dots: seeds)")
+        right.plot(xs, means, marker="o", color=f"C{i}", label=f"{_label(method)} − {base} (mean; dots: seeds)")
     right.axhline(0, color="grey", linewidth=0.8)
     right.set(xscale="log", xlabel="budget (x the protocol's 80k images)", ylabel="paired gain (points)",
               title="MAN++ minus its base (measured)")
@@ -253,7 +268,7 @@ def main(argv=None) -> int:
     p.add_argument("--missing", action="store_true", help="print the commands that train the missing runs")
     args = p.parse_args(argv)
     results = Path(args.results)
-    rungs = [rung(b, name, epochs, seeds, results) for b, name, epochs, seeds in BUDGETS]
+    rungs = [rung(b, name, epochs, seeds, planned, results) for b, name, epochs, seeds, planned in BUDGETS]
     tried = hypotheses(results)
     text = summarize(rungs, tried)
     write_text(results / "accuracy_ladder.json", json.dumps({"budgets": rungs, "hypotheses": tried,

@@ -105,6 +105,25 @@ def test_a_run_stopped_with_its_sitting_continues_from_its_checkpoint(tmp_path):
     assert continued["history"][0]["train_loss"] == whole["history"][0]["train_loss"]
 
 
+def test_infopro_heads_train_as_the_protocol_was_collected_unless_a_variant_says_otherwise():
+    """The protocol's runs keep each method's own schedule of InfoPro's weights (lambda_schedule=auto: by stage
+    under MAN/MAN++), so a row's name means what it meant when it was trained; a variant's own schedule wins, and
+    heads without the setting get none."""
+    from manpp.config import trainconfig as C
+
+    base = C.apply(C.TrainConfig(), {"model": "resnet32", "dataset": "fashion-mnist"})
+
+    def schedule(method: str):
+        name = accuracy.method_overrides(method)["method"]
+        cfg = C.apply(base, {**accuracy.method_overrides(method), "k": None if name == "e2e" else 16})
+        return accuracy.as_collected(cfg).objective_settings.get("lambda_schedule")
+
+    assert [schedule(m) for m in ("infopro", "manpp:infopro", "man", "manpp")] == ["auto"] * 4
+    assert [schedule(m) for m in ("e2e", "dgl", "manpp:dgl")] == [None] * 3
+    assert schedule("manpp:infopro@heads.lambda_schedule=module") == "module"
+    assert schedule("infopro@heads.lambda_schedule=stage+aux_lr_scale=2") == "stage"
+
+
 def test_the_commands_that_wrote_a_result_are_listed_once_each():
     assert accuracy._commands(None, "python a.py ") == "python a.py"
     assert accuracy._commands("python a.py ; python a.py", "python a.py") == "python a.py"  # older files' repeats
@@ -138,7 +157,9 @@ def test_the_ladder_pairs_each_budget_seed_by_seed_and_lists_what_is_missing(tmp
     text = (tmp_path / "accuracy_ladder.md").read_text()
     assert "| 1x | manpp:dgl − dgl | 0: +1.00, 1: -1.00 | +0.00 ± 1.41 | 1 of 2 |" in text
     assert "| 3x | manpp:dgl − dgl | not yet trained |" in text
-    assert "--epochs 20 --methods e2e,dgl,manpp:dgl,infopro,manpp:infopro --seeds 0" in text
+    assert ("--epochs 20 --methods e2e,dgl,manpp:dgl,infopro,manpp:infopro@heads.lambda_schedule=module --seeds 0"
+            in text)  # at 10x only the pair at the same loss weights
+    assert "manpp:infopro seed 0" not in tenth["missing"] and "manpp:infopro seed 1" in third["missing"]
     # the hypotheses: each variant minus its base seed by seed, beside the default pair on those seeds
     scale, momentum, warmup = doc["hypotheses"]
     assert scale["diffs"] == pytest.approx({"0": 2.0}) and scale["default_mean"] == pytest.approx(0.5)

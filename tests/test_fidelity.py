@@ -216,7 +216,7 @@ def test_explicit_zero_weights_are_refused_unless_allowed():
                                          r"lambda1 \(reconstruction\) = 0, lambda2 \(classification\) = 0.*"
                                          r"allow_zero_loss=true"):
         manpp.local_model(net, method="infopro", k=16, ixy_2=0.0)
-    with pytest.raises(ManppError, match="module 1 gets no local loss"):  # MAN++ at K=3: stage r >= 1
+    with pytest.raises(ManppError, match="module 1 gets no local loss"):  # MAN++ at K=3: r = 1 at module K-2 = 1
         manpp.local_model(net, method="manpp", k=3, ixy_2=0.0)
     with pytest.warns(UserWarning, match="module 14 gets no local loss.*allowed by allow_zero_loss"):
         model = manpp.local_model(net, method="infopro", k=16, ixy_2=0.0, allow_zero_loss=True)
@@ -299,6 +299,42 @@ def test_aux_lr_scale_defaults_to_the_heads_own():
     assert scale(method="dgl", k=2, fidelity="release", aux_lr_scale=3) == 3.0
     resolved = resolve(C.apply(C.TrainConfig(), {"model": "resnet8", "dataset": "digits", "method": "manpp", "k": 2}))
     assert resolve(resolved) == resolved
+
+
+def test_infopro_heads_are_weighted_alike_under_every_method():
+    """By default (lambda_schedule=shared) InfoPro, MAN and MAN++ weight InfoPro's heads by module, module for
+    module the same, so a method and its MAN/MAN++ variant compare at the same loss weights; the release (and
+    lambda_schedule=auto) keeps each method's own: by the stage of the copied unit under MAN/MAN++. ImageNet's
+    heads keep constant weights either way. Python and the command line build the same weights."""
+    def weights(model) -> list[tuple[float, float]]:
+        return [(round(a.lambda1, 6), round(a.lambda2, 6)) for a in (getattr(a, "head", a) for a in model.aux)]
+
+    net = cifar_net(32)
+    base = weights(manpp.local_model(net, method="infopro", k=16))
+    assert base[0] == (5.0, 0.5) and base[14] == (0.0, 0.5)  # 5 -> 0 over the modules, j / (K - 2)
+    assert len({l1 for l1, _ in base}) == 15  # one step a module
+    assert weights(manpp.local_model(net, method="manpp", k=16)) == base
+    assert weights(manpp.local_model(net, method="man", k=16, objective="infopro")) == base
+    by_stage = weights(manpp.local_model(net, method="manpp", k=16, lambda_schedule="auto"))
+    assert by_stage != base and sorted({round(l1, 2) for l1, _ in by_stage}) == [3.93, 4.29, 4.64, 5.0]
+    assert weights(manpp.local_model(net, method="infopro", k=16, lambda_schedule="auto")) == base
+    assert weights(manpp.local_model(net, method="infopro", k=16, lambda_schedule="stage")) != base
+
+    def cli(**values) -> list[tuple[float, float]]:
+        cfg = resolve(C.apply(C.TrainConfig(), {"model": "resnet32", "dataset": "digits", "k": 16, **values}))
+        return weights(build_model(cfg, load_data(cfg)[2]))
+
+    assert cli(method="manpp") == cli(method="infopro")
+    with pytest.warns(UserWarning, match="module 14 gets no local loss"):  # the release's end weights 0 / 0
+        release_base = cli(method="infopro", fidelity="release")
+    assert cli(method="manpp", fidelity="release") != release_base
+    assert resolve(C.apply(C.TrainConfig(), {"method": "manpp", "fidelity": "release", "model": "resnet32",
+                                             "dataset": "digits"})).objective_settings["lambda_schedule"] == "auto"
+    big = build_backbone("resnet101", num_classes=10, in_channels=3, image_size=64)
+    for method in ("infopro", "manpp"):
+        assert set(weights(manpp.local_model(big, method=method, k=4, image_size=64))) == {(5.0, 0.5)}
+    with pytest.raises(ManppError, match="unknown lambda_schedule 'depth': accepted are 'shared', 'auto'"):
+        manpp.local_model(net, method="infopro", k=16, lambda_schedule="depth")
 
 
 @pytest.mark.parametrize("method,objective,scale_lr", [("manpp", "infopro", 1.0), ("manpp", "dgl", 1.0),

@@ -56,7 +56,8 @@ def test_bad_partitions_name_what_is_possible(k, split, needle):
 
 
 def test_release_lambda_weights_for_resnet32_k8():
-    model = manpp.local_model(net(32), method="manpp", k=8, split="paper", ixy_2=0.0)  # the README's end weights
+    model = manpp.local_model(net(32), method="manpp", k=8, split="paper", ixy_2=0.0,
+                              lambda_schedule="auto")  # the README's end weights, the release's schedule
     weights = [(round(a.head.lambda1, 2), round(a.head.lambda2, 3)) for a in model.aux]
     # stem 5/0.5; copies in stage 1: 4.17/0.417, stage 2: 3.33/0.333, stage 3: 2.5/0.25 (docs/release.md: auxiliary heads)
     assert weights == [(5.0, 0.5), (4.17, 0.417), (4.17, 0.417), (3.33, 0.333), (3.33, 0.333), (3.33, 0.333),

@@ -16,7 +16,7 @@ in, so a resolved config (the one written next to the results) names each choice
 | ``lr_update`` | ``step`` | ``epoch`` (the release's per-epoch warm-up blend and cosine) |
 | ``allow_zero_loss`` | false | true (the release's weights can leave a module without loss) |
 | ``aux_lr_scale`` | the method's for its objective (InfoPro's heads 2 under every local method, the others 1; :mod:`manpp.config.resolve`) | 1 (the auxiliary networks at the backbone's lr) |
-| ``objective_settings`` | the objective's defaults | plus the objective's release settings (InfoPro: the stem module's 1c2f SupCon head, ``ixy_2=0``) |
+| ``objective_settings`` | the objective's defaults (InfoPro: ``lambda_schedule=shared``, the weights by module under every method) | plus the objective's release settings (InfoPro: the stem module's 1c2f SupCon head, ``ixy_2=0``, ``lambda_schedule=auto``: by the stage of the copied unit under MAN/MAN++) |
 """
 
 from __future__ import annotations

@@ -24,7 +24,7 @@ from .spec import FEATURE_DIM
 
 CLASSIFIER_CONFIGS = ("1c2f", "2c2f")
 CLASSIFIER_LOSSES = ("cross_entropy", "contrast")
-LAMBDA_SCHEDULES = ("auto", "module", "stage", "constant")
+LAMBDA_SCHEDULES = ("shared", "auto", "module", "stage", "constant")
 GRAY_DECODES = ("rgb", "gray")
 SUPCON_TEMPERATURE = 0.07
 
@@ -46,10 +46,14 @@ class InfoProSettings:
     # modules 1 and 2 (MAN/MAN++) without any loss; 0.5 keeps the classification weight constant
     ixy_2: float = setting(0.5, help="the classification weight at module K-2 (the paper's 0 leaves a module "
                            "without a loss at small K; 0.5 keeps it constant)")
-    lambda_schedule: str = setting("auto", rule=OneOf(LAMBDA_SCHEDULES), help="how the weights go from the first "
-                                   "module's to module K-2's: by 'module' (InfoPro), by 'stage' (the MAN/MAN++ "
-                                   "release), 'constant', or 'auto' (stage under MAN/MAN++, module else; constant on "
-                                   "ImageNet)")
+    # 'shared' (the default): one schedule under every method that trains these heads, so InfoPro and MAN/MAN++
+    # on InfoPro's heads compare at the same loss weights; by module it is InfoPro's own, and it was the better
+    # of the two for both (docs/results.md: the loss weights' schedule). 'auto' is the release's choice per method
+    lambda_schedule: str = setting("shared", rule=OneOf(LAMBDA_SCHEDULES), help="how the weights go from the first "
+                                   "module's to module K-2's: 'shared' (the default: by module under every method, "
+                                   "constant on ImageNet), by 'module' (InfoPro), by 'stage' of the copied unit (the "
+                                   "MAN/MAN++ release), 'constant', or 'auto' (the release's per method: stage under "
+                                   "MAN/MAN++, module else; constant on ImageNet)")
     first_config: str | None = setting(None, help="module 0's classifier (the release: '1c2f'); none: aux_config")
     first_loss: str | None = setting(None, help="module 0's classifier loss (the release: 'contrast'); none: aux_loss")
     # what a grayscale image's decoder reconstructs: 'rgb' the image replicated to 3 channels (the
@@ -262,6 +266,19 @@ def supcon_loss(features: torch.Tensor, labels: torch.Tensor, temperature: float
     return -(pos_log_prob / positives.sum(1).clamp(min=1)).mean()
 
 
+def resolved_schedule(schedule: str, family: str, momentum: bool) -> str:
+    """The schedule ``module``, ``stage`` or ``constant`` that ``schedule`` stands for on a backbone of ``family``,
+    under a method with (``momentum``: MAN, MAN++) or without the copies of the next unit. ImageNet's heads keep
+    constant weights under 'shared' and 'auto' (the release's 5 and 0.75 in every module)."""
+    if schedule in ("shared", "auto") and family == "imagenet":
+        return "constant"
+    if schedule == "shared":
+        return "module"
+    if schedule == "auto":
+        return "stage" if momentum else "module"
+    return schedule
+
+
 def lambda_ratio(spec, schedule: str) -> float:
     """Interpolation ratio r in [0, 1] for module ``spec.index``.
 
@@ -293,8 +310,7 @@ class InfoProHead(nn.Module):
         schedule = cfg.lambda_schedule
         if schedule not in LAMBDA_SCHEDULES:
             raise ManppError(f"unknown lambda_schedule '{schedule}': accepted are {choices(LAMBDA_SCHEDULES)}")
-        if schedule == "auto":
-            schedule = "constant" if spec.family == "imagenet" else "stage" if momentum else "module"
+        schedule = resolved_schedule(schedule, spec.family, momentum)
         r = lambda_ratio(spec, schedule)
         lam1 = cfg.ixx_1 * (1 - r) + cfg.ixx_2 * r
         lam2 = cfg.ixy_1 * (1 - r) + cfg.ixy_2 * r
@@ -334,9 +350,9 @@ class InfoProHead(nn.Module):
 
 
 # the release: the CIFAR MAN++ stem module's classifier is always 1c2f with SupCon
-# (docs/release.md: the MAN++ auxiliary network),
-# and the README's end weights are 0 / 0
-RELEASE_SETTINGS = {"first_config": "1c2f", "first_loss": "contrast", "ixy_2": 0.0}
+# (docs/release.md: the MAN++ auxiliary network), the README's end weights are 0 / 0,
+# and MAN/MAN++ interpolate them by the stage of the copied unit, InfoPro by module
+RELEASE_SETTINGS = {"first_config": "1c2f", "first_loss": "contrast", "ixy_2": 0.0, "lambda_schedule": "auto"}
 
 
 # its heads at twice the backbone's lr under fidelity=ours: +1.24 and +1.46 points for InfoPro and +0.98, +1.52,
