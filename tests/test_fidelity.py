@@ -337,6 +337,23 @@ def test_infopro_heads_are_weighted_alike_under_every_method():
         manpp.local_model(net, method="infopro", k=16, lambda_schedule="depth")
 
 
+@pytest.mark.slow  # a training run
+def test_a_run_saved_with_the_releases_weights_resumes_with_them(tmp_path):
+    """A run whose config says lambda_schedule=auto (every run saved before 'shared' became the default) is
+    continued from its checkpoint with the weights it trained with, by stage under MAN++."""
+    from manpp.run.rundir import resume_source
+
+    cfg = C.apply(C.TrainConfig(), {"dataset": "digits", "model": "resnet32", "method": "manpp", "k": 16,
+                                    "heads.lambda_schedule": "auto", "epochs": 1, "max_steps": 1, "batch_size": 16,
+                                    "train_subset": 32, "test_subset": 16, "out": str(tmp_path / "run")})
+    train(cfg, verbose=False)
+    ckpt, saved = resume_source(tmp_path / "run")
+    assert ckpt is not None and saved["objective_settings"]["lambda_schedule"] == "auto"
+    again = resolve(C.saved_config(saved))  # what `manpp train --resume` builds from
+    lambdas = sorted({round(a.head.lambda1, 2) for a in build_model(again, load_data(again)[2]).aux})
+    assert lambdas == [3.93, 4.29, 4.64, 5.0]  # by stage, not by module
+
+
 @pytest.mark.parametrize("method,objective,scale_lr", [("manpp", "infopro", 1.0), ("manpp", "dgl", 1.0),
                                                        ("man", "infopro", 1.0), ("infopro", None, 1.0),
                                                        ("dgl", None, 1.0), ("e2e", None, 1.0),
