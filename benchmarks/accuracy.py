@@ -15,8 +15,8 @@ the default of 2 for InfoPro's heads under every local method, adopted from this
 ablations, is the rows ``infopro@aux_lr_scale=2`` and ``manpp:infopro@aux_lr_scale=2``. Likewise InfoPro's loss
 weights go over the modules by each method's own schedule, as the protocol was collected
 (``lambda_schedule=auto``: by module under InfoPro, by the stage of the copied unit under MAN/MAN++); the
-default of one schedule for every method (``shared``: by module) is the rows
-``manpp:infopro@heads.lambda_schedule=module`` and ``man:infopro@heads.lambda_schedule=module``.
+default of one schedule for every method (``shared``: by module) is the row
+``manpp:infopro@heads.lambda_schedule=module`` (MAN on InfoPro's heads by module is not trained yet).
 
 A method is ``NAME[:OBJECTIVE][@KEY=VALUE+KEY=VALUE]``: ``manpp:infopro@ema_momentum=0.99`` is a
 variant for ablations (``--variant-ks`` sets its K). One JSON record per run goes to ``--name``.json
