@@ -127,6 +127,7 @@ def test_overwrite_with_bad_input_leaves_the_old_run_untouched(finished, tmp_pat
     assert not (out / ".replaced").exists()
 
 
+@pytest.mark.slow
 def test_overwrite_keeps_the_old_run_until_the_new_one_checkpoints(finished, tmp_path, capsys):
     out = copy_of(finished, tmp_path)
     before = snapshot(out)
@@ -172,6 +173,7 @@ def test_a_locked_folder_is_refused_at_once_and_a_dead_holder_blocks_nobody(tmp_
     assert not (tmp_path / ".manpp.lock").exists()
 
 
+@pytest.mark.slow
 def test_two_trainings_started_on_one_folder(tmp_path):
     out = tmp_path / "R"
     cmd = [sys.executable, "-m", "manpp", "train", *RUN, "--out", str(out), "train_subset=256", "--epochs", "3"]
@@ -230,6 +232,7 @@ def test_sigterm_ends_a_real_process_with_143_and_a_checkpoint(tmp_path):
     assert summary(out)["status"] == "stopped" and ckpt(out)["step"] == 2
 
 
+@pytest.mark.slow
 def test_a_resumed_run_never_leaves_a_stale_summary(finished, tmp_path, monkeypatch):
     from fault_runner import install
 
@@ -245,6 +248,7 @@ def test_a_resumed_run_never_leaves_a_stale_summary(finished, tmp_path, monkeypa
     assert summary(out)["status"] == "running" and status_of(out).startswith("killed")
 
 
+@pytest.mark.slow
 def test_a_run_killed_before_its_first_checkpoint_can_be_resumed_or_replaced(finished, tmp_path, capsys):
     out = tmp_path / "R"
     assert fault_train("KILL@step:2", out).returncode == -signal.SIGKILL
@@ -256,6 +260,7 @@ def test_a_run_killed_before_its_first_checkpoint_can_be_resumed_or_replaced(fin
     assert summary(copy)["status"] == "finished" and not (copy / ".replaced").exists()
 
 
+@pytest.mark.slow
 def test_torchrun_ranks_stop_together_when_one_gets_the_signal(tmp_path):
     out = tmp_path / "R"
     program = [str(RUNNER), "SIGTERM@step:3", "--", "train", *RUN, "--out", str(out)]
@@ -487,6 +492,7 @@ def _can_mount() -> bool:
     return probe.returncode == 0
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _can_mount(), reason="cannot mount a tmpfs here (needs unshare and user namespaces)")
 def test_a_real_full_disk_and_a_read_only_folder(finished, tmp_path):
     """In a private tmpfs too small for a second run: --overwrite fails at its checkpoint and the
@@ -538,6 +544,7 @@ def test_bad_files_and_names_are_one_line_each(finished, tmp_path, capsys):
         assert needle in err and "weights_only=False" not in err, (argv, err)
 
 
+@pytest.mark.slow
 def test_a_closed_stdout_does_not_stop_training(tmp_path):
     out = tmp_path / "R"
     cmd = [sys.executable, "-m", "manpp", "train", *[a for a in RUN if a != "--quiet"], "--out", str(out)]
