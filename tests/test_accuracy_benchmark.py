@@ -141,9 +141,12 @@ def test_the_ladder_pairs_each_budget_seed_by_seed_and_lists_what_is_missing(tmp
            record("manpp:dgl", 1, 0.84), record("manpp:dgl@aux_lr_scale=2", 0, 0.99),  # a variant: not a rung
            {**record("dgl", 2, 0.5), "k": 8}]  # another K: not the ladder's
     (tmp_path / "accuracy_fashion_mnist_protocol.json").write_text(json.dumps({"runs": one}))
+    same = "manpp:infopro@heads.lambda_schedule=module"
     three = [record("dgl", 0, 0.89), record("infopro", 0, 0.90), record("manpp:infopro", 0, 0.905),
-             record("manpp:infopro@scale_lr_scale=0.1", 0, 0.92), record("manpp:infopro@scale_lr_scale=0.1", 1, 0.9),
-             record("manpp:infopro@warmup_epochs=1", 0, 0.95)]  # its base is InfoPro at that warm-up: not trained
+             record(same, 0, 0.906), record(f"{same}+scale_lr_scale=0.1", 0, 0.92),
+             record(f"{same}+scale_lr_scale=0.1", 1, 0.9),
+             record("manpp:infopro@scale_lr_scale=0.1", 2, 0.99),  # by stage, as first set up: not a hypothesis
+             record(f"{same}+warmup_epochs=1", 0, 0.95)]  # its base is InfoPro at that warm-up: not trained
     (tmp_path / "accuracy_fashion_mnist_ladder_3x.json").write_text(json.dumps({"runs": three}))
     assert ladder.main(["--results", str(tmp_path)]) == 0
     doc = json.loads((tmp_path / "accuracy_ladder.json").read_text())
@@ -160,14 +163,15 @@ def test_the_ladder_pairs_each_budget_seed_by_seed_and_lists_what_is_missing(tmp
     assert ("--epochs 20 --methods e2e,dgl,manpp:dgl,infopro,manpp:infopro@heads.lambda_schedule=module --seeds 0"
             in text)  # at 10x only the pair at the same loss weights
     assert "manpp:infopro seed 0" not in tenth["missing"] and "manpp:infopro seed 1" in third["missing"]
-    # the hypotheses: each variant minus its base seed by seed, beside the default pair on those seeds
+    # the hypotheses: each a setting added to MAN++ at the same weights, minus its base seed by seed, beside the
+    # same-weights pair on those seeds
     scale, momentum, warmup = doc["hypotheses"]
-    assert scale["diffs"] == pytest.approx({"0": 2.0}) and scale["default_mean"] == pytest.approx(0.5)
-    assert scale["missing"] == ["manpp:infopro@scale_lr_scale=0.1 seed 2"] and scale["cpu_hours"] == pytest.approx(2)
+    assert scale["diffs"] == pytest.approx({"0": 2.0}) and scale["default_mean"] == pytest.approx(0.6)
+    assert scale["missing"] == [f"{same}+scale_lr_scale=0.1 seed 2"] and scale["cpu_hours"] == pytest.approx(2)
     assert momentum["diffs"] == {} and momentum["commands"] == [
-        "python benchmarks/accuracy.py --epochs 6 --methods manpp:infopro@ema_momentum=0.98 --seeds 0,1,2 --jobs 1 "
+        f"python benchmarks/accuracy.py --epochs 6 --methods {same}+ema_momentum=0.98 --seeds 0,1,2 --jobs 1 "
         "--name accuracy_fashion_mnist_ladder_3x"]
     assert warmup["base"] == "infopro@warmup_epochs=1" and warmup["diffs"] == {}
     assert "infopro@warmup_epochs=1 seed 0" in warmup["missing"] and len(warmup["missing"]) == 5
-    assert "| `scale_lr_scale=0.1` (manpp:infopro@scale_lr_scale=0.1 − infopro) |" in text
-    assert "| 0: +2.00 | +2.00 | +0.50 | 2.0 |" in text
+    assert f"| `scale_lr_scale=0.1` ({same}+scale_lr_scale=0.1 − infopro) |" in text
+    assert "| 0: +2.00 | +2.00 | +0.60 | 2.0 |" in text
