@@ -22,9 +22,10 @@ A method is ``NAME[:OBJECTIVE][@KEY=VALUE+KEY=VALUE]``: ``manpp:infopro@ema_mome
 variant for ablations (``--variant-ks`` sets its K). One JSON record per run goes to ``--name``.json
 as it finishes (re-running skips the runs already there, and continues a run stopped part-way from its last
 checkpoint, so the benchmark runs in several sittings);
-then a markdown table and a plot. ``--jobs N`` trains N runs at a time, each on one CPU thread (on 2
-cores, 2 single-thread runs do about 25% more work than one run on two threads); every record keeps
-its wall time, and the report sums the CPU hours.
+then a markdown table and a plot. ``--jobs N`` trains N runs at a time, each on ``--threads`` CPU threads
+(default 1: on 2 cores, 2 single-thread runs do about 25% more work than one run on two threads; a run
+left alone can be continued on more threads to finish sooner); every record keeps its wall time, its
+threads and its CPU seconds over all its sittings, and the report sums the CPU hours.
 
     python benchmarks/accuracy.py                         # the protocol (21 runs, about 5 CPU hours: 2.6 h on 2 cores)
     python benchmarks/accuracy.py --methods manpp:infopro@scale_init=0.5   # an ablation, paired with manpp:infopro
@@ -64,6 +65,16 @@ SMOKE = {"epochs": 3, "train_subset": 800, "monitor_subset": 500, "batch_size": 
 
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number of 1 or more")
+    return value
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="fashion-mnist")
@@ -87,7 +98,8 @@ def parse_args(argv=None):
     p.add_argument("--monitor-subset", type=int, default=1000, help="test images evaluated each epoch (0: all)")
     p.add_argument("--test-subset", type=int, default=0, help="test images of the final evaluation (0: all)")
     p.add_argument("--device", default="auto")
-    p.add_argument("--jobs", type=int, default=2, help="runs trained at a time, one CPU thread each")
+    p.add_argument("--jobs", type=_positive, default=2, help="runs trained at a time (default 2)")
+    p.add_argument("--threads", type=_positive, default=1, help="CPU threads of each run (default 1)")
     p.add_argument("--name", default="accuracy_fashion_mnist_protocol")
     p.add_argument("--smoke", action="store_true", help="the old tiny budget (800 images, 3 epochs, K=8 and 16, "
                    "both fidelities) as a smoke test, into accuracy_fashion_mnist_smoke")
@@ -143,8 +155,8 @@ def planned(args) -> list[tuple]:
     return runs
 
 
-def _one_thread() -> None:
-    torch.set_num_threads(1)
+def _set_threads(threads: int) -> None:
+    torch.set_num_threads(threads)
 
 
 def as_collected(cfg: C.TrainConfig) -> C.TrainConfig:
@@ -175,16 +187,20 @@ def _run_one(job: tuple) -> dict:
     cfg = as_collected(C.apply(base, {**method_overrides(method), "fidelity": fidelity,
                                       "k": None if name == "e2e" else k, "seed": seed, "out": out}))
     started = time.perf_counter()
+    threads = torch.get_num_threads()
     earlier = earlier_sitting(Path(out))
+    earlier_cpu = earlier_cpu_s(Path(out), earlier)
     result = None
     if earlier is not None:  # an earlier sitting was stopped: continue it from its checkpoint (exact)
+        note_sitting(Path(out), earlier[1], earlier_cpu, threads)
         try:
             result = train(cfg, resume=out, verbose=False)
         except ManppError as exc:
             print(f"== {fidelity} {method} K={k} seed {seed}: cannot continue '{out}' ({exc}); training it afresh",
                   flush=True)
-            earlier = None
+            earlier, earlier_cpu = None, 0.0
     if result is None:
+        note_sitting(Path(out), 0.0, 0.0, threads)
         result = train(cfg, verbose=False, overwrite=True)  # each job's scratch folder, made again on a rerun
     s = result.summary
     _, test_set, _ = load_data(C.apply(cfg, {"test_subset": test_subset}))  # the final evaluation's test set
@@ -194,7 +210,8 @@ def _run_one(job: tuple) -> dict:
         return {"failed": f"{fidelity} {method} K={k} seed {seed} ended {s['status']}: not recorded"}
     return {"fidelity": fidelity, "method": method, "objective": result.model.objective, "k": k, "seed": seed,
             "modules": s["modules"], "steps": s["history"][-1]["step"], "images": s["history"][-1]["step"] * cfg.batch_size,
-            "wall_s": time.perf_counter() - started + (earlier[1] if earlier else 0.0), "threads": torch.get_num_threads(),
+            "wall_s": time.perf_counter() - started + (earlier[1] if earlier else 0.0), "threads": threads,
+            "cpu_s": (time.perf_counter() - started) * threads + earlier_cpu,
             **({"continued_at_step": earlier[0]} if earlier else {}),
             "test_accuracy": final["accuracy"], "test_images": len(test_set),
             "monitor_accuracy": s["test_accuracy"], "epoch_time_s": s["epoch_time_s"],
@@ -215,6 +232,30 @@ def earlier_sitting(folder: Path) -> tuple[int, float] | None:
     partial = ckpt.get("partial") or {}  # the epoch a stop signal cut short: its seconds so far
     history = ckpt.get("history") or []
     return int(ckpt["step"]), sum(row.get("epoch_time_s") or 0.0 for row in history) + float(partial.get("seconds", 0.0))
+
+
+SITTING = ".sitting.json"  # beside a run's scratch folder (which its training run owns)
+
+
+def note_sitting(folder: Path, seconds: float, cpu_s: float, threads: int) -> None:
+    """Note, beside a run's scratch folder, the seconds of training and the CPU seconds its earlier sittings
+    took and the threads this sitting trains on, so that a run continued on other threads counts its CPU time."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    write_text(folder.with_name(folder.name + SITTING),
+               json.dumps({"seconds": seconds, "cpu_s": cpu_s, "threads": threads}))
+
+
+def earlier_cpu_s(folder: Path, earlier: tuple[int, float] | None) -> float:
+    """CPU seconds of a run's earlier sittings (0 for a run trained afresh): the seconds noted when the last
+    sitting began, plus the seconds it trained times its threads (1 where no note was left: before the note
+    existed, every run trained on one thread)."""
+    if earlier is None:
+        return 0.0
+    try:
+        last = json.loads(folder.with_name(folder.name + SITTING).read_text())
+        return float(last["cpu_s"]) + max(earlier[1] - float(last["seconds"]), 0.0) * int(last["threads"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return earlier[1]
 
 
 def main(argv=None) -> int:
@@ -245,7 +286,7 @@ def main(argv=None) -> int:
         "methods": old.get("methods", []) + [m for m in methods if m not in old.get("methods", [])],
         "jobs": args.jobs,
         "machine": cpu_text() + "; "
-                   f"{args.jobs} run(s) at a time, 1 thread each",
+                   f"{args.jobs} run(s) at a time, {args.threads} thread(s) each (each record keeps its threads)",
         "python": platform.python_version(), "torch": torch.__version__,
         "date": _dates(old.get("date"), datetime.date.today()),
     }
@@ -265,7 +306,8 @@ def main(argv=None) -> int:
                                                 .replace("+", "-"), f"k{r[2]}", f"s{r[3]}"])), args.test_subset or None)
             for r in todo]
     print(f"{len(todo)} runs to train ({len(done)} already in {json_path}), {args.jobs} at a time", flush=True)
-    with multiprocessing.get_context("spawn").Pool(args.jobs, initializer=_one_thread) as pool:
+    with multiprocessing.get_context("spawn").Pool(args.jobs, initializer=_set_threads,
+                                                   initargs=(args.threads,)) as pool:
         for record in pool.imap_unordered(run_one, jobs):
             if "failed" in record:
                 print(f"== {record['failed']}", flush=True)
@@ -345,10 +387,11 @@ def rows(doc: dict) -> list[tuple[str, int]]:
 
 
 def cpu_hours(doc: dict) -> float | None:
-    """CPU hours of the recorded runs (wall time x threads; None when a record predates the timing)."""
+    """CPU hours of the recorded runs (their CPU seconds, or wall time x threads in records from before
+    runs counted them; None when a record predates the timing)."""
     if not doc["runs"] or any("wall_s" not in r for r in doc["runs"]):
         return None
-    return sum(r["wall_s"] * r.get("threads", 1) for r in doc["runs"]) / 3600
+    return sum(r.get("cpu_s", r["wall_s"] * r.get("threads", 1)) for r in doc["runs"]) / 3600
 
 
 def base_methods(method: str, methods: list[str]) -> list[str]:

@@ -83,8 +83,9 @@ def _load(results: Path, name: str) -> dict:
 
 
 def _cpu_hours(records) -> float:
-    """The CPU hours of finished runs: wall time times the threads each ran on."""
-    return sum(r["wall_s"] * r.get("threads", 1) for r in records if "wall_s" in r) / 3600
+    """The CPU hours of finished runs: their CPU seconds over all their sittings (wall time times threads in
+    records from before runs counted them)."""
+    return sum(r.get("cpu_s", r["wall_s"] * r.get("threads", 1)) for r in records if "wall_s" in r) / 3600
 
 
 def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:

@@ -93,16 +93,42 @@ def test_a_run_stopped_with_its_sitting_continues_from_its_checkpoint(tmp_path):
 
     stdout, runs = bench(tmp_path / "a", "max_steps=5")  # a sitting that ends inside epoch 2
     assert runs == [] and "ended stopped: not recorded" in stdout
-    _, (continued,) = bench(tmp_path / "a")
+    _, (continued,) = bench(tmp_path / "a", "--threads", "2")  # the next sitting on 2 threads
     _, (whole,) = bench(tmp_path / "b")  # the same run without a stop
     assert continued["continued_at_step"] == 5 and "continued_at_step" not in whole
     assert continued["steps"] == whole["steps"] == 8
     assert continued["test_accuracy"] == whole["test_accuracy"]
+    # CPU time: the first sitting's on 1 thread, the second's on 2 (its wall time counts twice)
+    assert (continued["threads"], whole["threads"]) == (2, 1)
+    assert whole["cpu_s"] == pytest.approx(whole["wall_s"])
+    assert continued["wall_s"] < continued["cpu_s"] < 2 * continued["wall_s"]
     # the same weights after each epoch (a max_steps stop logs its part of epoch 2 as a row of its own, and the
     # next sitting's row of epoch 2 averages the loss of the steps it trained)
     epochs = [[r["test_accuracy"] for r in run["history"] if r["complete"]] for run in (continued, whole)]
     assert epochs[0] == epochs[1] and len(epochs[0]) == 2
     assert continued["history"][0]["train_loss"] == whole["history"][0]["train_loss"]
+
+
+def test_a_run_continued_on_other_threads_counts_each_sittings_cpu_time(tmp_path):
+    folder = tmp_path / "ours-dgl-k16-s0"
+    assert accuracy.earlier_cpu_s(folder, None) == 0.0  # trained afresh
+    assert accuracy.earlier_cpu_s(folder, (500, 100.0)) == 100.0  # no note: sittings before it ran on 1 thread
+    accuracy.note_sitting(folder, 100.0, 100.0, 2)  # the second sitting starts after 100 s, on 2 threads
+    assert accuracy.earlier_cpu_s(folder, (900, 160.0)) == pytest.approx(100.0 + 60.0 * 2)
+    accuracy.note_sitting(folder, 160.0, 220.0, 1)  # a third, on 1 thread again
+    assert accuracy.earlier_cpu_s(folder, (950, 170.0)) == pytest.approx(220.0 + 10.0)
+    assert not folder.exists()  # the note lies beside the run's folder, which its training run owns
+    doc = {"runs": [{"wall_s": 3600.0, "threads": 2}, {"wall_s": 3600.0, "threads": 2, "cpu_s": 5400.0}]}
+    assert accuracy.cpu_hours(doc) == pytest.approx(2.0 + 1.5)
+
+
+def test_the_benchmark_refuses_a_thread_or_job_count_below_one(capsys):
+    for flag in ("--threads", "--jobs"):
+        for bad in ("0", "two"):
+            with pytest.raises(SystemExit):
+                accuracy.parse_args([flag, bad])
+            assert f"'{bad}' is not a whole number of 1 or more" in capsys.readouterr().err
+    assert accuracy.parse_args(["--threads", "2"]).threads == 2
 
 
 def test_infopro_heads_train_as_the_protocol_was_collected_unless_a_variant_says_otherwise():
@@ -144,7 +170,7 @@ def test_the_ladder_pairs_each_budget_seed_by_seed_and_lists_what_is_missing(tmp
     same = "manpp:infopro@heads.lambda_schedule=module"
     three = [record("dgl", 0, 0.89), record("infopro", 0, 0.90), record("manpp:infopro", 0, 0.905),
              record(same, 0, 0.906), record(f"{same}+scale_lr_scale=0.1", 0, 0.92),
-             record(f"{same}+scale_lr_scale=0.1", 1, 0.9),
+             {**record(f"{same}+scale_lr_scale=0.1", 1, 0.9), "threads": 2, "cpu_s": 3600.0},  # CPU time counted
              record("manpp:infopro@scale_lr_scale=0.1", 2, 0.99),  # by stage, as first set up: not a hypothesis
              record(f"{same}+warmup_epochs=1", 0, 0.95)]  # its base is InfoPro at that warm-up: not trained
     (tmp_path / "accuracy_fashion_mnist_ladder_3x.json").write_text(json.dumps({"runs": three}))
