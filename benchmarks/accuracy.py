@@ -208,10 +208,11 @@ def _run_one(job: tuple) -> dict:
     final = task_of(result.model.backbone).evaluate(result.model, loader, next(result.model.parameters()).device)
     if s["status"] != "finished":  # a diverged or stopped run is never recorded as a result
         return {"failed": f"{fidelity} {method} K={k} seed {seed} ended {s['status']}: not recorded"}
+    elapsed = time.perf_counter() - started  # this sitting's wall time
     return {"fidelity": fidelity, "method": method, "objective": result.model.objective, "k": k, "seed": seed,
             "modules": s["modules"], "steps": s["history"][-1]["step"], "images": s["history"][-1]["step"] * cfg.batch_size,
-            "wall_s": time.perf_counter() - started + (earlier[1] if earlier else 0.0), "threads": threads,
-            "cpu_s": (time.perf_counter() - started) * threads + earlier_cpu,
+            "wall_s": elapsed + (earlier[1] if earlier else 0.0), "threads": threads,
+            "cpu_s": elapsed * threads + earlier_cpu,
             **({"continued_at_step": earlier[0]} if earlier else {}),
             "test_accuracy": final["accuracy"], "test_images": len(test_set),
             "monitor_accuracy": s["test_accuracy"], "epoch_time_s": s["epoch_time_s"],
