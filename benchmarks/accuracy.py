@@ -49,6 +49,7 @@ from pathlib import Path
 import torch
 
 from devices import cpu_text  # beside this script
+from ladder import cpu_seconds  # beside this script
 from manpp.config import trainconfig as C
 from manpp.train.loop import train
 from manpp.base.checkpoint import load as load_checkpoint
@@ -388,11 +389,10 @@ def rows(doc: dict) -> list[tuple[str, int]]:
 
 
 def cpu_hours(doc: dict) -> float | None:
-    """CPU hours of the recorded runs (their CPU seconds, or wall time x threads in records from before
-    runs counted them; None when a record predates the timing)."""
+    """CPU hours of the recorded runs (None when a record predates the timing)."""
     if not doc["runs"] or any("wall_s" not in r for r in doc["runs"]):
         return None
-    return sum(r.get("cpu_s", r["wall_s"] * r.get("threads", 1)) for r in doc["runs"]) / 3600
+    return sum(cpu_seconds(r) for r in doc["runs"]) / 3600
 
 
 def base_methods(method: str, methods: list[str]) -> list[str]:

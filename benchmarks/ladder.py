@@ -82,10 +82,15 @@ def _load(results: Path, name: str) -> dict:
     return json.loads(path.read_text()) if path.exists() else {"runs": []}
 
 
+def cpu_seconds(record: dict) -> float:
+    """One accuracy record's CPU seconds over all its sittings (wall time times threads in records from
+    before runs counted them)."""
+    return record.get("cpu_s", record["wall_s"] * record.get("threads", 1))
+
+
 def _cpu_hours(records) -> float:
-    """The CPU hours of finished runs: their CPU seconds over all their sittings (wall time times threads in
-    records from before runs counted them)."""
-    return sum(r.get("cpu_s", r["wall_s"] * r.get("threads", 1)) for r in records if "wall_s" in r) / 3600
+    """The CPU hours of finished runs."""
+    return sum(cpu_seconds(r) for r in records if "wall_s" in r) / 3600
 
 
 def _mean_sd(values: list[float]) -> tuple[float | None, float | None]:
